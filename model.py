@@ -1,0 +1,1195 @@
+"""EdgeCrafter networks: ECViT, the multi-scale feature generator, the hybrid encoder, the query
+decoder with fine-grained distribution refinement (FDR), and the ECSeg mask head.
+
+The modules follow Figure 3 of the paper in the order data flows through them, and their
+parameter names equal the original implementation's, so the released checkpoints load with
+`load_weights` and compute the same numbers.
+
+    python model.py ecdet_s      # parameters, GFLOPs and CPU latency of a preset
+"""
+import copy
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: presets in the original's vocabulary
+# ---------------------------------------------------------------------------------------------
+# Sections are named after the original's classes (ViTAdapter, HybridEncoder, ECTransformer, ...)
+# and use its key names, so a config of the original code works here unchanged.
+
+# ECViT backbones: embed_dim, num_heads, ffn_ratio, proj_dim (None: only stride 32 is projected).
+ECVIT = {
+    "ecvitt": (192, 3, 4, None),
+    "ecvittplus": (256, 4, 4, None),
+    "ecvits": (384, 6, 4, 256),
+    "ecvitsplus": (384, 6, 6, 256),
+}
+# Model sizes: backbone, encoder/decoder width, encoder and decoder FFN widths, CSP expansion and
+# depth multiplier.
+SIZES = {
+    "s": ("ecvitt", 192, 512, 512, 0.34, 0.67),
+    "m": ("ecvittplus", 256, 512, 1024, 0.75, 0.67),
+    "l": ("ecvits", 256, 1024, 1024, 0.75, 1),
+    "x": ("ecvitsplus", 256, 2048, 2048, 1.5, 1),
+}
+# Loss weights and matching costs of the released recipes.
+CRITERIA = {
+    "detection": {
+        "weight_dict": {"loss_mal": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5},
+        "losses": ["mal", "boxes", "local"], "gamma": 1.5, "alpha": 0.75, "reg_max": 32,
+        "matcher": {"type": "HungarianMatcher", "weight_dict": {"cost_class": 2, "cost_bbox": 5, "cost_giou": 2},
+                    "alpha": 0.25, "gamma": 2.0},
+    },
+    "segmentation": {
+        "weight_dict": {"loss_mal": 2.0, "loss_bbox": 1, "loss_giou": 1, "loss_fgl": 0.15, "loss_ddf": 1.5,
+                        "loss_mask_ce": 5.0, "loss_mask_dice": 5.0},
+        "losses": ["mal", "boxes", "local", "masks"], "gamma": 1.5, "alpha": 0.75, "reg_max": 32,
+        "matcher": {"type": "HungarianMatcher", "weight_dict": {"cost_class": 2, "cost_bbox": 1, "cost_giou": 1,
+                                                                "cost_mask_ce": 5, "cost_mask_dice": 5},
+                    "alpha": 0.25, "gamma": 2.0, "mask_point_sample_ratio": 16},
+    },
+}
+TASKS = {"ecdet": ("detection", "ECDet", ""), "ecseg": ("segmentation", "ECSeg", "ecseg_")}
+
+
+def preset_config(name):
+    """The full configuration of a released model, e.g. "ecdet_s", in the original's vocabulary."""
+    family, _, size = name.partition("_")
+    if family not in TASKS or size not in SIZES:
+        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    task, model, prefix = TASKS[family]
+    vit, hidden, enc_ffn, dec_ffn, expansion, depth_mult = SIZES[size]
+    dim, heads, ffn_ratio, proj_dim = ECVIT[vit]
+    width = proj_dim or dim
+    adapter = {"name": prefix + vit.removeprefix("ec") if prefix else vit, "embed_dim": dim,
+               "num_heads": heads, "interaction_indexes": [10, 11]}
+    if proj_dim:
+        adapter["proj_dim"] = proj_dim
+    if ffn_ratio != 4:
+        adapter["ffn_ratio"] = ffn_ratio
+    decoder = {"feat_channels": [hidden] * 3, "feat_strides": [8, 16, 32], "hidden_dim": hidden, "num_levels": 3,
+               "num_layers": 4, "eval_idx": -1, "num_queries": 300, "num_denoising": 100,
+               "label_noise_ratio": 0.5, "box_noise_scale": 1.0, "reg_max": 32, "reg_scale": 4,
+               "layer_scale": 1, "num_points": [3, 6, 3], "cross_attn_method": "default",
+               "query_select_method": "default", "activation": "silu", "dim_feedforward": dec_ffn}
+    if task == "segmentation":
+        decoder["mask_downsample_ratio"] = 4
+    return {
+        "task": task, "model": model, "ViTAdapter": adapter,
+        "HybridEncoder": {"in_channels": [width] * 3, "feat_strides": [8, 16, 32], "hidden_dim": hidden,
+                          "use_encoder_idx": [2], "num_encoder_layers": 1, "nhead": 8, "dim_feedforward": enc_ffn,
+                          "dropout": 0.0, "expansion": expansion, "depth_mult": depth_mult, "act": "silu",
+                          "csp_type": "csp2", "fuse_op": "sum"},
+        "ECTransformer": decoder,
+        "ECCriterion": copy.deepcopy(CRITERIA[task]),
+        "PostProcessor": {"num_top_queries": 300},
+        "eval_spatial_size": [640, 640], "num_classes": 80, "use_focal_loss": True,
+    }
+
+
+PRESETS = [f"{family}_{size}" for family in TASKS for size in SIZES]
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU}
+
+
+def activation(name):
+    if name is None:
+        return nn.Identity()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def fuse_conv_bn(conv, bn):
+    """Weight and bias of the single convolution equal to `bn(conv(x))` in eval mode."""
+    scale = bn.weight / (bn.running_var + bn.eps).sqrt()
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+
+
+class ConvNorm(nn.Module):
+    """Conv2d without bias, BatchNorm2d, activation: (B, Cin, H, W) -> (B, Cout, H/stride, W/stride)."""
+
+    def __init__(self, cin, cout, kernel, stride=1, groups=1, act=None):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        self.act = activation(act)
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+    def fuse(self):
+        if isinstance(self.norm, nn.Identity):
+            return
+        weight, bias = fuse_conv_bn(self.conv, self.norm)
+        c = self.conv
+        self.conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups)
+        self.conv.weight.data, self.conv.bias.data = weight.detach(), bias.detach()
+        self.norm = nn.Identity()
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with an activation between them."""
+
+    def __init__(self, din, dhidden, dout, num_layers, act="relu"):
+        super().__init__()
+        dims = [din] + [dhidden] * (num_layers - 1) + [dout]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.act = activation(act)
+
+    def forward(self, x):
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return self.layers[-1](x)
+
+
+# ---------------------------------------------------------------------------------------------
+# ECViT: convolutional stem, register token, 2-D RoPE (and the DINOv3 layout of the same ViT)
+# ---------------------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """Image (B, 3, H, W) -> patch grid (B, D, H/16, W/16).
+
+    ECViT replaces the 16x16 patchify convolution with a convolutional stem: three 3x3 stride-2
+    conv+BN+ReLU stages widening to D/8, D/4, D/2, then a 3x3 stride-2 projection to D. DINOv3
+    keeps the plain 16x16 projection (no stem stages).
+    """
+
+    def __init__(self, dim, conv_stem=True, patch_size=16):
+        super().__init__()
+        if conv_stem:
+            widths = [3, dim // 8, dim // 4, dim // 2]
+            self.convs = nn.ModuleList(ConvNorm(a, b, 3, 2, act="relu") for a, b in zip(widths[:-1], widths[1:]))
+            self.proj = nn.Conv2d(dim // 2, dim, 3, 2, 1)
+        else:
+            self.convs = nn.ModuleList()
+            self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = conv(x)
+        return self.proj(x)
+
+
+class RoPE2D(nn.Module):
+    """2-D rotary position embedding of DINOv3, shared by every block.
+
+    Patch centres are normalised to [-1, 1] separately along y and x; each head's D_h channels
+    rotate by angles 2*pi*coord/period with D_h/4 periods base^(2i/(D_h/2)) per axis. Returns sin
+    and cos of shape (P + h*w, D_h), where the P prefix tokens get the identity rotation.
+    """
+
+    def __init__(self, head_dim, base=100.0, rescale=None):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        self.register_buffer("periods", base ** (2 * torch.arange(head_dim // 4) / (head_dim // 2)))
+        self.rescale = rescale  # DINOv3 trains with a random coordinate scale in [1/r, r]
+
+    def forward(self, h, w, prefix):
+        dd = {"device": self.periods.device, "dtype": torch.float32}
+        ys, xs = torch.arange(0.5, h, **dd) / h, torch.arange(0.5, w, **dd) / w
+        coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0  # (hw, 2)
+        if self.training and self.rescale is not None:
+            coords = coords * torch.empty(1, **dd).uniform_(-math.log(self.rescale), math.log(self.rescale)).exp()
+        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
+        angles = angles.flatten(1, 2).repeat(1, 2)  # (hw, D_h)
+        zeros = angles.new_zeros(prefix, angles.shape[1])
+        return torch.cat([zeros, angles.sin()]), torch.cat([zeros + 1, angles.cos()])
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class MaskedKBiasLinear(nn.Linear):
+    """DINOv3's qkv projection: the key bias is multiplied by a stored 0 mask (`mask_k_bias`)."""
+
+    def __init__(self, din, dout):
+        super().__init__(din, dout)
+        self.register_buffer("bias_mask", torch.ones(dout))
+        self.bias_mask[dout // 3: 2 * dout // 3] = 0
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE on queries and keys: (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim, num_heads, mask_k_bias=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = MaskedKBiasLinear(dim, 3 * dim) if mask_k_bias else nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        sin, cos = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """DINOv3's SwiGLU FFN; the hidden width is 2/3 of `hidden`, rounded up to a multiple of 8."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = int(hidden * 2 / 3)
+        hidden += -hidden % 8
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x)))."""
+
+    def __init__(self, dim, num_heads, ffn_ratio, ffn_layer, norm_eps, layerscale_init, mask_k_bias):
+        super().__init__()
+        scale = (lambda: LayerScale(dim, layerscale_init)) if layerscale_init else nn.Identity
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, mask_k_bias)
+        self.ls1 = scale()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = {"mlp": Mlp, "swiglu": SwiGLU}[ffn_layer](dim, int(dim * ffn_ratio))
+        self.ls2 = scale()
+
+    def forward(self, x, rope):
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class ViT(nn.Module):
+    """The plain ViT of ECViT and of DINOv3, one class for both layouts.
+
+    ECViT (`dinov3=False`): convolutional stem, one learned register token, no final norm.
+    DINOv3 (`dinov3=True`): 16x16 patch embedding, class token and `n_storage_tokens` storage
+    tokens, layer scale, masked key bias, a final LayerNorm, and a (unused at inference) mask token.
+    Tokens are laid out (B, P + h*w, D) with the P prefix tokens first.
+    """
+
+    def __init__(self, embed_dim=192, depth=12, num_heads=3, ffn_ratio=4.0, ffn_layer="mlp", dinov3=False,
+                 patch_size=16, n_storage_tokens=0, layerscale_init=None, mask_k_bias=False, norm_eps=1e-6,
+                 rope_rescale=None):
+        super().__init__()
+        if ffn_layer not in ("mlp", "swiglu"):
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp' or 'swiglu'")
+        self.embed_dim, self.num_heads, self.patch_size, self.dinov3 = embed_dim, num_heads, patch_size, dinov3
+        self.patch_embed = PatchEmbed(embed_dim, conv_stem=not dinov3, patch_size=patch_size)
+        if dinov3:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.storage_tokens = nn.Parameter(torch.zeros(1, n_storage_tokens, embed_dim))
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        else:
+            self.register_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.n_prefix = 1 + n_storage_tokens if dinov3 else 1
+        self.rope_embed = RoPE2D(embed_dim // num_heads, rescale=rope_rescale)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, ffn_ratio, ffn_layer, norm_eps, layerscale_init, mask_k_bias)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if dinov3 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        for p in (self.cls_token, self.storage_tokens) if self.dinov3 else (self.register_token,):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def run_blocks(self, x, take):
+        """Raw token tensors (B, P + h*w, D) after each block index in `take`, and the grid (h, w)."""
+        patches = self.patch_embed(x)
+        B, _, h, w = patches.shape
+        prefix = torch.cat([self.cls_token, self.storage_tokens], 1) if self.dinov3 else self.register_token
+        x = torch.cat([prefix.expand(B, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
+        rope = self.rope_embed(h, w, self.n_prefix)
+        outs = []
+        for i, block in enumerate(self.blocks[:max(take) + 1]):
+            x = block(x, rope)
+            if i in take:
+                outs.append(x)
+        return outs, (h, w)
+
+    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False,
+                                return_extra_tokens=False, norm=True):
+        """DINOv3's API: patch tokens (B, h*w, D) of the last `n` blocks (or of the block indices in
+        list `n`), optionally normed, reshaped to (B, D, h, w), with the class / extra tokens."""
+        take = range(len(self.blocks) - n, len(self.blocks)) if isinstance(n, int) else list(n)
+        outs, (h, w) = self.run_blocks(x, take)
+        if norm:
+            outs = [self.norm(o) for o in outs]
+        P = self.n_prefix
+        patches = [o[:, P:] for o in outs]
+        if reshape:
+            patches = [p.transpose(1, 2).reshape(p.shape[0], -1, h, w) for p in patches]
+        extras = [[o[:, 0]] * return_class_token + [o[:, 1:P]] * return_extra_tokens for o in outs]
+        return tuple(tuple([p] + e) if e else p for p, e in zip(patches, extras))
+
+    def forward_features(self, x):
+        """DINOv3's API: the normed class, storage and patch tokens of the last block."""
+        (x,), _ = self.run_blocks(x, [len(self.blocks) - 1])
+        x_norm = self.norm(x)
+        P = self.n_prefix
+        return {"x_norm_clstoken": x_norm[:, 0], "x_storage_tokens": x_norm[:, 1:P],
+                "x_norm_patchtokens": x_norm[:, P:], "x_prenorm": x, "masks": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-scale feature generator (the original's ViTAdapter)
+# ---------------------------------------------------------------------------------------------
+class ViTAdapter(nn.Module):
+    """Single-scale ViT tokens -> a stride 8/16/32 pyramid.
+
+    The patch tokens of the interaction blocks are averaged, laid out as a stride-16 map, and
+    bilinearly resized to strides 8, 16 and 32; 1x1 conv+BN layers project all three levels to
+    `proj_dim`, or, without `proj_dim`, only the stride-32 level (keeping the width).
+    """
+
+    def __init__(self, vit, interaction_indexes=(10, 11), proj_dim=None):
+        super().__init__()
+        self.backbone = vit
+        self.interaction_indexes = list(interaction_indexes)
+        dim = vit.embed_dim
+        self.projector = nn.ModuleList(ConvNorm(dim, proj_dim or dim, 1) for _ in range(3 if proj_dim else 1))
+        self.out_channels = [proj_dim or dim] * 3
+
+    def forward(self, x):
+        tokens = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, norm=False)
+        fused = torch.stack(tokens).mean(0)
+        B, _, D = fused.shape
+        h, w = x.shape[2] // self.backbone.patch_size, x.shape[3] // self.backbone.patch_size
+        fused = fused.transpose(1, 2).reshape(B, D, h, w)
+        # Resizing to the same size is the identity, so stride 16 is used as it is.
+        feats = [F.interpolate(fused, size=(2 * h, 2 * w), mode="bilinear", align_corners=False), fused,
+                 F.interpolate(fused, size=(h // 2, w // 2), mode="bilinear", align_corners=False)]
+        projected = [proj(f) for proj, f in zip(self.projector, feats[-len(self.projector):])]
+        return feats[:3 - len(projected)] + projected
+
+
+# ---------------------------------------------------------------------------------------------
+# Hybrid encoder: one transformer layer on stride 32, then CSP fusion top-down and bottom-up
+# ---------------------------------------------------------------------------------------------
+def sincos_pos_embed_2d(w, h, dim, temperature=10000.0):
+    """Fixed 2-D sin-cos embedding (1, w*h, dim). The original flattens the grid x-major (index
+    x*h + y) while features flatten y-major; the released weights were trained that way."""
+    gx, gy = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
+                            indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    ox, oy = gx.flatten()[:, None] @ omega[None], gy.flatten()[:, None] @ omega[None]
+    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)[None]
+
+
+class TransformerEncoderLayer(nn.Module):
+    """Post-norm transformer layer; the position embedding is added to queries and keys only."""
+
+    def __init__(self, dim, nhead, dim_feedforward, dropout, act):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, nhead, dropout, batch_first=True)
+        self.linear1, self.linear2 = nn.Linear(dim, dim_feedforward), nn.Linear(dim_feedforward, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.act = activation(act)
+
+    def forward(self, x, pos):
+        q = x + pos
+        x = self.norm1(x + self.dropout(self.self_attn(q, q, x, need_weights=False)[0]))
+        return self.norm2(x + self.dropout(self.linear2(self.dropout(self.act(self.linear1(x))))))
+
+
+class TransformerEncoder(nn.Module):
+    def __init__(self, layer, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+
+    def forward(self, x, pos):
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
+
+
+class RepVGG(nn.Module):
+    """act(conv3x3+BN + conv1x1+BN); `fuse()` merges both branches into one 3x3 convolution."""
+
+    def __init__(self, dim, act):
+        super().__init__()
+        self.conv1, self.conv2 = ConvNorm(dim, dim, 3), ConvNorm(dim, dim, 1)
+        self.act = activation(act)
+
+    def forward(self, x):
+        if hasattr(self, "conv"):
+            return self.act(self.conv(x))
+        return self.act(self.conv1(x) + self.conv2(x))
+
+    def fuse(self):
+        if hasattr(self, "conv"):
+            return
+        w3, b3 = fuse_conv_bn(self.conv1.conv, self.conv1.norm)
+        w1, b1 = fuse_conv_bn(self.conv2.conv, self.conv2.norm)
+        self.conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, 1)
+        self.conv.weight.data, self.conv.bias.data = (w3 + F.pad(w1, [1, 1, 1, 1])).detach(), (b3 + b1).detach()
+        del self.conv1, self.conv2
+
+
+class CSPRep(nn.Module):
+    """Cross-stage partial layer with RepVGG bottlenecks (RepC3): split a 1x1 conv's output in two
+    halves a, b and return a + bottlenecks(b)."""
+
+    def __init__(self, cin, cout, num_blocks, act):
+        super().__init__()
+        self.conv1 = ConvNorm(cin, 2 * cout, 1, act=act)
+        self.bottlenecks = nn.Sequential(*[RepVGG(cout, act) for _ in range(num_blocks)])
+
+    def forward(self, x):
+        a, b = self.conv1(x).chunk(2, 1)
+        return a + self.bottlenecks(b)
+
+
+class RepNCSPELAN4(nn.Module):
+    """GELAN fusion block: 1x1 conv to c3 channels split in halves y0, y1; y2 = cv2(y1),
+    y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2, y3) to c2 channels."""
+
+    def __init__(self, c1, c2, c3, c4, num_blocks, act):
+        super().__init__()
+        self.cv1 = ConvNorm(c1, c3, 1, act=act)
+        self.cv2 = nn.Sequential(CSPRep(c3 // 2, c4, num_blocks, act))
+        self.cv3 = nn.Sequential(CSPRep(c4, c4, num_blocks, act))
+        self.cv4 = ConvNorm(c3 + 2 * c4, c2, 1, act=act)
+
+    def forward(self, x):
+        ys = list(self.cv1(x).chunk(2, 1))
+        ys.append(self.cv2(ys[-1]))
+        ys.append(self.cv3(ys[-1]))
+        return self.cv4(torch.cat(ys, 1))
+
+
+class SCDown(nn.Module):
+    """Spatial-channel decoupled downsampling: 1x1 conv, then a 3x3 stride-2 depthwise conv."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.cv1, self.cv2 = ConvNorm(dim, dim, 1), ConvNorm(dim, dim, 3, 2, groups=dim)
+
+    def forward(self, x):
+        return self.cv2(self.cv1(x))
+
+
+class HybridEncoder(nn.Module):
+    """Pyramid [(B, C, H/8, W/8), (B, C, H/16, W/16), (B, C, H/32, W/32)] -> the same shapes with
+    C = hidden_dim: intra-scale attention on stride 32, then a top-down FPN and a bottom-up PAN
+    whose inputs are fused by summation and refined by RepNCSPELAN4 blocks."""
+
+    def __init__(self, in_channels=(192, 192, 192), feat_strides=(8, 16, 32), hidden_dim=256, nhead=8,
+                 dim_feedforward=1024, dropout=0.0, use_encoder_idx=(2,), num_encoder_layers=1,
+                 pe_temperature=10000, expansion=1.0, depth_mult=1.0, act="silu", csp_type="csp2", fuse_op="sum"):
+        super().__init__()
+        if list(in_channels) != [hidden_dim] * 3 or list(feat_strides) != [8, 16, 32]:
+            raise ValueError(f"HybridEncoder expects in_channels [hidden_dim]*3 and strides [8, 16, 32], got "
+                             f"{list(in_channels)} and {list(feat_strides)} with hidden_dim {hidden_dim}")
+        if csp_type != "csp2" or fuse_op != "sum":
+            raise ValueError(f"only csp_type 'csp2' with fuse_op 'sum' (the released models) is implemented, "
+                             f"got {csp_type!r} and {fuse_op!r}")
+        self.hidden_dim, self.use_encoder_idx, self.pe_temperature = hidden_dim, list(use_encoder_idx), pe_temperature
+        layer = TransformerEncoderLayer(hidden_dim, nhead, dim_feedforward, dropout, act)
+        self.encoder = nn.ModuleList(TransformerEncoder(layer, num_encoder_layers) for _ in self.use_encoder_idx)
+        c4, n = round(expansion * hidden_dim // 2), round(3 * depth_mult)
+        fuse = RepNCSPELAN4(hidden_dim, hidden_dim, 2 * hidden_dim, c4, n, act)
+        self.lateral_convs = nn.ModuleList(ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(2))
+        self.fpn_blocks = nn.ModuleList(copy.deepcopy(fuse) for _ in range(2))
+        self.downsample_convs = nn.ModuleList(nn.Sequential(SCDown(hidden_dim)) for _ in range(2))
+        self.pan_blocks = nn.ModuleList(copy.deepcopy(fuse) for _ in range(2))
+        self._pos = {}
+
+    def pos_embed(self, h, w, device):
+        key = (h, w, device)
+        if key not in self._pos:
+            self._pos[key] = sincos_pos_embed_2d(w, h, self.hidden_dim, self.pe_temperature).to(device)
+        return self._pos[key]
+
+    def forward(self, feats):
+        feats = list(feats)
+        for encoder, idx in zip(self.encoder, self.use_encoder_idx):
+            B, C, h, w = feats[idx].shape
+            tokens = encoder(feats[idx].flatten(2).transpose(1, 2), self.pos_embed(h, w, feats[idx].device))
+            feats[idx] = tokens.transpose(1, 2).reshape(B, C, h, w)
+        # Top-down: lateral conv on the coarser map, upsample x2, add the finer map, fuse.
+        top = feats[2]
+        inner = []
+        for lateral, block, finer in zip(self.lateral_convs, self.fpn_blocks, (feats[1], feats[0])):
+            top = lateral(top)
+            inner.insert(0, top)
+            top = block(F.interpolate(top, scale_factor=2.0, mode="nearest") + finer)
+        # Bottom-up: downsample the finer output, add the lateral map, fuse.
+        outs = [top]
+        for down, block, lateral in zip(self.downsample_convs, self.pan_blocks, inner):
+            outs.append(block(down(outs[-1]) + lateral))
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Query decoder with fine-grained distribution refinement (FDR)
+# ---------------------------------------------------------------------------------------------
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clip(0.0, 1.0)
+    return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
+
+
+def weighting_function(reg_max, up, reg_scale):
+    """FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,), symmetric around W = 0,
+    nearly uniform near zero and growing geometrically towards the ends +-2*up*reg_scale."""
+    bound = up.abs() * reg_scale.abs()  # (1,)
+    step = (bound + 1) ** (2 / (reg_max - 2))
+    right = [step ** i - 1 for i in range(1, reg_max // 2)]
+    left = [-(step ** i) + 1 for i in range(reg_max // 2 - 1, 0, -1)]
+    return torch.cat([-2 * bound, *left, torch.zeros_like(bound), *right, 2 * bound])
+
+
+def distance2bbox(points, distance, reg_scale):
+    """Reference boxes (..., 4) cx, cy, w, h and edge distances (..., 4) left, top, right, bottom
+    in units of w/reg_scale, h/reg_scale -> boxes (..., 4) cx, cy, w, h."""
+    reg_scale = reg_scale.abs()
+    x1 = points[..., 0] - (0.5 * reg_scale + distance[..., 0]) * (points[..., 2] / reg_scale)
+    y1 = points[..., 1] - (0.5 * reg_scale + distance[..., 1]) * (points[..., 3] / reg_scale)
+    x2 = points[..., 0] + (0.5 * reg_scale + distance[..., 2]) * (points[..., 2] / reg_scale)
+    y2 = points[..., 1] + (0.5 * reg_scale + distance[..., 3]) * (points[..., 3] / reg_scale)
+    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
+
+
+def deformable_attention(values, shapes, locations, weights, num_points):
+    """Multi-scale deformable attention core.
+
+    values: per level (B*heads, c, h_l, w_l); locations: (B, Lq, heads, sum(num_points), 2) in
+    [0, 1] image coordinates; weights: (B, Lq, heads, sum(num_points)) -> (B, Lq, heads*c).
+    """
+    B, Lq, heads, P, _ = locations.shape
+    grids = (2 * locations - 1).permute(0, 2, 1, 3, 4).flatten(0, 1).split(num_points, dim=-2)
+    sampled = torch.cat([F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+                         for v, g in zip(values, grids)], -1)  # (B*heads, c, Lq, P)
+    weights = weights.permute(0, 2, 1, 3).reshape(B * heads, 1, Lq, P)
+    return (sampled * weights).sum(-1).reshape(B, -1, Lq).transpose(1, 2)
+
+
+class MSDeformableAttention(nn.Module):
+    """Deformable cross-attention with `num_points[l]` sampling points per head on level l.
+
+    Offsets are scaled by the reference box size (and 1/num_points) so points spread inside the
+    box; there are no value or output projections (the encoder output is sampled directly).
+    """
+
+    def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5):
+        super().__init__()
+        self.num_heads, self.num_points, self.offset_scale = num_heads, list(num_points), offset_scale
+        total = sum(self.num_points)
+        self.register_buffer("num_points_scale",
+                             torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
+        self.sampling_offsets = nn.Linear(dim, num_heads * total * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * total)
+        # Initial offsets point along num_heads directions, 1..n steps out on each level.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        theta = torch.arange(num_heads, dtype=torch.float32) * (2 * math.pi / num_heads)
+        grid = torch.stack([theta.cos(), theta.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True).values
+        steps = torch.cat([torch.arange(1, n + 1) for n in self.num_points]).reshape(1, -1, 1)
+        self.sampling_offsets.bias.data[:] = (grid[:, None, :] * steps).flatten()
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+
+    def forward(self, query, ref_boxes, values, shapes):
+        """query (B, Lq, C); ref_boxes (B, Lq, 1, 4) cx, cy, w, h in [0, 1]; values from `split_values`."""
+        B, Lq, _ = query.shape
+        total = sum(self.num_points)
+        offsets = self.sampling_offsets(query).reshape(B, Lq, self.num_heads, total, 2)
+        weights = self.attention_weights(query).reshape(B, Lq, self.num_heads, total).softmax(-1)
+        scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
+        locations = ref_boxes[:, :, None, :, :2] + offsets * scale * ref_boxes[:, :, None, :, 2:] * self.offset_scale
+        return deformable_attention(values, shapes, locations, weights, self.num_points)
+
+
+def split_values(memory, shapes, num_heads):
+    """Encoder memory (B, sum h*w, C) -> per level (B*heads, C/heads, h, w) for grid sampling."""
+    B, _, C = memory.shape
+    levels = memory.reshape(B, -1, num_heads, C // num_heads).permute(0, 2, 3, 1)
+    return [v.reshape(B * num_heads, C // num_heads, h, w)
+            for v, (h, w) in zip(levels.split([h * w for h, w in shapes], -1), shapes)]
+
+
+class Gate(nn.Module):
+    """Gated fusion of the residual x1 and the cross-attention output x2: norm(g1*x1 + g2*x2)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gate = nn.Linear(2 * dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)  # sigmoid(0) = 0.5: both inputs weighted equally at start
+
+    def forward(self, x1, x2):
+        g1, g2 = torch.sigmoid(self.gate(torch.cat([x1, x2], -1))).chunk(2, -1)
+        return self.norm(g1 * x1 + g2 * x2)
+
+
+class LQE(nn.Module):
+    """Localization-quality estimator: adds to the class logits a score predicted from the top-k
+    probabilities (and their mean) of each edge's distribution."""
+
+    def __init__(self, k, hidden, num_layers, reg_max, act):
+        super().__init__()
+        self.k, self.reg_max = k, reg_max
+        self.reg_conf = MLP(4 * (k + 1), hidden, 1, num_layers, act)
+        nn.init.zeros_(self.reg_conf.layers[-1].weight)
+        nn.init.zeros_(self.reg_conf.layers[-1].bias)
+
+    def forward(self, scores, corners):
+        B, L, _ = corners.shape
+        prob = corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1)
+        topk = prob.topk(self.k, dim=-1).values
+        return scores + self.reg_conf(torch.cat([topk, topk.mean(-1, keepdim=True)], -1).reshape(B, L, -1))
+
+
+class TransformerDecoderLayer(nn.Module):
+    """Self-attention among queries, deformable cross-attention to the encoder (fused by a gate),
+    FFN; post-norm."""
+
+    def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = MSDeformableAttention(dim, nhead, num_points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.gateway = Gate(dim)
+        self.linear1, self.linear2 = nn.Linear(dim, dim_feedforward), nn.Linear(dim_feedforward, dim)
+        self.act = activation(act)
+        self.dropout3, self.dropout4 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x, ref_boxes, values, shapes, attn_mask, pos):
+        q = x + pos
+        x = self.norm1(x + self.dropout1(self.self_attn(q, q, x, attn_mask=attn_mask, need_weights=False)[0]))
+        x = self.gateway(x, self.dropout2(self.cross_attn(x + pos, ref_boxes, values, shapes)))
+        x = x + self.dropout4(self.linear2(self.dropout3(self.act(self.linear1(x)))))
+        return self.norm2(x.clamp(-65504, 65504))  # stay inside the fp16 range
+
+
+class SegmentationHead(nn.Module):
+    """ECSeg's mask head: stride-8 features -> stride-4 mask features refined by depthwise-conv
+    blocks; mask logits (B, Q, H/4, W/4) are dot products with MLP-transformed query features."""
+
+    def __init__(self, dim, num_blocks, downsample_ratio=4):
+        super().__init__()
+        self.downsample_ratio = downsample_ratio
+        self.blocks = nn.ModuleList(DepthwiseConvBlock(dim) for _ in range(num_blocks))
+        self.spatial_features_proj = nn.Conv2d(dim, dim, 1)
+        self.query_features_block = MLPBlock(dim)
+        self.query_features_proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, spatial, queries):
+        """spatial (B, C, H/8, W/8); queries: per decoder layer (B, Q, C) -> per layer (B, Q, H/4, W/4).
+
+        Query set i is read against the mask features after block i. At inference the decoder hands
+        over only its last layer, so only the first block runs: the released models were evaluated so.
+        """
+        size = [s * 8 // self.downsample_ratio for s in spatial.shape[-2:]]
+        x = F.interpolate(spatial, size=size, mode="bilinear", align_corners=False)
+        masks = []
+        for block, q in zip(self.blocks, queries):
+            x = block(x)
+            q = self.query_features_proj(self.query_features_block(q))
+            masks.append(torch.einsum("bchw,bnc->bnhw", self.spatial_features_proj(x), q) + self.bias)
+        return masks
+
+
+class DepthwiseConvBlock(nn.Module):
+    """x + GELU(Linear(LayerNorm(dwconv3x3(x)))) on (B, C, H, W)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        y = self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class MLPBlock(nn.Module):
+    """x + Linear(GELU(Linear(LayerNorm(x)))) with a 4x hidden width, on (..., C)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList([nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x):
+        y = self.norm_in(x)
+        for layer in self.layers:
+            y = layer(y)
+        return x + y
+
+
+class TransformerDecoder(nn.Module):
+    """The decoder layers with FDR: every layer predicts, for each query, a distribution over
+    `reg_max + 1` bins per box edge; the residual sum of these logits across layers, integrated
+    against W(n), moves the edges of the first layer's box (fine-grained distribution refinement)."""
+
+    def __init__(self, layer, num_layers, eval_idx, up, reg_scale, reg_max, act, mask_head):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.num_heads, self.eval_idx = layer.cross_attn.num_heads, eval_idx
+        self.up, self.reg_scale, self.reg_max = up, reg_scale, reg_max
+        self.lqe_layers = nn.ModuleList(LQE(4, 64, 2, reg_max, act) for _ in range(num_layers))
+        if mask_head is not None:
+            self.segmentation_head = mask_head
+
+    def forward(self, x, ref_unact, memory, shapes, heads, attn_mask=None, spatial=None):
+        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory
+        (B, L, C). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
+        layers in training, layer eval_idx at inference), the first layer's (pre) boxes and logits,
+        and per-layer masks (or None)."""
+        values = split_values(memory, shapes, self.num_heads)
+        project = weighting_function(self.reg_max, self.up, self.reg_scale)
+        ref = ref_unact.sigmoid()
+        pos = heads["query_pos_head"](ref).clamp(-10, 10)
+        out_boxes, out_logits, out_corners, out_refs, out_hidden = [], [], [], [], []
+        x_detach = corners_sum = 0
+        for i, layer in enumerate(self.layers[:self.eval_idx + 1] if not self.training else self.layers):
+            x = layer(x, ref.unsqueeze(2), values, shapes, attn_mask, pos)
+            if i == 0:
+                # The first layer regresses a plain box from the reference; FDR refines it afterwards.
+                pre_boxes = torch.sigmoid(heads["pre_bbox_head"](x) + inverse_sigmoid(ref))
+                pre_logits = heads["dec_score_head"][0](x)
+                ref_initial = pre_boxes.detach()
+            corners = heads["dec_bbox_head"][i](x + x_detach) + corners_sum
+            B, Q, _ = corners.shape
+            offsets = (corners.reshape(B, Q, 4, self.reg_max + 1).softmax(-1) @ project).reshape(B, Q, 4)
+            boxes = distance2bbox(ref_initial, offsets, self.reg_scale)
+            if self.training or i == self.eval_idx:
+                out_logits.append(self.lqe_layers[i](heads["dec_score_head"][i](x), corners))
+                out_boxes.append(boxes)
+                out_corners.append(corners)
+                out_refs.append(ref_initial)
+                out_hidden.append(x)
+            corners_sum, ref, x_detach = corners, boxes.detach(), x.detach()
+        masks = self.segmentation_head(spatial, out_hidden) if spatial is not None else None
+        return (torch.stack(out_boxes), torch.stack(out_logits), torch.stack(out_corners), torch.stack(out_refs),
+                pre_boxes, pre_logits, masks)
+
+
+class ECTransformer(nn.Module):
+    """Query selection from the encoder, then the FDR decoder.
+
+    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
+    `pred_logits` (B, Q, num_classes) and `pred_boxes` (B, Q, 4) normalised cx, cy, w, h (and
+    `pred_masks` (B, Q, H/4, W/4) with a mask head); in training also the per-layer, encoder,
+    pre-decoder and denoising outputs the criterion needs.
+    """
+
+    def __init__(self, num_classes=80, hidden_dim=256, num_queries=300, feat_channels=(256, 256, 256),
+                 feat_strides=(8, 16, 32), num_levels=3, num_points=(3, 6, 3), nhead=8, num_layers=6,
+                 dim_feedforward=1024, dropout=0.0, activation="silu", num_denoising=100, label_noise_ratio=0.5,
+                 box_noise_scale=1.0, eval_spatial_size=None, eval_idx=-1, eps=1e-2, reg_max=32, reg_scale=4.0,
+                 layer_scale=1, cross_attn_method="default", query_select_method="default",
+                 mask_downsample_ratio=None, aux_loss=True, learn_query_content=False):
+        super().__init__()
+        if list(feat_channels) != [hidden_dim] * 3 or list(feat_strides) != [8, 16, 32] or num_levels != 3:
+            raise ValueError(f"ECTransformer expects 3 levels of width hidden_dim at strides [8, 16, 32], got "
+                             f"feat_channels {list(feat_channels)}, feat_strides {list(feat_strides)}")
+        unsupported = {"layer_scale": (layer_scale, 1), "cross_attn_method": (cross_attn_method, "default"),
+                       "query_select_method": (query_select_method, "default"), "aux_loss": (aux_loss, True),
+                       "learn_query_content": (learn_query_content, False)}
+        for key, (value, released) in unsupported.items():
+            if value != released:
+                raise ValueError(f"ECTransformer {key}={value!r} is not implemented; the released models use "
+                                 f"{released!r}")
+        if isinstance(num_points, int):
+            num_points = [num_points] * 3
+        self.hidden_dim, self.num_queries, self.num_classes, self.eps = hidden_dim, num_queries, num_classes, eps
+        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = num_denoising, label_noise_ratio, box_noise_scale
+        self.eval_idx = eval_idx % num_layers
+        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        layer = TransformerDecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, activation, num_points)
+        mask_head = SegmentationHead(hidden_dim, num_layers, mask_downsample_ratio) if mask_downsample_ratio else None
+        self.decoder = TransformerDecoder(layer, num_layers, self.eval_idx, self.up, self.reg_scale, reg_max,
+                                          activation, mask_head)
+        if num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+            nn.init.normal_(self.denoising_class_embed.weight[:-1])
+        self.enc_score_head = nn.Linear(hidden_dim, num_classes)
+        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, activation)
+        self.query_pos_head = MLP(4, hidden_dim, hidden_dim, 3, activation)
+        self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, activation)
+        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
+        self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, activation)
+                                           for _ in range(num_layers))
+        prior = -math.log((1 - 0.01) / 0.01)  # class logits start at probability 0.01
+        for head in [self.enc_score_head, *self.dec_score_head]:
+            nn.init.constant_(head.bias, prior)
+        for mlp in [self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head]:
+            nn.init.zeros_(mlp.layers[-1].weight)
+            nn.init.zeros_(mlp.layers[-1].bias)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+        self.shapes = [[eval_spatial_size[0] // s, eval_spatial_size[1] // s] for s in (8, 16, 32)] \
+            if eval_spatial_size else None
+        if self.shapes:  # anchors of the eval size are buffers, as in the released checkpoints
+            anchors, valid = self.make_anchors(self.shapes)
+            self.register_buffer("anchors", anchors)
+            self.register_buffer("valid_mask", valid)
+
+    def make_anchors(self, shapes, device=None):
+        """Anchor boxes (1, L, 4) in inverse-sigmoid space (inf outside the valid range) and the mask
+        (1, L, 1) of valid ones: one per feature-map cell, 0.05 * 2^level wide."""
+        anchors = []
+        for level, (h, w) in enumerate(shapes):
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            xy = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
+            anchors.append(torch.cat([xy, torch.full_like(xy, 0.05 * 2.0 ** level)], -1).reshape(1, h * w, 4))
+        anchors = torch.cat(anchors, 1)
+        valid = ((anchors > self.eps) & (anchors < 1 - self.eps)).all(-1, keepdim=True)
+        return torch.where(valid, torch.log(anchors / (1 - anchors)), torch.inf), valid
+
+    def forward(self, feats, targets=None, spatial=None):
+        shapes = [list(f.shape[-2:]) for f in feats]
+        memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)  # (B, L, C)
+        B = memory.shape[0]
+        if shapes == self.shapes and not self.training:
+            anchors, valid = self.anchors, self.valid_mask
+        else:
+            anchors, valid = self.make_anchors(shapes, memory.device)
+
+        # Query selection: the top-scoring encoder positions become the queries and their boxes.
+        # Positions with out-of-range anchors are zeroed for the selection only; the decoder
+        # attends to the unmasked memory.
+        selectable = valid.to(memory.dtype) * memory
+        enc_logits = self.enc_score_head(selectable)
+        topk = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices  # (B, Q)
+        gather = lambda t: t.gather(1, topk.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        enc_memory = gather(selectable)
+        enc_boxes_unact = self.enc_bbox_head(enc_memory) + gather(anchors.expand(B, -1, -1))
+        content, ref_unact = enc_memory.detach(), enc_boxes_unact.detach()
+
+        dn_meta = attn_mask = None
+        if self.training and self.num_denoising > 0:
+            if targets is None:
+                raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
+            dn_content, dn_ref, attn_mask, dn_meta = denoising_queries(
+                targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
+                self.label_noise_ratio, self.box_noise_scale)
+            content, ref_unact = torch.cat([dn_content, content], 1), torch.cat([dn_ref, ref_unact], 1)
+
+        heads = {"query_pos_head": self.query_pos_head, "pre_bbox_head": self.pre_bbox_head,
+                 "dec_score_head": self.dec_score_head, "dec_bbox_head": self.dec_bbox_head}
+        boxes, logits, corners, refs, pre_boxes, pre_logits, masks = self.decoder(
+            content, ref_unact, memory, shapes, heads, attn_mask, spatial)
+        if not self.training:
+            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            if masks is not None:
+                out["pred_masks"] = masks[-1]
+            return out
+
+        # The original pairs the pre-decoder output with the last layer's masks.
+        layers = {"pred_logits": logits, "pred_boxes": boxes, "pred_corners": corners, "ref_points": refs}
+        if masks is not None:
+            layers["pred_masks"] = torch.stack(masks)
+        pre = {"pred_logits": pre_logits, "pred_boxes": pre_boxes, "pred_masks": layers.get("pred_masks", [None])[-1]}
+        if dn_meta is not None:
+            split = lambda t, dim: t.split(dn_meta["dn_num_split"], dim=dim)
+            dn_layers, layers = {k: split(v, 2)[0] for k, v in layers.items()}, {k: split(v, 2)[1] for k, v in layers.items()}
+            dn_pre = {k: None if v is None else split(v, 1)[0] for k, v in pre.items()}
+            pre = {k: None if v is None else split(v, 1)[1] for k, v in pre.items()}
+        out = {k: v[-1] for k, v in layers.items()}
+        out.update(up=self.up, reg_scale=self.reg_scale, aux_outputs=per_layer(layers)[:-1],
+                   enc_aux_outputs=[{"pred_logits": gather(enc_logits), "pred_boxes": enc_boxes_unact.sigmoid()}],
+                   pre_outputs=pre, enc_meta={"class_agnostic": False})
+        if dn_meta is not None:
+            out.update(dn_outputs=per_layer(dn_layers), dn_pre_outputs=dn_pre, dn_meta=dn_meta)
+        return out
+
+
+def per_layer(layers):
+    """Stacked per-layer outputs -> a list of per-layer dicts, each also carrying the last layer's
+    corners and logits, which teach the earlier layers (decoupled distillation focal loss)."""
+    n = len(layers["pred_logits"])
+    teacher = {"teacher_corners": layers["pred_corners"][-1], "teacher_logits": layers["pred_logits"][-1]}
+    return [{**{k: v[i] for k, v in layers.items()}, **teacher} for i in range(n)]
+
+
+def denoising_queries(targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio,
+                      box_noise_scale):
+    """Contrastive denoising groups (DN-DETR / DINO): each group holds every ground-truth box twice,
+    once lightly (positive) and once strongly (negative) jittered, with some labels flipped.
+
+    Returns query content (B, N, C), inverse-sigmoid boxes (B, N, 4), the (N + Q, N + Q) attention
+    mask (True = blocked) that keeps groups and matching queries apart, and the meta data the
+    criterion uses to pair positives with their targets.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    device = class_embed.weight.device
+    B, G = len(counts), max(counts)
+    groups = max(num_denoising // G, 1) if G else 0
+    labels = torch.full((B, G), num_classes, dtype=torch.int64, device=device)
+    boxes = torch.zeros(B, G, 4, device=device)
+    real = torch.zeros(B, G, dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(targets, counts)):
+        labels[i, :n], boxes[i, :n], real[i, :n] = t["labels"], t["boxes"], True
+    labels, boxes, real = labels.tile(1, 2 * groups), boxes.tile(1, 2 * groups, 1), real.tile(1, 2 * groups)
+    negative = torch.zeros(B, 2 * G, 1, device=device)
+    negative[:, G:] = 1
+    negative = negative.tile(1, groups, 1)
+    positive_idx = torch.nonzero((1 - negative.squeeze(-1)) * real)[:, 1].split([n * groups for n in counts])
+    N = 2 * G * groups
+
+    if label_noise_ratio > 0:
+        flip = (torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5) & real
+        labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
+    if box_noise_scale > 0:
+        # Positives move each edge by less than half the box size, negatives by between one and two halves.
+        xyxy = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
+        half = boxes[..., 2:].tile(1, 1, 2) * 0.5 * box_noise_scale
+        sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+        part = torch.rand_like(boxes)
+        part = (part + 1.0) * negative + part * (1 - negative)
+        boxes = torchvision.ops.box_convert((xyxy + sign * part * half).clip(0.0, 1.0), "xyxy", "cxcywh").abs()
+
+    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
+    mask[N:, :N] = True  # matching queries must not see the answers
+    group = torch.arange(N, device=device) // (2 * G) if G else torch.zeros(0, device=device)
+    mask[:N, :N] = group[:, None] != group[None, :]
+    meta = {"dn_positive_idx": positive_idx, "dn_num_group": groups, "dn_num_split": [N, num_queries]}
+    return class_embed(labels), inverse_sigmoid(boxes), mask, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The networks, building them from a config, and loading weights
+# ---------------------------------------------------------------------------------------------
+class ECModel(nn.Module):
+    """ECDet and ECSeg: backbone (ViT + feature generator) -> hybrid encoder -> decoder.
+
+    `model.eval()(images)` takes (B, 3, H, W) ImageNet-normalised images with H, W multiples of 32
+    and returns the decoder's dict; `model.train()(images, targets)` returns what the criterion
+    needs (targets: list of dicts with `labels` (n,) and `boxes` (n, 4) normalised cx, cy, w, h).
+    """
+
+    def __init__(self, backbone, encoder, decoder, config=None):
+        super().__init__()
+        self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
+        self.config = config
+        self.has_masks = hasattr(decoder.decoder, "segmentation_head")
+
+    def forward(self, images, targets=None):
+        check_images(images)
+        feats = self.encoder(self.backbone(images))
+        return self.decoder(feats, targets, feats[0] if self.has_masks else None)
+
+    def deploy(self):
+        """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged and the decoder
+        layers after `eval_idx` dropped; outputs are unchanged."""
+        self.eval()
+        for m in list(self.modules()):
+            if isinstance(m, (ConvNorm, RepVGG)):
+                m.fuse()
+        dec = self.decoder.decoder
+        dec.layers, dec.lqe_layers = dec.layers[:dec.eval_idx + 1], dec.lqe_layers[:dec.eval_idx + 1]
+        return self
+
+
+def check_images(images):
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    H, W = images.shape[-2:]
+    if H % 32 or W % 32:
+        raise ValueError(f"input size {H}x{W} is not a multiple of 32 (the stride of the coarsest level); "
+                         f"resize or pad to e.g. {(H + 31) // 32 * 32}x{(W + 31) // 32 * 32}")
+
+
+def make_section(cls, cfg, name, **shared):
+    """Build `cls(**cfg[name], **shared)`, turning a bad key into an error that names the section."""
+    if name not in cfg:
+        raise ValueError(f"config has no section {name!r} (sections present: {sorted(cfg)})")
+    try:
+        return cls(**{**cfg[name], **shared})
+    except TypeError as e:
+        raise ValueError(f"config section {name!r}: {e}") from None
+
+
+def build_vit(adapter):
+    """The ECViT of a ViTAdapter config section (keys of the original's ViTAdapter)."""
+    keys = {"embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer"}
+    vit = {k: v for k, v in adapter.items() if k in keys}
+    if vit.pop("embed_layer", "ConvPyramidPatchEmbed") != "ConvPyramidPatchEmbed" or vit.pop("patch_size", 16) != 16:
+        raise ValueError("ViTAdapter: only the ECViT convolutional stem with patch_size 16 is implemented")
+    return ViT(**vit)
+
+
+def build_model(cfg):
+    """A network from a preset name ("ecdet_s" ... "ecseg_x") or a config dict in the original's
+    vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer, plus num_classes and
+    eval_spatial_size)."""
+    if isinstance(cfg, str):
+        cfg = preset_config(cfg)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"build_model takes a preset name or a config dict, got {type(cfg).__name__}")
+    for key in ("num_classes", "ViTAdapter"):
+        if key not in cfg:
+            raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
+    adapter = dict(cfg["ViTAdapter"])
+    known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "num_levels",
+             "embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer"}
+    if set(adapter) - known:
+        raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - known)}")
+    if adapter.get("num_levels", 3) != 3:
+        raise ValueError("ViTAdapter: only num_levels 3 is implemented")
+    backbone = ViTAdapter(build_vit(adapter), adapter.get("interaction_indexes", [10, 11]), adapter.get("proj_dim"))
+    size = cfg.get("eval_spatial_size")
+    encoder = make_section(HybridEncoder, cfg, "HybridEncoder")
+    decoder = make_section(ECTransformer, cfg, "ECTransformer", num_classes=cfg["num_classes"],
+                           eval_spatial_size=size)
+    return ECModel(backbone, encoder, decoder, config=cfg)
+
+
+def checkpoint_state_dict(ckpt):
+    """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
+    if "ema" in ckpt and ckpt["ema"]:
+        ema = ckpt["ema"]
+        return ema["module"] if "module" in ema else ema
+    if "model" in ckpt:
+        return ckpt["model"]
+    return ckpt
+
+
+def load_weights(net, source):
+    """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or
+    one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
+    shape must match."""
+    if not isinstance(source, dict):
+        try:
+            source = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint {source} does not exist") from None
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {source}: {e}") from None
+    sd = checkpoint_state_dict(source)
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
+        problems = [f"{what}: {show(xs)}" for what, xs in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
+        raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
+    net.load_state_dict(sd, strict=True)
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# Postprocessing: top-k (query, class) pairs -> labels, pixel boxes, scores (and masks)
+# ---------------------------------------------------------------------------------------------
+def postprocess(outputs, orig_sizes, num_top_queries=300, resize_masks=True):
+    """Decoder outputs -> per-image dicts of `labels` (K,), `boxes` (K, 4) pixel x1, y1, x2, y2 in the
+    original image and `scores` (K,): the top K sigmoid scores over all (query, class) pairs.
+    orig_sizes: (B, 2) as (w, h). With masks, `masks` (K, h, w) bool, resized to the original image
+    (or the (K, H/4, W/4) logits when `resize_masks` is False)."""
+    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+    boxes = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy") * orig_sizes.repeat(1, 2).unsqueeze(1)
+    num_classes = logits.shape[-1]
+    scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, logits[0].numel()), dim=-1)
+    labels, query = index % num_classes, index // num_classes
+    boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
+    results = [{"labels": l, "boxes": b, "scores": s} for l, b, s in zip(labels, boxes, scores)]
+    if "pred_masks" in outputs:
+        masks = outputs["pred_masks"]
+        masks = masks.gather(1, query[..., None, None].expand(-1, -1, *masks.shape[-2:]))
+        for r, m, (w, h) in zip(results, masks, orig_sizes.tolist()):
+            r["masks"] = F.interpolate(m[:, None], size=(int(h), int(w)), mode="bilinear",
+                                       align_corners=False)[:, 0] > 0 if resize_masks else m
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python model.py ecdet_s
+# ---------------------------------------------------------------------------------------------
+def count_flops(net, size):
+    """Multiply-accumulates of one eval forward at `size` (the paper's "FLOPs"), via torch's counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 3, *size))
+    return counter.get_total_flops() / 2
+
+
+def measure_latency(net, size, runs=10, warmup=2):
+    x = torch.randn(1, 3, *size)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            t = time.perf_counter()
+            net(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2], times
+
+
+def main():
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("preset", choices=PRESETS)
+    parser.add_argument("--img-size", type=int, nargs=2, default=[640, 640], metavar=("H", "W"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--deploy", action="store_true", help="benchmark the deployed (fused) network")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    net = build_model(args.preset).eval()
+    params = sum(p.numel() for p in net.parameters())
+    gmacs = count_flops(net, args.img_size) / 1e9
+    if args.deploy:
+        net.deploy()
+    median, times = measure_latency(net, args.img_size, args.runs)
+    print(f"{args.preset}: {params / 1e6:.2f} M parameters, {gmacs:.1f} GFLOPs (multiply-adds) at "
+          f"{args.img_size[0]}x{args.img_size[1]}")
+    print(f"CPU latency ({args.threads} threads, batch 1, float32{', deployed' if args.deploy else ''}): "
+          f"median {median * 1e3:.0f} ms over {args.runs} runs (min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})")
+
+
+if __name__ == "__main__":
+    main()
