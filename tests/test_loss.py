@@ -92,6 +92,13 @@ def test_union_of_matches_takes_each_querys_most_frequent_object():
     assert len(q_empty) == len(o_empty) == 0
 
 
+def test_inverted_boxes_collapse_to_zero_size():
+    # FDR can put an edge past the opposite one; the box then counts as a line, as in the original
+    xyxy = cxcywh_to_xyxy(torch.tensor([[0.5, 0.5, -0.2, 0.1], [0.5, 0.5, 0.2, 0.1]]))
+    assert torch.allclose(xyxy[0], torch.tensor([0.5, 0.45, 0.5, 0.55]))
+    assert torch.allclose(xyxy[1], torch.tensor([0.4, 0.45, 0.6, 0.55]))
+
+
 # ---- FGL targets ----
 
 def test_fgl_targets_interpolate_each_edge_between_two_bins():
