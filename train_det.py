@@ -13,35 +13,11 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 
+import model
+from model import weighting_function
+
 
 # ---- Loss: matching and the ECDet criterion ----
-
-# TEMP: moves to model.py
-def weighting_function(reg_max, up, reg_scale):
-    """W(n), the values of the reg_max + 1 FDR bins, (reg_max + 1,).
-
-    0 in the middle, growing geometrically (ratio (|up| |c| + 1)^(2 / (reg_max - 2)), c being
-    reg_scale) to ±|up| |c| at the second and the last-but-one bin, and ±2 |up| |c| at the ends.
-    up, reg_scale: (1,) tensors.
-    """
-    a = up[0].abs() * reg_scale.abs()
-    step = (a + 1) ** (2 / (reg_max - 2))
-    right = torch.cat([step ** i - 1 for i in range(1, reg_max // 2)])
-    return torch.cat([-2 * a, -right.flip(0), torch.zeros_like(a), right, 2 * a])
-
-
-# TEMP: moves to model.py
-def distance2bbox(points, distance, reg_scale):
-    """Boxes from edge distances. points: (..., 4) reference boxes, normalised cx, cy, w, h;
-    distance: (..., 4) left, top, right, bottom, each in units of (w or h) / |c| (c = reg_scale)
-    beyond the half box |c| / 2. Returns (..., 4) normalised cx, cy, w, h."""
-    c = abs(reg_scale)
-    half = 0.5 * c + distance
-    unit = points[..., 2:] / c
-    x1y1 = points[..., :2] - half[..., :2] * unit
-    x2y2 = points[..., :2] + half[..., 2:] * unit
-    return box_convert(torch.cat([x1y1, x2y2], -1), 'xyxy', 'cxcywh')
-
 
 def cxcywh_to_xyxy(boxes):
     """(..., 4) cx, cy, w, h -> x1, y1, x2, y2, with negative sizes clamped to 0: FDR can
@@ -323,13 +299,14 @@ def _require(section, keys, where):
 
 
 def build_criterion(cfg, matcher_cls=HungarianMatcher, criterion_cls=ECCriterion):
-    """The ECDet criterion from a config dict in the original's vocabulary:
+    """The ECDet criterion from a preset name or a config dict in the original's vocabulary:
     {'num_classes': 80, 'ECCriterion': {'weight_dict', 'losses', 'gamma', 'reg_max',
     'matcher': {'type', 'weight_dict', 'alpha', 'gamma'}}}. Other keys of the two sections go to
     the classes' constructors (a subclass for segmentation takes its own there)."""
+    if isinstance(cfg, str):
+        cfg = model.preset_config(cfg)
     if not isinstance(cfg, Mapping):
-        hint = f"; resolve the preset with model.preset_config({cfg!r})" if isinstance(cfg, str) else ""
-        raise TypeError(f"build_criterion needs a config dict, got {type(cfg).__name__}{hint}")
+        raise TypeError(f"build_criterion takes a preset name or a config dict, got {type(cfg).__name__}")
     _require(cfg, ['num_classes', 'ECCriterion'], 'the config')
     section = dict(cfg['ECCriterion'])
     _require(section, ['weight_dict', 'losses', 'gamma', 'reg_max', 'matcher'], "'ECCriterion'")

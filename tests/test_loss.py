@@ -10,12 +10,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_det
-from train_det import (HungarianMatcher, build_criterion, cxcywh_to_xyxy, distance2bbox,
-                       fgl_targets, mean_over_ranks, union_of_matches, weighting_function)
+from conftest import load_fixture
+from model import build_model, distance2bbox, load_weights, weighting_function
+from train_det import HungarianMatcher, build_criterion, cxcywh_to_xyxy, fgl_targets, mean_over_ranks, union_of_matches
 
-# Outputs of the original ECDet (det_tiny weights) in train mode and the original criterion's
-# losses on exactly them; see the file's 'source'. At merge, the det_tiny outputs come from
-# model.build_model(config) loaded with det_tiny.pt instead.
+# Outputs of the original ECDet in train mode (det_tiny weights, and two batches with denoising
+# and without targets) and the original criterion's losses on exactly them; see the file's 'source'.
 FIXTURE = torch.load(Path(__file__).parent / 'fixtures' / 'det_tiny_train_outputs.pt',
                      map_location='cpu', weights_only=True)
 CONFIG = FIXTURE['config']
@@ -127,11 +127,14 @@ def test_criterion_matches_the_original_on_the_same_outputs(case):
 
 
 def test_det_tiny_parity():
-    data = FIXTURE['det_tiny']
-    losses = build_criterion(CONFIG)(data['outputs'], data['targets'])
-    assert_terms_close(losses, data['fixture_losses'])
+    """Our network's training outputs through our criterion give det_tiny.pt's losses."""
+    fx = load_fixture('det_tiny')
+    net = load_weights(build_model(fx['config']), fx['state_dict']).train()
+    targets = fx['train']['targets']
+    losses = build_criterion(fx['config'])(net(fx['images'], targets), targets)
+    assert_terms_close(losses, fx['train']['losses'], rtol=1e-5)
     total = sum(losses.values()).item()
-    assert abs(total - data['fixture_total']) <= 1e-4 * data['fixture_total']
+    assert abs(total - fx['train']['total']) <= 1e-4 * fx['train']['total']
 
 
 # ---- edge cases ----
@@ -228,8 +231,11 @@ def test_number_of_boxes_is_averaged_over_ranks(tmp_path):
 # ---- configuration ----
 
 def test_build_criterion_names_what_is_wrong():
-    with pytest.raises(TypeError, match='preset'):
-        build_criterion('ecdet_s')
+    with pytest.raises(ValueError, match="unknown preset 'ecdet_q'"):
+        build_criterion('ecdet_q')
+    with pytest.raises(TypeError, match='preset name or a config dict'):
+        build_criterion(3)
+    assert build_criterion('ecdet_s').weight_dict['loss_bbox'] == 5
     with pytest.raises(KeyError, match='num_classes'):
         build_criterion({'ECCriterion': CONFIG['ECCriterion']})
     no_gamma = {k: v for k, v in CONFIG['ECCriterion']['matcher'].items() if k != 'gamma'}
