@@ -236,11 +236,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         sin, cos = rope
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        x = F.scaled_dot_product_attention(q, k, v)
+        qk = qkv[:2] * cos + rotate_half(qkv[:2]) * sin  # queries and keys rotate together
+        x = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
