@@ -1,10 +1,12 @@
 """ECDet: object detection with a distilled ECViT backbone (EdgeCrafter, stage "detection").
 
-Data come first in this file: a COCO-format data set, the ECDet augmentation recipe with its epoch
-policy, batch collation with MixUp, and a synthetic COCO-format data set for demos and tests.
+Data and evaluation come first in this file: a COCO-format data set, the ECDet augmentation recipe
+with its epoch policy, batch collation with MixUp, a synthetic COCO-format data set for demos and
+tests, and COCO AP evaluation.
 
 Box conventions: data sets and annotations hold pixel boxes; the targets the model trains on hold
-normalised (cx, cy, w, h) in [0, 1].
+normalised (cx, cy, w, h) in [0, 1]; the evaluator takes pixel (x1, y1, x2, y2) boxes in the
+original image.
 """
 import contextlib
 import io
@@ -16,11 +18,13 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torchvision import tv_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -414,3 +418,126 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0):
         with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump(data, f)
     return root
+
+
+# ---- Evaluation: COCO AP ----
+
+class CocoEvaluator:
+    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox" and/or "segm".
+
+    update(image_ids, results): results[i] belongs to image image_ids[i] and holds labels (n,)
+    contiguous, boxes (n, 4) pixel x1, y1, x2, y2 in the original image, scores (n,), and for
+    "segm" masks (n, H, W) or (n, 1, H, W) at the original size (bool, or probabilities cut at 0.5).
+    summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
+    rank 0, prints the standard table and returns {iou_type: the 12 COCO stats} on every rank.
+    An image passed to update() without detections counts as all-missed; images never passed are
+    not evaluated (as the original). Use one evaluator per evaluation pass.
+    """
+
+    def __init__(self, coco_gt, label_to_cat, iou_types=("bbox",)):
+        unknown = set(iou_types) - {"bbox", "segm"}
+        if unknown:
+            raise ValueError(f"iou_types must be among 'bbox', 'segm'; got {sorted(unknown)}")
+        self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
+        self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
+
+    def update(self, image_ids, results):
+        for image_id, res in zip(image_ids, results):
+            image_id = int(image_id)
+            cats = [self.label_to_cat[label] for label in res["labels"].tolist()]
+            scores = res["scores"].float().tolist()
+            entry = {}
+            if "bbox" in self.iou_types:
+                x1, y1, x2, y2 = res["boxes"].float().cpu().unbind(-1)
+                xywh = torch.stack([x1, y1, x2 - x1, y2 - y1], -1).tolist()
+                entry["bbox"] = [dict(image_id=image_id, category_id=c, bbox=b, score=s) for c, b, s in zip(cats, xywh, scores)]
+            if "segm" in self.iou_types:
+                entry["segm"] = [dict(image_id=image_id, category_id=c, segmentation=rle, score=s)
+                                 for c, rle, s in zip(cats, self._encode(res["masks"]), scores)]
+            self.results[image_id] = entry
+
+    @staticmethod
+    def _encode(masks):
+        masks = masks.detach().cpu().reshape(-1, *masks.shape[-2:])
+        masks = masks > 0.5 if masks.is_floating_point() else masks.bool()
+        if len(masks) == 0:
+            return []
+        rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+        for rle in rles:
+            rle["counts"] = rle["counts"].decode("ascii")  # bytes don't survive json or pickling to other tools
+        return rles
+
+    def summarize(self):
+        results = self.results
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, results)
+            # DistributedSampler repeats images to even out ranks; keying by image id drops the repeats
+            results = {image_id: entry for part in gathered for image_id, entry in part.items()}
+        stats = None
+        if not distributed or dist.get_rank() == 0:
+            if not results:
+                raise RuntimeError("CocoEvaluator.summarize() called before any update()")
+            stats = {iou_type: self._evaluate(iou_type, results) for iou_type in self.iou_types}
+        if distributed:
+            box = [stats]
+            dist.broadcast_object_list(box, src=0)
+            stats = box[0]
+        return stats
+
+    def _evaluate(self, iou_type, results):
+        detections = [d for entry in results.values() for d in entry[iou_type]]
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
+            # loadRes fails on an empty list; an empty COCO makes every object a miss, AP 0
+            coco_dt = self.coco_gt.loadRes(detections) if detections else COCO()
+            coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
+            coco_eval.params.imgIds = sorted(results)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        print(f"IoU metric: {iou_type}")
+        coco_eval.summarize()
+        return [float(s) for s in coco_eval.stats]
+
+
+# ---- Evaluation: pictures ----
+
+_PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 178, 29), (207, 210, 49),
+            (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
+
+
+def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4):
+    """Save a PNG grid of images with their predicted boxes, class names and scores; returns path.
+
+    images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
+    is used to bring boxes to the image tensor's size); results: per image, labels (n,), boxes (n, 4)
+    pixel x1, y1, x2, y2 in the original image, scores (n,); names: class name per label.
+    Detections scoring below score_threshold are not drawn.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    tiles = []
+    for image, target, res in zip(images, targets, results):
+        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
+        tile = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        draw = ImageDraw.Draw(tile)
+        (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
+        scale = torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
+        keep = res["scores"] >= score_threshold
+        boxes = res["boxes"][keep].detach().float().cpu() * scale
+        for box, label, score in zip(boxes.tolist(), res["labels"][keep].tolist(), res["scores"][keep].tolist()):
+            colour = _PALETTE[label % len(_PALETTE)]
+            draw.rectangle(box, outline=colour, width=2)
+            draw.text((box[0] + 3, box[1] + 2), f"{names[label]} {score:.2f}", fill=colour)
+        tiles.append(tile)
+    if not tiles:
+        raise ValueError("draw_predictions() got no images")
+    ncols = min(ncols, len(tiles))
+    nrows = math.ceil(len(tiles) / ncols)
+    tile_w, tile_h = tiles[0].size
+    grid = Image.new("RGB", (ncols * tile_w, nrows * tile_h))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % ncols) * tile_w, (i // ncols) * tile_h))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    return path
