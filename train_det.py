@@ -12,12 +12,16 @@ Box conventions: data sets and annotations hold pixel boxes; the targets the mod
 normalised (cx, cy, w, h) in [0, 1]; the evaluator takes pixel (x1, y1, x2, y2) boxes in the
 original image.
 """
+import argparse
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import math
 import os
 import random
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -35,6 +39,7 @@ from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
+from tqdm import tqdm
 
 import model
 from model import weighting_function
@@ -42,14 +47,24 @@ from model import weighting_function
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Augmentation schedule per preset (configs/ecdet/ecdet_{s,m,l,x}.yml of the original). The epoch
-# counts they go with: S 74, M 62, L 50, X 50. ECSeg presets use the ECDet ones.
-AUG_PRESETS = {
-    "s": dict(mosaic_prob=0.75, mosaic_epoch=36, stop_epoch=72, mixup_prob=0.75, mixup_epoch=36),
-    "m": dict(mosaic_prob=0.75, mosaic_epoch=30, stop_epoch=60, mixup_prob=0.75, mixup_epoch=30),
-    "l": dict(mosaic_prob=1.0, mosaic_epoch=24, stop_epoch=48, mixup_prob=1.0, mixup_epoch=24),
-    "x": dict(mosaic_prob=1.0, mosaic_epoch=24, stop_epoch=48, mixup_prob=1.0, mixup_epoch=24),
-}
+# The training recipe per preset (the original's configs/ecdet/ecdet_*.yml and ecseg/ecseg_*.yml):
+# epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
+# mixup while epoch < mosaic_epoch, strong augmentation off from stop_epoch on).
+_RECIPE = ("epochs", "lr", "backbone_lr", "weight_decay", "mosaic_prob", "mosaic_epoch", "stop_epoch")
+RECIPES = {name: dict(zip(_RECIPE, values)) for name, values in {
+    "ecdet_s": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
+    "ecdet_m": (62, 5e-4, 2.5e-5, 1e-4, 0.75, 30, 60),
+    "ecdet_l": (50, 5e-4, 5e-6, 1.25e-4, 1.0, 24, 48),
+    "ecdet_x": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
+    "ecseg_s": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
+    "ecseg_m": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
+    "ecseg_l": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
+    "ecseg_x": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
+}.items()}
+# Shared by every preset: total batch 32, AdamW betas, warm-up iterations (at most 3 epochs), the
+# floor of the cosine as a fraction of the lr, EMA decay and its warm-up, gradient-norm clipping.
+TRAINING = dict(batch_size=32, betas=(0.9, 0.999), warmup_iter=2000, lr_gamma=0.5, ema_decay=0.9999,
+                ema_warmups=1000, clip_max_norm=0.1)
 
 # Target entries with one row per object: Mosaic and MixUp concatenate them, SanitizeBoxes filters
 # them together. "keypoints" (a tv_tensors.KeyPoints) is for the pose stage.
@@ -298,7 +313,10 @@ class DetTransforms:
         self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def set_epoch(self, epoch):
+        # DataLoader workers start every epoch from a fresh copy with an empty mosaic cache; the
+        # main process does the same so that a resumed run sees the same mosaics.
         self.epoch = epoch
+        self.mosaic.cache.clear()
 
     def __call__(self, image, target):
         if self.train:
@@ -851,3 +869,429 @@ def build_criterion(cfg, matcher_cls=HungarianMatcher, criterion_cls=ECCriterion
         raise ValueError("criterion config: ECDet's matcher uses the focal class cost; use_focal_loss must be true")
     section.pop('alpha', None)  # the original's focal/VFL weight; MAL has none
     return criterion_cls(matcher_cls(**matcher_cfg), num_classes=cfg['num_classes'], **section)
+
+
+# ---- Training: optimizer, schedule, EMA ----
+
+def param_groups(net, lr, backbone_lr, weight_decay):
+    """AdamW groups of the original recipe: the ViT (`backbone.backbone.*`) at backbone_lr, everything
+    else (the feature generator's projections included) at lr; no weight decay on norms and biases."""
+    groups = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        vit = name.startswith("backbone.backbone.")
+        no_decay = any(key in name for key in ("norm", "bn", "bias"))
+        groups.setdefault((vit, no_decay), []).append(p)
+    return [{"params": ps, "lr": backbone_lr if vit else lr, "initial_lr": backbone_lr if vit else lr,
+             "weight_decay": 0.0 if no_decay else weight_decay} for (vit, no_decay), ps in sorted(groups.items())]
+
+
+def flat_cosine(step, total, warmup, flat, no_aug, lr, min_lr):
+    """The learning rate at iteration `step`: quadratic warm-up to lr, flat until iteration `flat`,
+    cosine decay to min_lr, and min_lr for the last `no_aug` iterations (strong augmentation off)."""
+    if step <= warmup:
+        return lr * (step / warmup) ** 2 if warmup > 0 else lr
+    if step <= flat:
+        return lr
+    if step >= total - no_aug:
+        return min_lr
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (step - flat) / (total - flat - no_aug)))
+
+
+class ModelEMA:
+    """Exponential moving average of the weights (and buffers) with decay d * (1 - exp(-n / warmups))
+    after n updates, so that early, quickly changing weights are not averaged in for long."""
+
+    def __init__(self, net, decay, warmups):
+        self.module = copy.deepcopy(net).eval().requires_grad_(False)
+        self.decay, self.warmups, self.updates = decay, warmups, 0
+
+    @torch.no_grad()
+    def update(self, net):
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.warmups))
+        current = net.state_dict()
+        for name, v in self.module.state_dict().items():
+            if v.dtype.is_floating_point:
+                v.mul_(d).add_(current[name].detach(), alpha=1 - d)
+
+    def state_dict(self):
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+# ---- Training: processes, devices, checkpoints ----
+
+def setup_distributed(device):
+    """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: a killed run leaves either the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise SystemExit(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_matching(net, state, what):
+    """Load the entries of `state` whose names and shapes fit `net` (fine-tuning on other classes)."""
+    own = net.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fits:
+        raise SystemExit(f"{what}: no parameter matches the model; is it a checkpoint of this kind of model?")
+    net.load_state_dict(fits, strict=False)
+    skipped = sorted(set(own) - set(fits))
+    print(f"{what}: loaded {len(fits)} of {len(own)} tensors" + (f"; kept initial values of {len(skipped)}, "
+          f"e.g. {', '.join(skipped[:3])}" if skipped else ""))
+
+
+def to_device(targets, device):
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def to_float(outputs):
+    """Autocast outputs in float32: the loss runs in full precision, as in the original."""
+    if torch.is_tensor(outputs):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float(v) for v in outputs)
+    return outputs
+
+
+# ---- Training: the task a stage trains, and the loop ----
+
+@dataclasses.dataclass
+class Task:
+    """What a stage changes in the shared loop: ECSeg and ECPose pass their own."""
+    name: str = "detection"
+    default_model: str = "ecdet_s"
+    ann_prefix: str = "instances"        # annotations/{ann_prefix}_{train,val}2017.json
+    iou_types: tuple = ("bbox",)
+    dataset: type = CocoDetection        # (img_dir, ann_file, transforms) -> data set
+    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
+    transforms: type = DetTransforms
+    build_criterion: object = build_criterion  # cfg -> criterion
+    make_synthetic: object = make_synthetic_coco
+    draw: object = draw_predictions
+
+    def postprocess(self, outputs, orig_sizes, cfg):
+        return model.postprocess(outputs, orig_sizes, cfg.get("PostProcessor", {}).get("num_top_queries", 300))
+
+
+def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):
+    transforms = task.transforms(train, args.img_size, mosaic_prob=recipe["mosaic_prob"],
+                                 mosaic_epoch=recipe["mosaic_epoch"], stop_epoch=recipe["stop_epoch"])
+    data = task.dataset(img_dir, ann_file, transforms, **task.dataset_kwargs)
+    if train:
+        sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+        collate = BatchImageCollate(recipe["mosaic_prob"], recipe["mosaic_epoch"])
+    else:  # every rank its own slice, no padding: the evaluator sees each image once
+        sampler, collate = list(range(rank, len(data), world)), BatchImageCollate()
+    batch = args.batch_size // world
+    if train and len(data) < batch * world:
+        raise SystemExit(f"{ann_file}: {len(data)} usable images, fewer than one batch of {args.batch_size}")
+    return torch.utils.data.DataLoader(data, batch, sampler=sampler, collate_fn=collate, num_workers=args.workers,
+                                       drop_last=train, pin_memory=args.device_type == "cuda")
+
+
+def set_epoch(loader, epoch, seed, rank):
+    """Start epoch `epoch`: shuffling, augmentation policy and the random streams all follow from
+    (seed, epoch, rank), so that a resumed run repeats exactly what the uninterrupted one would do."""
+    for obj in (loader.sampler, loader.dataset, loader.collate_fn):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+    stream = seed + 1000 * epoch + rank
+    random.seed(stream)
+    np.random.seed(stream)
+    torch.manual_seed(stream)
+
+
+def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, epoch, args, rank):
+    net.train()
+    sums, count = {}, 0
+    steps = len(loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
+    for i, (images, targets) in enumerate(bar):
+        step = epoch * steps + i
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step, group["initial_lr"])
+        images, targets = images.to(args.device, non_blocking=True), to_device(targets, args.device)
+        with torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+            outputs = net(images, targets)
+        losses = criterion(to_float(outputs), targets)
+        loss = sum(losses.values())
+        finite = torch.isfinite(loss.detach()).float()
+        if dist.is_initialized():
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
+            raise SystemExit(f"non-finite loss at epoch {epoch + 1}, step {i} (global {step}): {terms}. "
+                             f"Stopping; the last checkpoint in {args.output_dir} is intact.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        ema.update(net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net)
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        count += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+    means = torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device)
+    if dist.is_initialized():
+        dist.all_reduce(means)
+        means /= dist.get_world_size()
+    return dict(zip(sorted(sums), means.tolist()))
+
+
+@torch.no_grad()
+def evaluate(net, loader, task, cfg, args, rank, picture=None):
+    """COCO AP of `net` on the loader's images: {iou_type: the 12 COCO numbers}. With `picture`,
+    rank 0 also draws its first batch's predictions there."""
+    net.eval()
+    data = loader.dataset
+    evaluator = CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
+    for images, targets in tqdm(loader, desc="eval", disable=rank != 0, dynamic_ncols=True, leave=False):
+        with torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+            outputs = net(images.to(args.device))
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(args.device)
+        results = task.postprocess(to_float(outputs), sizes, cfg)
+        evaluator.update([t["image_id"] for t in targets], results)
+        if picture is not None and rank == 0:
+            task.draw(images, targets, results, data.names, picture)
+            picture = None
+    return evaluator.summarize()
+
+
+def dataset_paths(args, task):
+    """(train images, train annotations, val images, val annotations) from --data or the explicit options."""
+    explicit = [args.train_images, args.train_ann, args.val_images, args.val_ann]
+    if args.data:
+        ann = os.path.join(args.data, "annotations", "{}_{}2017.json")
+        default = [os.path.join(args.data, "train2017"), ann.format(task.ann_prefix, "train"),
+                   os.path.join(args.data, "val2017"), ann.format(task.ann_prefix, "val")]
+        return [e or d for e, d in zip(explicit, default)]
+    if not all(explicit[2:]) or (not args.eval_only and not all(explicit[:2])):
+        raise SystemExit("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
+    return explicit
+
+
+def model_config(args, task, num_classes):
+    """The model's configuration: a preset or a JSON file, with this data set's classes and image size."""
+    if args.model.endswith(".json"):
+        try:
+            with open(args.model) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--model {args.model}: cannot read the JSON config: {e}") from None
+    else:
+        try:
+            cfg = model.preset_config(args.model)
+        except ValueError as e:
+            raise SystemExit(f"--model: {e}") from None
+    cfg = copy.deepcopy(cfg)
+    cfg["num_classes"], cfg["eval_spatial_size"] = num_classes, list(args.img_size)
+    return cfg
+
+
+def run(args, task):
+    """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
+    rank, world, device = setup_distributed(args.device)
+    args.device, args.device_type = device, device.type
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    if any(s % 32 for s in args.img_size):
+        raise SystemExit(f"--img-size {args.img_size}: each side must be a multiple of 32")
+    amp_dtype = None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    args.amp_dtype = amp_dtype
+    recipe = dict(RECIPES.get(args.model, RECIPES[task.default_model]))
+    recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
+    # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
+    # number of final epochs without strong augmentation.
+    base = RECIPES.get(args.model, RECIPES[task.default_model])
+    recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
+    recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
+    args.epochs = recipe["epochs"]
+    args.clip_max_norm = TRAINING["clip_max_norm"]
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
+    val_loader = make_loader(task, val_dir, val_ann, False, args, recipe, rank, world)
+    cfg = model_config(args, task, len(val_loader.dataset.names))
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
+    net = model.build_model(cfg)
+    if args.backbone_weights:
+        try:
+            net.backbone.backbone.load_state_dict(load_checkpoint(args.backbone_weights))
+        except RuntimeError as e:
+            raise SystemExit(f"--backbone-weights {args.backbone_weights} does not fit {args.model}'s ViT: {e}") from None
+    start_epoch, best, ckpt = 0, -1.0, None
+    if args.tune:
+        load_matching(net, model.checkpoint_state_dict(load_checkpoint(args.tune)), f"--tune {args.tune}")
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        if "optimizer" not in ckpt:
+            raise SystemExit(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
+        model.load_weights(net, ckpt["model"])
+        start_epoch, best = ckpt["epoch"], ckpt["best"]
+    net.to(device)
+    ema = ModelEMA(net, TRAINING["ema_decay"], TRAINING["ema_warmups"])
+    if ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
+
+    if args.eval_only:
+        stats = evaluate(ema.module, val_loader, task, cfg, args, rank, os.path.join(args.output_dir, "predictions.png"))
+        return {f"coco_{k}": v for k, v in stats.items()}
+
+    train_loader = make_loader(task, train_dir, train_ann, True, args, recipe, rank, world)
+    if len(train_loader.dataset.names) != cfg["num_classes"] or train_loader.dataset.names != val_loader.dataset.names:
+        raise SystemExit(f"{train_ann} and {val_ann} have different categories")
+    criterion = task.build_criterion(cfg)
+    train_net = net
+    if world > 1:
+        if device.type == "cuda":
+            train_net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        train_net = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
+                                  lr=recipe["lr"], betas=TRAINING["betas"], weight_decay=recipe["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    steps = len(train_loader)
+    total, no_aug = args.epochs * steps, (args.epochs - recipe["stop_epoch"]) * steps
+    warmup, flat = min(TRAINING["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
+    schedule = lambda step, lr: flat_cosine(step, total, warmup, flat, no_aug, lr, lr * TRAINING["lr_gamma"])
+
+    if rank == 0:
+        print(f"{task.name}: {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters), "
+              f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
+              f"{world} process(es) on {device}, batch {args.batch_size}, {args.epochs} epochs"
+              + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
+    metrics = {}
+    for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
+        t0 = time.time()
+        set_epoch(train_loader, epoch, args.seed, rank)
+        losses = train_one_epoch(train_net, criterion, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
+        stats = evaluate(ema.module, val_loader, task, cfg, args, rank, os.path.join(args.output_dir, "predictions.png"))
+        ap = stats[task.iou_types[-1]][0]
+        metrics = {"epoch": epoch + 1, "loss": sum(losses.values()), "losses": losses,
+                   **{f"coco_{k}": v for k, v in stats.items()}, "time": round(time.time() - t0, 1)}
+        if rank == 0:
+            state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": max(best, ap), "config": cfg,
+                     "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
+            save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
+            if ap > best:
+                save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {max(best, ap):.4f})")
+        best = max(best, ap)
+    return metrics
+
+
+def parse_args(argv=None, task=Task()):
+    parser = argparse.ArgumentParser(description=f"Train {task.default_model.split('_')[0].upper()} ({task.name}) on a COCO-format data set.")
+    parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's vocabulary")
+    parser.add_argument("--data", help="COCO root: annotations/, train2017/, val2017/")
+    parser.add_argument("--train-images"), parser.add_argument("--train-ann")
+    parser.add_argument("--val-images"), parser.add_argument("--val-ann")
+    parser.add_argument("--epochs", type=int, help="default: the preset's recipe")
+    parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="total over all processes")
+    parser.add_argument("--lr", type=float), parser.add_argument("--backbone-lr", type=float)
+    parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
+    parser.add_argument("--output-dir", default=f"outputs/{task.name}")
+    parser.add_argument("--resume", help="continue a run from its last.pth")
+    parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
+    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay)")
+    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
+    parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
+    args = parser.parse_args(argv)
+    args.img_size = args.img_size * 2 if len(args.img_size) == 1 else args.img_size
+    if args.eval_only and not (args.resume or args.tune):
+        parser.error("--eval-only needs weights: --resume or --tune")
+    return args
+
+
+def demo_config(task):
+    """A small network for the CPU demo: ECDet-S's layout at a quarter of its width and depth."""
+    cfg = model.preset_config(task.default_model)
+    cfg["ViTAdapter"].update(embed_dim=64, num_heads=2, depth=4, interaction_indexes=[2, 3])
+    cfg["HybridEncoder"].update(in_channels=[64] * 3, hidden_dim=64, dim_feedforward=128)
+    cfg["ECTransformer"].update(feat_channels=[64] * 3, hidden_dim=64, dim_feedforward=128, num_layers=3,
+                                num_queries=50, num_denoising=30)
+    cfg["PostProcessor"]["num_top_queries"] = 50
+    return cfg
+
+
+def demo(args, task):
+    """The README's first command: a synthetic data set, a short CPU training run, COCO AP and a
+    picture of predictions, all under --output-dir."""
+    root = os.path.join(args.output_dir, "demo_data")
+    if not os.path.exists(os.path.join(root, "annotations")):
+        task.make_synthetic(root, num_train=DEMO["num_train"], num_val=DEMO["num_val"], img_size=DEMO["img_size"])
+    os.makedirs(args.output_dir, exist_ok=True)
+    config = os.path.join(args.output_dir, "demo_model.json")
+    with open(config, "w") as f:
+        json.dump(demo_config(task), f, indent=1)
+    args.data, args.model, args.device, args.workers = root, config, "cpu", 0
+    args.img_size = [DEMO["img_size"]] * 2
+    args.batch_size = DEMO["batch_size"]
+    args.epochs = args.epochs or DEMO["epochs"]
+    args.lr = args.lr or DEMO["lr"]
+    args.backbone_lr = args.backbone_lr or args.lr  # a randomly initialised ViT learns at the full rate
+    metrics = run(args, task)
+    name = task.iou_types[-1]
+    print(f"demo: {name} AP {metrics[f'coco_{name}'][0]:.3f}, AP50 {metrics[f'coco_{name}'][1]:.3f} after "
+          f"{metrics['epoch']} epochs; predictions drawn in {os.path.join(args.output_dir, 'predictions.png')}")
+    return metrics
+
+
+# The CPU demo's data and schedule.
+DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16, epochs=24, lr=1e-3)
+
+
+def main(argv=None, task=None):
+    task = task or Task()
+    args = parse_args(argv, task)
+    if args.demo:
+        return demo(args, task)
+    return run(args, task)
+
+
+if __name__ == "__main__":
+    main()
