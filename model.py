@@ -606,16 +606,19 @@ def deformable_attention(values, shapes, locations, weights, num_points):
 class MSDeformableAttention(nn.Module):
     """Deformable cross-attention with `num_points[l]` sampling points per head on level l.
 
-    Offsets are scaled by the reference box size (and 1/num_points) so points spread inside the
-    box; there are no value or output projections (the encoder output is sampled directly).
+    With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so
+    points spread inside the box; with reference points (ECPose, `box_reference=False`), offsets
+    count cells of each level's feature map. There are no value or output projections (the encoder
+    output is sampled directly).
     """
 
-    def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5):
+    def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5, box_reference=True):
         super().__init__()
         self.num_heads, self.num_points, self.offset_scale = num_heads, list(num_points), offset_scale
         total = sum(self.num_points)
-        self.register_buffer("num_points_scale",
-                             torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
+        if box_reference:
+            self.register_buffer("num_points_scale",
+                                 torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
         self.sampling_offsets = nn.Linear(dim, num_heads * total * 2)
         self.attention_weights = nn.Linear(dim, num_heads * total)
         # Initial offsets point along num_heads directions, 1..n steps out on each level.
@@ -628,14 +631,20 @@ class MSDeformableAttention(nn.Module):
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
 
-    def forward(self, query, ref_boxes, values, shapes):
-        """query (B, Lq, C); ref_boxes (B, Lq, 1, 4) cx, cy, w, h in [0, 1]; values from `split_values`."""
+    def forward(self, query, ref, values, shapes):
+        """query (B, Lq, C); ref (B, Lq, 1, 4) boxes cx, cy, w, h or, without box_reference, (B, Lq, 1, 2)
+        points x, y, both in [0, 1]; values from `split_values`."""
         B, Lq, _ = query.shape
         total = sum(self.num_points)
         offsets = self.sampling_offsets(query).reshape(B, Lq, self.num_heads, total, 2)
         weights = self.attention_weights(query).reshape(B, Lq, self.num_heads, total).softmax(-1)
-        scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
-        locations = ref_boxes[:, :, None, :, :2] + offsets * scale * ref_boxes[:, :, None, :, 2:] * self.offset_scale
+        if ref.shape[-1] == 4:
+            scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
+            locations = ref[:, :, None, :, :2] + offsets * scale * ref[:, :, None, :, 2:] * self.offset_scale
+        else:
+            cells = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
+                                 dtype=query.dtype, device=query.device)
+            locations = ref[:, :, None] + offsets / cells
         return deformable_attention(values, shapes, locations, weights, self.num_points)
 
 
@@ -664,20 +673,24 @@ class Gate(nn.Module):
 
 class LQE(nn.Module):
     """Localization-quality estimator: adds to the class logits a score predicted from the top-k
-    probabilities (and their mean) of each edge's distribution."""
+    probabilities (and their mean) of each edge's distribution. ECPose's reads `groups` = 17
+    keypoints' sampled features instead (`quality`)."""
 
-    def __init__(self, k, hidden, num_layers, reg_max, act):
+    def __init__(self, k, hidden, num_layers, reg_max, act, groups=4):
         super().__init__()
         self.k, self.reg_max = k, reg_max
-        self.reg_conf = MLP(4 * (k + 1), hidden, 1, num_layers, act)
+        self.reg_conf = MLP(groups * (k + 1), hidden, 1, num_layers, act)
         nn.init.zeros_(self.reg_conf.layers[-1].weight)
         nn.init.zeros_(self.reg_conf.layers[-1].bias)
 
     def forward(self, scores, corners):
         B, L, _ = corners.shape
-        prob = corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1)
-        topk = prob.topk(self.k, dim=-1).values
-        return scores + self.reg_conf(torch.cat([topk, topk.mean(-1, keepdim=True)], -1).reshape(B, L, -1))
+        return self.quality(scores, corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1))
+
+    def quality(self, scores, values):
+        """scores (B, L, K) plus the score of values (B, L, groups, N): each group's top k and their mean."""
+        topk = values.topk(self.k, dim=-1).values
+        return scores + self.reg_conf(torch.cat([topk, topk.mean(-1, keepdim=True)], -1).flatten(2))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -812,6 +825,13 @@ class TransformerDecoder(nn.Module):
                 pre_boxes, pre_logits, masks)
 
 
+def require_released(section, **settings):
+    """Refuse a setting, given as name=(value, released value), that no released model uses."""
+    for key, (value, released) in settings.items():
+        if value != released:
+            raise ValueError(f"{section} {key}={value!r} is not implemented; the released models use {released!r}")
+
+
 class ECTransformer(nn.Module):
     """Query selection from the encoder, then the FDR decoder.
 
@@ -831,13 +851,10 @@ class ECTransformer(nn.Module):
         if list(feat_channels) != [hidden_dim] * 3 or list(feat_strides) != [8, 16, 32] or num_levels != 3:
             raise ValueError(f"ECTransformer expects 3 levels of width hidden_dim at strides [8, 16, 32], got "
                              f"feat_channels {list(feat_channels)}, feat_strides {list(feat_strides)}")
-        unsupported = {"layer_scale": (layer_scale, 1), "cross_attn_method": (cross_attn_method, "default"),
-                       "query_select_method": (query_select_method, "default"), "aux_loss": (aux_loss, True),
-                       "learn_query_content": (learn_query_content, False)}
-        for key, (value, released) in unsupported.items():
-            if value != released:
-                raise ValueError(f"ECTransformer {key}={value!r} is not implemented; the released models use "
-                                 f"{released!r}")
+        require_released("ECTransformer", layer_scale=(layer_scale, 1),
+                         cross_attn_method=(cross_attn_method, "default"),
+                         query_select_method=(query_select_method, "default"), aux_loss=(aux_loss, True),
+                         learn_query_content=(learn_query_content, False))
         if isinstance(num_points, int):
             num_points = [num_points] * 3
         self.hidden_dim, self.num_queries, self.num_classes, self.eps = hidden_dim, num_queries, num_classes, eps
