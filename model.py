@@ -53,8 +53,23 @@ CRITERIA = {
                                                                 "cost_mask_ce": 5, "cost_mask_dice": 5},
                     "alpha": 0.25, "gamma": 2.0, "mask_point_sample_ratio": 16},
     },
+    "pose": {
+        "num_classes": 2, "weight_dict": {"loss_vfl": 2.0, "loss_keypoints": 10.0, "loss_oks": 4.0},
+        "focal_alpha": 0.25, "losses": ["vfl", "keypoints"], "num_body_points": 17,
+        "matcher": {"type": "DETRPoseHungarianMatcher", "cost_class": 2.0, "cost_keypoints": 10.0, "cost_oks": 4.0,
+                    "focal_alpha": 0.25},
+    },
 }
-TASKS = {"ecdet": ("detection", "ECDet", ""), "ecseg": ("segmentation", "ECSeg", "ecseg_")}
+# ECPose's decoder (the original's DETRTransformer) in every size; hidden_dim, dim_feedforward and
+# num_decoder_layers vary.
+POSE_DECODER = {"dropout": 0.0, "nhead": 8, "num_queries": 60, "normalize_before": False,
+                "return_intermediate_dec": True, "activation": "relu", "num_feature_levels": 3, "dec_n_points": 4,
+                "learnable_tgt_init": True, "two_stage_type": "standard", "num_body_points": 17, "aux_loss": True,
+                "dec_pred_class_embed_share": False, "dec_pred_pose_embed_share": False,
+                "two_stage_class_embed_share": False, "two_stage_bbox_embed_share": False, "cls_no_bias": False,
+                "feat_strides": [8, 16, 32], "reg_max": 32, "reg_scale": 4}
+TASKS = {"ecdet": ("detection", "ECDet", ""), "ecseg": ("segmentation", "ECSeg", "ecseg_"),
+         "ecpose": ("pose", "ECPose", "ecpose_")}
 
 
 def preset_config(name):
@@ -79,16 +94,22 @@ def preset_config(name):
                "query_select_method": "default", "activation": "silu", "dim_feedforward": dec_ffn}
     if task == "segmentation":
         decoder["mask_downsample_ratio"] = 4
+    heads = {"ECTransformer": decoder, "ECCriterion": copy.deepcopy(CRITERIA[task]),
+             "PostProcessor": {"num_top_queries": 300}}
+    if task == "pose":  # its decoder FFN is as wide as the encoder's; S has 3 decoder layers
+        heads = {"DETRTransformer": {**POSE_DECODER, "hidden_dim": hidden, "dim_feedforward": enc_ffn,
+                                     "num_decoder_layers": 3 if size == "s" else 4},
+                 "DETRPoseCriterion": copy.deepcopy(CRITERIA[task]),
+                 "DETRPosePostProcessor": {"num_select": 60, "num_body_points": 17}}
     return {
         "task": task, "model": model, "ViTAdapter": adapter,
         "HybridEncoder": {"in_channels": [width] * 3, "feat_strides": [8, 16, 32], "hidden_dim": hidden,
                           "use_encoder_idx": [2], "num_encoder_layers": 1, "nhead": 8, "dim_feedforward": enc_ffn,
                           "dropout": 0.0, "expansion": expansion, "depth_mult": depth_mult, "act": "silu",
                           "csp_type": "csp2", "fuse_op": "sum"},
-        "ECTransformer": decoder,
-        "ECCriterion": copy.deepcopy(CRITERIA[task]),
-        "PostProcessor": {"num_top_queries": 300},
-        "eval_spatial_size": [640, 640], "num_classes": 80, "use_focal_loss": True,
+        **heads,
+        # ECPose's classes are COCO category ids: person is 1, 0 is never a target.
+        "eval_spatial_size": [640, 640], "num_classes": 2 if task == "pose" else 80, "use_focal_loss": True,
     }
 
 
@@ -606,16 +627,19 @@ def deformable_attention(values, shapes, locations, weights, num_points):
 class MSDeformableAttention(nn.Module):
     """Deformable cross-attention with `num_points[l]` sampling points per head on level l.
 
-    Offsets are scaled by the reference box size (and 1/num_points) so points spread inside the
-    box; there are no value or output projections (the encoder output is sampled directly).
+    With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so
+    points spread inside the box; with reference points (ECPose, `box_reference=False`), offsets
+    count cells of each level's feature map. There are no value or output projections (the encoder
+    output is sampled directly).
     """
 
-    def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5):
+    def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5, box_reference=True):
         super().__init__()
         self.num_heads, self.num_points, self.offset_scale = num_heads, list(num_points), offset_scale
         total = sum(self.num_points)
-        self.register_buffer("num_points_scale",
-                             torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
+        if box_reference:
+            self.register_buffer("num_points_scale",
+                                 torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
         self.sampling_offsets = nn.Linear(dim, num_heads * total * 2)
         self.attention_weights = nn.Linear(dim, num_heads * total)
         # Initial offsets point along num_heads directions, 1..n steps out on each level.
@@ -628,14 +652,20 @@ class MSDeformableAttention(nn.Module):
         nn.init.zeros_(self.attention_weights.weight)
         nn.init.zeros_(self.attention_weights.bias)
 
-    def forward(self, query, ref_boxes, values, shapes):
-        """query (B, Lq, C); ref_boxes (B, Lq, 1, 4) cx, cy, w, h in [0, 1]; values from `split_values`."""
+    def forward(self, query, ref, values, shapes):
+        """query (B, Lq, C); ref (B, Lq, 1, 4) boxes cx, cy, w, h or, without box_reference, (B, Lq, 1, 2)
+        points x, y, both in [0, 1]; values from `split_values`."""
         B, Lq, _ = query.shape
         total = sum(self.num_points)
         offsets = self.sampling_offsets(query).reshape(B, Lq, self.num_heads, total, 2)
         weights = self.attention_weights(query).reshape(B, Lq, self.num_heads, total).softmax(-1)
-        scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
-        locations = ref_boxes[:, :, None, :, :2] + offsets * scale * ref_boxes[:, :, None, :, 2:] * self.offset_scale
+        if ref.shape[-1] == 4:
+            scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
+            locations = ref[:, :, None, :, :2] + offsets * scale * ref[:, :, None, :, 2:] * self.offset_scale
+        else:
+            cells = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
+                                 dtype=query.dtype, device=query.device)
+            locations = ref[:, :, None] + offsets / cells
         return deformable_attention(values, shapes, locations, weights, self.num_points)
 
 
@@ -664,20 +694,24 @@ class Gate(nn.Module):
 
 class LQE(nn.Module):
     """Localization-quality estimator: adds to the class logits a score predicted from the top-k
-    probabilities (and their mean) of each edge's distribution."""
+    probabilities (and their mean) of each edge's distribution. ECPose's reads `groups` = 17
+    keypoints' sampled features instead (`quality`)."""
 
-    def __init__(self, k, hidden, num_layers, reg_max, act):
+    def __init__(self, k, hidden, num_layers, reg_max, act, groups=4):
         super().__init__()
         self.k, self.reg_max = k, reg_max
-        self.reg_conf = MLP(4 * (k + 1), hidden, 1, num_layers, act)
+        self.reg_conf = MLP(groups * (k + 1), hidden, 1, num_layers, act)
         nn.init.zeros_(self.reg_conf.layers[-1].weight)
         nn.init.zeros_(self.reg_conf.layers[-1].bias)
 
     def forward(self, scores, corners):
         B, L, _ = corners.shape
-        prob = corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1)
-        topk = prob.topk(self.k, dim=-1).values
-        return scores + self.reg_conf(torch.cat([topk, topk.mean(-1, keepdim=True)], -1).reshape(B, L, -1))
+        return self.quality(scores, corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1))
+
+    def quality(self, scores, values):
+        """scores (B, L, K) plus the score of values (B, L, groups, N): each group's top k and their mean."""
+        topk = values.topk(self.k, dim=-1).values
+        return scores + self.reg_conf(torch.cat([topk, topk.mean(-1, keepdim=True)], -1).flatten(2))
 
 
 class TransformerDecoderLayer(nn.Module):
@@ -812,6 +846,13 @@ class TransformerDecoder(nn.Module):
                 pre_boxes, pre_logits, masks)
 
 
+def require_released(section, **settings):
+    """Refuse a setting, given as name=(value, released value), that no released model uses."""
+    for key, (value, released) in settings.items():
+        if value != released:
+            raise ValueError(f"{section} {key}={value!r} is not implemented; the released models use {released!r}")
+
+
 class ECTransformer(nn.Module):
     """Query selection from the encoder, then the FDR decoder.
 
@@ -831,13 +872,10 @@ class ECTransformer(nn.Module):
         if list(feat_channels) != [hidden_dim] * 3 or list(feat_strides) != [8, 16, 32] or num_levels != 3:
             raise ValueError(f"ECTransformer expects 3 levels of width hidden_dim at strides [8, 16, 32], got "
                              f"feat_channels {list(feat_channels)}, feat_strides {list(feat_strides)}")
-        unsupported = {"layer_scale": (layer_scale, 1), "cross_attn_method": (cross_attn_method, "default"),
-                       "query_select_method": (query_select_method, "default"), "aux_loss": (aux_loss, True),
-                       "learn_query_content": (learn_query_content, False)}
-        for key, (value, released) in unsupported.items():
-            if value != released:
-                raise ValueError(f"ECTransformer {key}={value!r} is not implemented; the released models use "
-                                 f"{released!r}")
+        require_released("ECTransformer", layer_scale=(layer_scale, 1),
+                         cross_attn_method=(cross_attn_method, "default"),
+                         query_select_method=(query_select_method, "default"), aux_loss=(aux_loss, True),
+                         learn_query_content=(learn_query_content, False))
         if isinstance(num_points, int):
             num_points = [num_points] * 3
         self.hidden_dim, self.num_queries, self.num_classes, self.eps = hidden_dim, num_queries, num_classes, eps
@@ -998,14 +1036,329 @@ def denoising_queries(targets, num_classes, num_queries, class_embed, num_denois
 
 
 # ---------------------------------------------------------------------------------------------
+# ECPose: the DETRPose decoder (instance + keypoint queries, keypoint FDR)
+# ---------------------------------------------------------------------------------------------
+# Each query is one person: an instance token and K = 17 keypoint tokens, (B, Q, 1 + K, C), with a
+# reference point per token (the keypoints, and their mean for the instance token). Keypoints are
+# refined with FDR's distributions, one per coordinate, around the first layer's prediction.
+
+# COCO's per-keypoint OKS constants (nose, eyes, ears, shoulders, elbows, wrists, hips, knees, ankles).
+COCO_SIGMAS = torch.tensor([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]) / 10
+
+
+def sine_embed(points, dim_t):
+    """Points (..., 2) normalised x, y -> (..., 2 * len(dim_t)): sin/cos of 2*pi*coord / dim_t,
+    interleaved, y's features first (DAB-DETR's embedding)."""
+    def embed(coord):
+        t = coord * (2 * math.pi) / dim_t
+        return torch.stack([t[..., 0::2].sin(), t[..., 1::2].cos()], -1).flatten(-2)
+    return torch.cat([embed(points[..., 1:2]), embed(points[..., 0:1])], -1)
+
+
+def keypoint_features(feat, keypoints):
+    """The stride-8 feature vectors (B, Q, K, C) at keypoints (B, Q, K, 2) in [0, 1] (bilinear)."""
+    return F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).permute(0, 2, 3, 1)
+
+
+class PoseDecoderLayer(nn.Module):
+    """Attention within each person (among its 1 + K tokens), across persons (per token type, with
+    the denoising mask), deformable cross-attention from each token's reference point (fused by a
+    gate), FFN; post-norm.
+
+    The keypoint position embedding is added to the keypoint tokens before the within-person
+    attention and again before the cross-attention. The original adds it in place, so the residual
+    paths carry it too; so do they here.
+    """
+
+    def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
+        super().__init__()
+        self.within_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout, batch_first=True)
+        self.within_norm = nn.LayerNorm(dim)
+        self.across_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout, batch_first=True)
+        self.across_norm = nn.LayerNorm(dim)
+        self.cross_attn = MSDeformableAttention(dim, nhead, num_points, box_reference=False)
+        self.gateway = Gate(dim)
+        self.linear1, self.linear2 = nn.Linear(dim, dim_feedforward), nn.Linear(dim_feedforward, dim)
+        self.act, self.drop = activation(act), nn.Dropout(dropout)  # one stateless dropout for every place
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x, pos, ref, values, shapes, attn_mask):
+        """x (B, Q, 1 + K, C) tokens; pos (B, Q, K, C) keypoint position embedding; ref (B, Q, 1 + K, 2)."""
+        B, Q, T, C = x.shape
+        pos = F.pad(pos, (0, 0, 1, 0))  # the instance token gets none
+        x = (x + pos).flatten(0, 1)
+        x = self.within_norm(x + self.drop(self.within_attn(x, x, x, need_weights=False)[0]))
+        x = x.view(B, Q, T, C).transpose(1, 2).flatten(0, 1)  # (B*T, Q, C): one sequence per token type
+        x = self.across_norm(x + self.drop(self.across_attn(x, x, x, attn_mask=attn_mask, need_weights=False)[0]))
+        x = x.view(B, T, Q, C).transpose(1, 2) + pos
+        y = self.cross_attn(x.flatten(1, 2), ref.flatten(1, 2)[:, :, None], values, shapes).view(B, Q, T, C)
+        x = self.gateway(x, self.drop(y))
+        x = x + self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
+        return self.norm2(x.clamp(-65504, 65504))  # stay inside the fp16 range
+
+
+class PoseTransformerDecoder(nn.Module):
+    """The decoder layers with keypoint FDR: the first layer regresses keypoints from the reference
+    points (pre_pose_embed); every layer then predicts, per keypoint coordinate, logits over
+    reg_max + 1 bins, summed over the layers; integrated against W(n) and divided by reg_scale,
+    they move the first layer's keypoints."""
+
+    def __init__(self, layer, num_layers, hidden_dim):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.num_heads = layer.cross_attn.num_heads
+        self.half_pose_ref_point_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+        dim_t = torch.arange(hidden_dim // 2, dtype=torch.float32)
+        self.register_buffer("dim_t", 10000 ** (2 * (dim_t // 2) / (hidden_dim // 2)))
+
+    def forward(self, x, ref, memory, shapes, feat, heads, project, reg_scale, attn_mask=None):
+        """x (B, Q, 1 + K, C) query tokens; ref (B, Q, 1 + K, 2) reference points in [0, 1]; memory
+        (B, L, C); feat (B, C, H/8, W/8) for the quality estimate. Returns per-layer stacks of
+        keypoints (B, Q, K, 2) and logits (all layers in training, the last at inference), and the
+        first layer's (pre) keypoints and logits (logits None at inference)."""
+        values = split_values(memory, shapes, self.num_heads)
+        out_keypoints, out_logits = [], []
+        x_detach = corners_sum = 0
+        pre_logits = None
+        for i, layer in enumerate(self.layers):
+            pos = self.half_pose_ref_point_head(sine_embed(ref[:, :, 1:], self.dim_t))
+            if i > 0:
+                # FDR below also reads the previous layer's keypoint tokens, detached. The original
+                # adds this layer's position embedding to them in place, so they carry it.
+                x_detach = (x[:, :, 1:] + pos).detach()
+            x = layer(x, pos, ref, values, shapes, attn_mask)
+            tokens, instance = x[:, :, 1:], x[:, :, 0]
+            if i == 0:
+                pre_keypoints = torch.sigmoid(heads["pre_pose_embed"](tokens) + inverse_sigmoid(ref[:, :, 1:], 1e-3))
+                if self.training:
+                    pre_logits = heads["class_embed"][0](instance)
+                initial = pre_keypoints.detach()
+            corners = heads["pose_embed"][i](tokens + x_detach) + corners_sum
+            offsets = corners.unflatten(-1, (2, -1)).softmax(-1) @ project  # (B, Q, K, 2)
+            keypoints = initial + offsets / reg_scale.abs()
+            if self.training or i == len(self.layers) - 1:
+                scores = heads["class_embed"][i](instance)
+                out_logits.append(heads["lqe_embed"][i].quality(scores, keypoint_features(feat, keypoints)))
+                out_keypoints.append(keypoints)
+            corners_sum = corners
+            ref = torch.cat([keypoints.mean(2, keepdim=True), keypoints], 2).detach()
+        return torch.stack(out_keypoints), torch.stack(out_logits), pre_keypoints, pre_logits
+
+
+class DETRTransformer(nn.Module):
+    """ECPose's decoder (DETRPose): two-stage query selection, then the keypoint FDR decoder.
+
+    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
+    `pred_logits` (B, Q, num_classes) and `pred_keypoints` (B, Q, 2K) normalised x, y pairs. In
+    training also `aux_outputs` (earlier layers), `pre_outputs` (the first layer's regression),
+    `enc_aux_outputs` (the selected encoder queries), and with targets the denoising outputs
+    `dn_outputs`, `dn_pre_outputs`, `dn_meta` (the original calls these aux_outputs,
+    aux_pre_outputs, aux_interm_outputs, dn_aux_outputs, dn_aux_pre_outputs).
+
+    The denoising constants are fixed in the original: 20 groups' worth of objects, half the label
+    noise ratio of 0.5 as flips to a random one of 80 classes (label_enc has 81 entries).
+    """
+
+    def __init__(self, num_classes=2, hidden_dim=256, nhead=8, num_queries=300, num_decoder_layers=6,
+                 dim_feedforward=2048, dropout=0.0, activation="relu", num_feature_levels=1, dec_n_points=4,
+                 num_body_points=17, feat_strides=(8, 16, 32), reg_max=32, reg_scale=4.0, eval_spatial_size=None,
+                 learnable_tgt_init=False, two_stage_type="no", aux_loss=True, dec_pred_class_embed_share=False,
+                 dec_pred_pose_embed_share=False, two_stage_class_embed_share=True, two_stage_bbox_embed_share=True,
+                 cls_no_bias=False, normalize_before=False, return_intermediate_dec=False, enc_n_points=4):
+        super().__init__()
+        # normalize_before, return_intermediate_dec and enc_n_points do nothing, in the original too.
+        # Defaults are the original's, so a config that leaves out a released setting fails here.
+        require_released("DETRTransformer", num_feature_levels=(num_feature_levels, 3),
+                         feat_strides=(list(feat_strides), [8, 16, 32]), dec_n_points=(dec_n_points, 4),
+                         num_body_points=(num_body_points, 17), learnable_tgt_init=(learnable_tgt_init, True),
+                         two_stage_type=(two_stage_type, "standard"), aux_loss=(aux_loss, True),
+                         dec_pred_class_embed_share=(dec_pred_class_embed_share, False),
+                         dec_pred_pose_embed_share=(dec_pred_pose_embed_share, False),
+                         two_stage_class_embed_share=(two_stage_class_embed_share, False),
+                         two_stage_bbox_embed_share=(two_stage_bbox_embed_share, False),
+                         cls_no_bias=(cls_no_bias, False))
+        K, C = num_body_points, hidden_dim
+        self.num_queries, self.num_classes, self.num_body_points, self.reg_max = num_queries, num_classes, K, reg_max
+        layer = PoseDecoderLayer(C, nhead, dim_feedforward, dropout, activation, [dec_n_points] * 3)
+        self.decoder = PoseTransformerDecoder(layer, num_decoder_layers, C)
+        self.keypoint_embedding = nn.Embedding(K, C)
+        self.instance_embedding = nn.Embedding(1, C)
+        self.tgt_embed = nn.Embedding(num_queries, C)
+        self.label_enc = nn.Embedding(80 + 1, C)
+        self.pose_enc = nn.Embedding(K, C)
+        for name, p in self.named_parameters():  # the deformable attention keeps its own initialisation
+            if p.dim() > 1 and ".cross_attn." not in name:
+                nn.init.xavier_uniform_(p)
+
+        self.enc_output, self.enc_output_norm = nn.Linear(C, C), nn.LayerNorm(C)
+        class_embed = nn.Linear(C, num_classes)
+        nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # probability 0.01 at start
+        pose_embed = MLP(C, C, 2 * (reg_max + 1), 3)
+        self.pre_pose_embed = MLP(C, C, 2, 3)
+        self.enc_pose_embed = MLP(C, 2 * C, 2 * K, 4)
+        for mlp in (pose_embed, self.pre_pose_embed, self.enc_pose_embed):
+            nn.init.zeros_(mlp.layers[-1].weight)
+            nn.init.zeros_(mlp.layers[-1].bias)
+        lqe = LQE(4, 256, 2, None, "relu", groups=K)
+        # Copies of one initialisation, as in the original.
+        self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_decoder_layers))
+        self.pose_embed = nn.ModuleList(copy.deepcopy(pose_embed) for _ in range(num_decoder_layers))
+        self.lqe_embed = nn.ModuleList(copy.deepcopy(lqe) for _ in range(num_decoder_layers))
+        self.enc_out_class_embed = copy.deepcopy(class_embed)
+        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        self.shapes = [[eval_spatial_size[0] // s, eval_spatial_size[1] // s] for s in (8, 16, 32)] \
+            if eval_spatial_size else None
+        if self.shapes:
+            anchors, invalid = self.make_anchors(self.shapes)
+            self.register_buffer("anchors", anchors)
+            self.register_buffer("valid_mask", invalid)  # named so in the checkpoints, True where invalid
+
+    @staticmethod
+    def make_anchors(shapes, device=None):
+        """Anchor points (1, L, 2): the feature-map cell centres in inverse-sigmoid space, and the mask
+        (1, L, 1) of those within 0.01 of the image border (True = not selectable)."""
+        anchors = []
+        for h, w in shapes:
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            xy = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
+            anchors.append(xy.reshape(1, h * w, 2))
+        anchors = torch.cat(anchors, 1)
+        invalid = ~((anchors > 0.01) & (anchors < 0.99)).all(-1, keepdim=True)
+        return torch.log(anchors / (1 - anchors)), invalid
+
+    def forward(self, feats, targets=None):
+        shapes = [list(f.shape[-2:]) for f in feats]
+        memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)  # (B, L, C)
+        B, _, C = memory.shape
+        Q, K = self.num_queries, self.num_body_points
+        if shapes == self.shapes and not self.training:
+            anchors, invalid = self.anchors, self.valid_mask
+        else:
+            anchors, invalid = self.make_anchors(shapes, memory.device)
+
+        # Query selection: the top-scoring encoder positions regress 17 keypoints from their anchor
+        # point; the keypoints and their mean are the reference points of the query's tokens.
+        selectable = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid, 0.0)))
+        enc_logits = self.enc_out_class_embed(selectable)
+        topk = enc_logits.max(-1).values.topk(Q, dim=1).indices  # (B, Q)
+        gather = lambda t: t.gather(1, topk.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+        delta = self.enc_pose_embed(gather(selectable)).unflatten(-1, (K, 2))
+        enc_keypoints = torch.sigmoid(delta + gather(anchors.expand(B, -1, -1))[:, :, None])  # (B, Q, K, 2)
+        ref = torch.cat([enc_keypoints.mean(2, keepdim=True), enc_keypoints], 2).detach()
+        # Query content is learned: per query (tgt_embed) plus per keypoint, not taken from the encoder.
+        keypoint_tokens = self.keypoint_embedding.weight + self.tgt_embed.weight[:, None]  # (Q, K, C)
+        x = torch.cat([self.instance_embedding.weight.expand(B, Q, 1, C), keypoint_tokens.expand(B, -1, -1, -1)], 2)
+
+        dn_meta = attn_mask = None
+        if self.training and targets is not None and any(len(t["labels"]) for t in targets):
+            image_size = [8 * s for s in shapes[0]]
+            dn_x, dn_ref, attn_mask, dn_meta = keypoint_denoising_queries(
+                targets, Q, self.label_enc, self.pose_enc, image_size)
+            x, ref = torch.cat([dn_x, x], 1), torch.cat([dn_ref, ref], 1)
+
+        heads = {"pre_pose_embed": self.pre_pose_embed, "pose_embed": self.pose_embed,
+                 "class_embed": self.class_embed, "lqe_embed": self.lqe_embed}
+        project = weighting_function(self.reg_max, self.up, self.reg_scale)
+        keypoints, logits, pre_keypoints, pre_logits = self.decoder(
+            x, ref, memory, shapes, feats[0], heads, project, self.reg_scale, attn_mask)
+        if not self.training:
+            return {"pred_logits": logits[-1], "pred_keypoints": keypoints[-1].flatten(-2)}
+
+        layers = {"pred_logits": logits, "pred_keypoints": keypoints.flatten(-2)}
+        pre = {"pred_logits": pre_logits, "pred_keypoints": pre_keypoints.flatten(-2)}
+        if dn_meta is not None:  # the denoising queries come first
+            split = lambda outs, dim: [dict(zip(outs, parts)) for parts in
+                                       zip(*(v.split(dn_meta["dn_num_split"], dim) for v in outs.values()))]
+            (dn_layers, layers), (dn_pre, pre) = split(layers, 2), split(pre, 1)
+        per_layer = lambda stack: [{k: v[i] for k, v in stack.items()} for i in range(len(stack["pred_logits"]))]
+        out = {k: v[-1] for k, v in layers.items()}
+        out.update(aux_outputs=per_layer(layers)[:-1], pre_outputs=pre,
+                   enc_aux_outputs=[{"pred_logits": gather(enc_logits), "pred_keypoints": enc_keypoints.flatten(-2)}])
+        if dn_meta is not None:
+            out.update(dn_outputs=per_layer(dn_layers), dn_pre_outputs=dn_pre, dn_meta=dn_meta)
+        return out
+
+
+def keypoint_denoising_queries(targets, num_queries, label_enc, pose_enc, image_size, dn_number=20,
+                               label_noise_ratio=0.5, num_classes=80):
+    """DETRPose's denoising groups: each group holds every person twice, once with its visible
+    keypoints moved a little (positive) and once further (negative), some labels flipped.
+
+    A keypoint of sigma s gets a distance d with d^2 = 2 * alpha * area * (2s)^2 (an OKS of exp(-alpha)
+    with the original) for alpha in [0, log 2) (positives) or [log 2, log 10) (negatives); see below
+    for how far it actually moves.
+
+    targets: dicts with `labels` (n,), `boxes` (n, 4) normalised cx, cy, w, h, `keypoints` (n, 3K)
+    (K normalised x, y pairs, then K visibilities) and `area` (n,) normalised by the image area.
+    image_size: (H, W) of the input. Returns query content (B, N, 1 + K, C), reference points
+    (B, N, 1 + K, 2) in [0, 1], the (N + Q, N + Q) attention mask (True = blocked) and the meta data
+    the criterion pairs the positives with their targets by.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    device = label_enc.weight.device
+    B, G, T = len(counts), max(counts), sum(counts)
+    groups = max(dn_number // G, 1)
+    copies = 2 * groups  # copy 2g is group g's positive, 2g + 1 its negative
+    K = pose_enc.num_embeddings
+
+    labels = torch.cat([t["labels"] for t in targets]).repeat(copies)
+    flip = (torch.rand_like(labels, dtype=torch.float) < label_noise_ratio * 0.5).nonzero().flatten()
+    labels = labels.scatter(0, flip, torch.randint_like(flip, 0, num_classes))
+
+    boxes = torch.cat([t["boxes"] for t in targets])
+    keypoints = torch.cat([t["keypoints"] for t in targets])
+    area = torch.cat([t["area"] for t in targets]) if "area" in targets[0] else boxes[:, 2] * boxes[:, 3] * 0.53
+    # The instance token's point: the original averages the box's halves as if it were x1, y1, x2,
+    # y2, giving ((cx + w) / 2, (cy + h) / 2); the released models were trained so.
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    points = torch.cat([centre[:, None], keypoints[:, :2 * K].unflatten(-1, (K, 2))], 1).repeat(copies, 1, 1)
+    # The centre and invisible keypoints stay put.
+    fixed = torch.cat([torch.zeros_like(keypoints[:, :1]), keypoints[:, 2 * K:]], 1).repeat(copies, 1) == 0
+    variance = (2 * torch.cat([torch.tensor([0.1]), COCO_SIGMAS]).to(device)) ** 2
+    # The original means a unit direction but writes F.normalize(u, -1): -1 is taken as the norm order
+    # p, over dim 1, the 1 + K points. Each coordinate moves by u * sum_points(1 / u) instead, u in
+    # [0, 1): often tens of times d, and only right and down. The released models were trained so.
+    direction = F.normalize(torch.rand_like(points), p=-1, dim=1)
+    alpha = torch.zeros_like(points[..., :1]).uniform_(-math.log(1), -math.log(0.5))
+    negative = (torch.arange(groups, device=device)[:, None] * 2 * T + T + torch.arange(T, device=device)).flatten()
+    alpha[negative] = alpha[negative].uniform_(-math.log(0.5), -math.log(0.1))
+    H, W = image_size
+    pixel_area = area.repeat(copies)[:, None, None] * H * W
+    distance = (alpha * (2 * (pixel_area + torch.finfo(torch.float32).eps) * variance[:, None])).sqrt() / max(H, W)
+    points = points + distance.masked_fill(fixed[..., None], 0.0) * direction
+
+    content = torch.cat([label_enc(labels)[:, None], pose_enc.weight.expand(len(labels), -1, -1)], 1)
+    image = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(counts)]).repeat(copies)
+    slot = (torch.cat([torch.arange(n, device=device) for n in counts])
+            + G * torch.arange(copies, device=device)[:, None]).flatten()
+    N = copies * G
+    dn_content = content.new_zeros(B, N, 1 + K, content.shape[-1])
+    dn_content[image, slot] = content
+    dn_ref = points.new_zeros(B, N, 1 + K, 2)  # empty slots sit at sigmoid(0) = 0.5
+    dn_ref[image, slot] = inverse_sigmoid(points, 1e-3)
+
+    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
+    mask[N:, :N] = True  # matching queries must not see the answers
+    group = torch.arange(N, device=device) // (2 * G)
+    mask[:N, :N] = group[:, None] != group[None, :]
+    positive = [(2 * G * torch.arange(groups, device=device)[:, None] + torch.arange(n, device=device)).flatten()
+                for n in counts]
+    meta = {"dn_positive_idx": tuple(positive), "dn_num_group": groups, "dn_num_split": [N, num_queries]}
+    return dn_content, dn_ref.sigmoid(), mask, meta
+
+
+# ---------------------------------------------------------------------------------------------
 # The networks, building them from a config, and loading weights
 # ---------------------------------------------------------------------------------------------
 class ECModel(nn.Module):
-    """ECDet and ECSeg: backbone (ViT + feature generator) -> hybrid encoder -> decoder.
+    """ECDet, ECSeg and ECPose: backbone (ViT + feature generator) -> hybrid encoder -> decoder.
 
     `model.eval()(images)` takes (B, 3, H, W) ImageNet-normalised images with H, W multiples of 32
     and returns the decoder's dict; `model.train()(images, targets)` returns what the criterion
-    needs (targets: list of dicts with `labels` (n,) and `boxes` (n, 4) normalised cx, cy, w, h).
+    needs (targets: list of dicts with `labels` (n,) and `boxes` (n, 4) normalised cx, cy, w, h;
+    ECPose's also `keypoints` (n, 51) and `area` (n,), see `keypoint_denoising_queries`).
     """
 
     def __init__(self, backbone, encoder, decoder, config=None):
@@ -1017,7 +1370,7 @@ class ECModel(nn.Module):
     def forward(self, images, targets=None):
         check_images(images)
         feats = self.encoder(self.backbone(images))
-        return self.decoder(feats, targets, feats[0] if self.has_masks else None)
+        return self.decoder(feats, targets, feats[0]) if self.has_masks else self.decoder(feats, targets)
 
     def deploy(self):
         """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged and the decoder
@@ -1027,7 +1380,8 @@ class ECModel(nn.Module):
             if isinstance(m, (ConvNorm, RepVGG)):
                 m.fuse()
         dec = self.decoder.decoder
-        dec.layers, dec.lqe_layers = dec.layers[:dec.eval_idx + 1], dec.lqe_layers[:dec.eval_idx + 1]
+        if isinstance(dec, TransformerDecoder):  # ECPose's evaluates its last layer: nothing to drop
+            dec.layers, dec.lqe_layers = dec.layers[:dec.eval_idx + 1], dec.lqe_layers[:dec.eval_idx + 1]
         return self
 
 
@@ -1060,9 +1414,9 @@ def build_vit(adapter):
 
 
 def build_model(cfg):
-    """A network from a preset name ("ecdet_s" ... "ecseg_x") or a config dict in the original's
-    vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer, plus num_classes and
-    eval_spatial_size)."""
+    """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
+    vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
+    num_classes and eval_spatial_size)."""
     if isinstance(cfg, str):
         cfg = preset_config(cfg)
     if not isinstance(cfg, dict):
@@ -1080,7 +1434,8 @@ def build_model(cfg):
     backbone = ViTAdapter(build_vit(adapter), adapter.get("interaction_indexes", [10, 11]), adapter.get("proj_dim"))
     size = cfg.get("eval_spatial_size")
     encoder = make_section(HybridEncoder, cfg, "HybridEncoder")
-    decoder = make_section(ECTransformer, cfg, "ECTransformer", num_classes=cfg["num_classes"],
+    decoder_cls = DETRTransformer if "DETRTransformer" in cfg else ECTransformer
+    decoder = make_section(decoder_cls, cfg, decoder_cls.__name__, num_classes=cfg["num_classes"],
                            eval_spatial_size=size)
     return ECModel(backbone, encoder, decoder, config=cfg)
 
@@ -1143,6 +1498,22 @@ def postprocess(outputs, orig_sizes, num_top_queries=300, resize_masks=True):
             r["masks"] = F.interpolate(m[:, None], size=(int(h), int(w)), mode="bilinear",
                                        align_corners=False)[:, 0] > 0 if resize_masks else m
     return results
+
+
+def postprocess_pose(outputs, orig_sizes, num_select=60):
+    """ECPose outputs -> per-image dicts of `labels` (K,), `scores` (K,) and `keypoints` (K, 51): the
+    top K sigmoid scores over all (query, class) pairs, and the query's 17 keypoints as pixel x, y
+    in the original image and a constant 1 (COCO's result format; no visibility is predicted).
+    orig_sizes: (B, 2) as (w, h). Labels are the class indices, which ECPose trains as COCO category
+    ids (person = 1); unlike detection they need no mapping."""
+    logits, keypoints = outputs["pred_logits"], outputs["pred_keypoints"]
+    num_classes = logits.shape[-1]
+    scores, index = logits.sigmoid().flatten(1).topk(min(num_select, logits[0].numel()), dim=-1)
+    labels, query = index % num_classes, index // num_classes
+    keypoints = keypoints.gather(1, query.unsqueeze(-1).expand(-1, -1, keypoints.shape[-1])).unflatten(-1, (-1, 2))
+    keypoints = keypoints * orig_sizes[:, None, None, :]
+    keypoints = torch.cat([keypoints, torch.ones_like(keypoints[..., :1])], -1).flatten(-2)
+    return [{"labels": l, "scores": s, "keypoints": k} for l, s, k in zip(labels, scores, keypoints)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -649,6 +649,16 @@ def union_of_matches(matchings):
     return union
 
 
+def match_all(matcher, outputs, targets):
+    """The matchings of the last decoder layer, the earlier ones (aux_outputs), the pre-decoder head
+    (pre_outputs) and the encoder's queries (enc_aux_outputs), and the union of them all."""
+    indices = matcher(outputs, targets)
+    layers = [matcher(o, targets) for o in outputs['aux_outputs']]
+    pre = matcher(outputs['pre_outputs'], targets)
+    encoder = [matcher(o, targets) for o in outputs['enc_aux_outputs']]
+    return indices, layers, pre, encoder, union_of_matches([indices, *layers, pre, *encoder])
+
+
 def denoising_matches(dn_meta, targets):
     """Denoising query matches: the positive query of group g for object j reconstructs object j."""
     return [(q, torch.arange(len(t['labels']), device=q.device).repeat(dn_meta['dn_num_group']))
@@ -809,11 +819,7 @@ class ECCriterion(nn.Module):
         device = outputs['pred_logits'].device
         layers = outputs['aux_outputs']
         pre, encoder = outputs['pre_outputs'], outputs['enc_aux_outputs']
-        indices = self.matcher(outputs, targets)
-        layer_indices = [self.matcher(o, targets) for o in layers]
-        pre_indices = self.matcher(pre, targets)
-        encoder_indices = [self.matcher(o, targets) for o in encoder]
-        union = union_of_matches([indices, *layer_indices, pre_indices, *encoder_indices])
+        indices, layer_indices, pre_indices, encoder_indices, union = match_all(self.matcher, outputs, targets)
         num_union = mean_over_ranks(sum(len(q) for q, _ in union), device)
         num_boxes = mean_over_ranks(sum(len(t['labels']) for t in targets), device)
 
