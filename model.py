@@ -1027,12 +1027,19 @@ def denoising_queries(targets, num_classes, num_queries, class_embed, num_denois
         part = (part + 1.0) * negative + part * (1 - negative)
         boxes = torchvision.ops.box_convert((xyxy + sign * part * half).clip(0.0, 1.0), "xyxy", "cxcywh").abs()
 
-    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
-    mask[N:, :N] = True  # matching queries must not see the answers
-    group = torch.arange(N, device=device) // (2 * G) if G else torch.zeros(0, device=device)
-    mask[:N, :N] = group[:, None] != group[None, :]
     meta = {"dn_positive_idx": positive_idx, "dn_num_group": groups, "dn_num_split": [N, num_queries]}
-    return class_embed(labels), inverse_sigmoid(boxes), mask, meta
+    return class_embed(labels), inverse_sigmoid(boxes), denoising_mask(N, 2 * G, num_queries, device), meta
+
+
+def denoising_mask(N, group_size, num_queries, device):
+    """Self-attention mask (N + Q, N + Q), True = blocked, for N denoising queries in groups of
+    `group_size` followed by Q matching queries: the matching queries must not see the answers, and
+    each group sees only itself and the matching queries."""
+    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
+    mask[N:, :N] = True
+    group = torch.arange(N, device=device) // max(group_size, 1)
+    mask[:N, :N] = group[:, None] != group[None, :]
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1339,10 +1346,7 @@ def keypoint_denoising_queries(targets, num_queries, label_enc, pose_enc, image_
     dn_ref = points.new_zeros(B, N, 1 + K, 2)  # empty slots sit at sigmoid(0) = 0.5
     dn_ref[image, slot] = inverse_sigmoid(points, 1e-3)
 
-    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
-    mask[N:, :N] = True  # matching queries must not see the answers
-    group = torch.arange(N, device=device) // (2 * G)
-    mask[:N, :N] = group[:, None] != group[None, :]
+    mask = denoising_mask(N, 2 * G, num_queries, device)
     positive = [(2 * G * torch.arange(groups, device=device)[:, None] + torch.arange(n, device=device)).flatten()
                 for n in counts]
     meta = {"dn_positive_idx": tuple(positive), "dn_num_group": groups, "dn_num_split": [N, num_queries]}
