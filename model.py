@@ -148,7 +148,11 @@ class ConvNorm(nn.Module):
         self.act = activation(act)
 
     def forward(self, x):
-        return self.act(self.norm(self.conv(x)))
+        if self.training or isinstance(self.norm, nn.Identity):
+            return self.act(self.norm(self.conv(x)))
+        # In eval mode BN is affine: fold it into the conv (one pass over the activations less).
+        c = self.conv
+        return self.act(F.conv2d(x, *fuse_conv_bn(c, self.norm), c.stride, c.padding, c.dilation, c.groups))
 
     def fuse(self):
         if isinstance(self.norm, nn.Identity):
@@ -474,15 +478,22 @@ class RepVGG(nn.Module):
     def forward(self, x):
         if hasattr(self, "conv"):
             return self.act(self.conv(x))
-        return self.act(self.conv1(x) + self.conv2(x))
+        if self.training:
+            return self.act(self.conv1(x) + self.conv2(x))
+        return self.act(F.conv2d(x, *self.equivalent_conv(), padding=1))
+
+    def equivalent_conv(self):
+        """Weight and bias of the one 3x3 convolution equal to both branches in eval mode."""
+        w3, b3 = fuse_conv_bn(self.conv1.conv, self.conv1.norm)
+        w1, b1 = fuse_conv_bn(self.conv2.conv, self.conv2.norm)
+        return w3 + F.pad(w1, [1, 1, 1, 1]), b3 + b1
 
     def fuse(self):
         if hasattr(self, "conv"):
             return
-        w3, b3 = fuse_conv_bn(self.conv1.conv, self.conv1.norm)
-        w1, b1 = fuse_conv_bn(self.conv2.conv, self.conv2.norm)
-        self.conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, 1)
-        self.conv.weight.data, self.conv.bias.data = (w3 + F.pad(w1, [1, 1, 1, 1])).detach(), (b3 + b1).detach()
+        weight, bias = self.equivalent_conv()
+        self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, 1, 1)
+        self.conv.weight.data, self.conv.bias.data = weight.detach(), bias.detach()
         del self.conv1, self.conv2
 
 

@@ -60,6 +60,8 @@ RECIPES = {name: dict(zip(_RECIPE, values)) for name, values in {
     "ecseg_m": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
     "ecseg_l": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
     "ecseg_x": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
+    # The CPU demo: a randomly initialised ViT learns at the full rate; a short mosaic phase.
+    "demo": (20, 1e-3, 1e-3, 1e-4, 0.5, 4, 18),
 }.items()}
 # Shared by every preset: total batch 32, AdamW betas, warm-up iterations (at most 3 epochs), the
 # floor of the cosine as a fraction of the lr, EMA decay and its warm-up, gradient-norm clipping.
@@ -1138,11 +1140,14 @@ def run(args, task):
     if args.amp:
         amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     args.amp_dtype = amp_dtype
-    recipe = dict(RECIPES.get(args.model, RECIPES[task.default_model]))
+    name = args.recipe or (args.model if args.model in RECIPES else task.default_model)
+    if name not in RECIPES:
+        raise SystemExit(f"--recipe {name!r} is unknown; expected one of {', '.join(RECIPES)}")
+    base = RECIPES[name]
+    recipe = dict(base)
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
     # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
     # number of final epochs without strong augmentation.
-    base = RECIPES.get(args.model, RECIPES[task.default_model])
     recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
     recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
     args.epochs = recipe["epochs"]
@@ -1231,7 +1236,9 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--data", help="COCO root: annotations/, train2017/, val2017/")
     parser.add_argument("--train-images"), parser.add_argument("--train-ann")
     parser.add_argument("--val-images"), parser.add_argument("--val-ann")
-    parser.add_argument("--epochs", type=int, help="default: the preset's recipe")
+    parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "
+                        "preset name; default: the --model preset's")
+    parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="total over all processes")
     parser.add_argument("--lr", type=float), parser.add_argument("--backbone-lr", type=float)
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
@@ -1274,12 +1281,8 @@ def demo(args, task):
     config = os.path.join(args.output_dir, "demo_model.json")
     with open(config, "w") as f:
         json.dump(demo_config(task), f, indent=1)
-    args.data, args.model, args.device, args.workers = root, config, "cpu", 0
-    args.img_size = [DEMO["img_size"]] * 2
-    args.batch_size = DEMO["batch_size"]
-    args.epochs = args.epochs or DEMO["epochs"]
-    args.lr = args.lr or DEMO["lr"]
-    args.backbone_lr = args.backbone_lr or args.lr  # a randomly initialised ViT learns at the full rate
+    args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
+    args.img_size, args.batch_size = [DEMO["img_size"]] * 2, DEMO["batch_size"]
     metrics = run(args, task)
     name = task.iou_types[-1]
     print(f"demo: {name} AP {metrics[f'coco_{name}'][0]:.3f}, AP50 {metrics[f'coco_{name}'][1]:.3f} after "
@@ -1287,8 +1290,8 @@ def demo(args, task):
     return metrics
 
 
-# The CPU demo's data and schedule.
-DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16, epochs=24, lr=1e-3)
+# The CPU demo's data (its schedule is RECIPES["demo"]).
+DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16)
 
 
 def main(argv=None, task=None):
