@@ -155,3 +155,18 @@ def test_bad_arguments_and_data_get_clear_errors(data_root, tiny_config, tmp_pat
     with pytest.raises(SystemExit, match="--backbone-weights .* does not fit"):
         torch.save({"register_token": torch.zeros(1, 1, 5)}, tmp_path / "vit.pth")
         td.run(args_for(data_root, tiny_config, tmp_path, "--backbone-weights", str(tmp_path / "vit.pth")), td.Task())
+
+
+def test_short_run_fits_a_tiny_data_set(tmp_path, monkeypatch):
+    """The loop and loss can learn: 160 steps on 16 synthetic images, augmentation off, evaluated on
+    the same images. Measured here: AP50 0.298 (AP 0.103); asserted with a margin."""
+    root = td.make_synthetic_coco(str(tmp_path / "coco"), num_train=16, num_val=1, img_size=SIZE, seed=3)
+    monkeypatch.setitem(td.RECIPES, "fit", dict(zip(td._RECIPE, (40, 1e-3, 1e-3, 1e-4, 0.0, 0, 0))))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(td.demo_config(td.Task())))
+    images, ann = f"{root}/train2017", f"{root}/annotations/instances_train2017.json"
+    args = td.parse_args(["--train-images", images, "--train-ann", ann, "--val-images", images, "--val-ann", ann,
+                          "--model", str(config), "--recipe", "fit", "--img-size", str(SIZE), "--batch-size", "4",
+                          "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
+    metrics = td.run(args, td.Task())
+    assert metrics["coco_bbox"][1] > 0.2, metrics["coco_bbox"]
