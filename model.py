@@ -1462,7 +1462,14 @@ def load_weights(net, source):
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {source}: {e}") from None
     sd = checkpoint_state_dict(source)
-    own = net.state_dict()
+    check_state_dict(net.state_dict(), sd)
+    net.load_state_dict(sd, strict=True)
+    return net
+
+
+def check_state_dict(own, sd):
+    """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
+    against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1472,8 +1479,6 @@ def load_weights(net, source):
         problems = [f"{what}: {show(xs)}" for what, xs in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
         raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
-    net.load_state_dict(sd, strict=True)
-    return net
 
 
 # ---------------------------------------------------------------------------------------------
