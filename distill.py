@@ -243,7 +243,8 @@ class AlignHead(nn.Module):
             pred = self.proj[l](resize_tokens(s, grid, teacher_grid)).float()
             target = (t.float() - self.mean[l]) / (self.var[l] + 1e-6).sqrt()
             cos = F.cosine_similarity(pred, target, dim=-1).mean()
-            losses.append(LOSS_WEIGHTS["cosine"] * (1 - cos) + LOSS_WEIGHTS["smooth_l1"] * F.smooth_l1_loss(pred, target))
+            smooth_l1 = F.smooth_l1_loss(pred, target)
+            losses.append(LOSS_WEIGHTS["cosine"] * (1 - cos) + LOSS_WEIGHTS["smooth_l1"] * smooth_l1)
             cosines.append(cos.detach())
         return torch.stack(losses).mean(), torch.stack(cosines).mean()
 
@@ -330,7 +331,8 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
     if world > 1:
         if args.device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[args.device] if args.device.type == "cuda" else None)
+        ids = [args.device] if args.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     steps = len(train_loader)
     total, warmup = epochs * steps, min(args.warmup_epochs * steps, epochs * steps)
     schedule = lambda step, lr: train_det.flat_cosine(step, total, warmup, warmup, 0, lr, lr * TRAINING["min_lr_ratio"])
@@ -359,8 +361,8 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
             norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), TRAINING["clip_max_norm"])
             # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
             if not scaler.is_enabled() and not torch.isfinite(norm):
-                raise SystemExit(f"{name}: non-finite gradients at epoch {epoch + 1}, step {i} (loss {loss.item():.4g}); "
-                                 f"{path} is intact")
+                raise SystemExit(f"{name}: non-finite gradients at epoch {epoch + 1}, step {i} "
+                                 f"(loss {loss.item():.4g}); {path} is intact")
             scaler.step(optimizer)
             scaler.update()
             sums += torch.cat([loss.detach()[None], cosines])
@@ -386,7 +388,8 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
             print(f"{name} epoch {epoch + 1}: loss {metrics['loss']:.4f}, cosine {metrics['cosine']}"
                   + (f", held-out cosine {metrics['held_out_cosine']}" if val_loader else ""))
             if skipped:
-                print(f"warning: {len(skipped)} unreadable image(s) passed over so far, e.g. {args.paths[min(skipped)]}")
+                print(f"warning: {len(skipped)} unreadable image(s) passed over so far, "
+                      f"e.g. {args.paths[min(skipped)]}")
     done = stop == epochs
     if rank == 0 and done:
         train_det.save_checkpoint(student.state_dict(), os.path.join(args.output_dir, f"{name}.pth"))
@@ -396,16 +399,16 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Distil teacher backbones into a compact ECViT (EdgeCrafter; EUPE's route with --proxy).")
-    parser.add_argument("--teacher", action="append", required=True,
-                        help="a teacher checkpoint from teacher.py / train_det.py, or a DINOv3 checkpoint with --teacher-arch; repeat for several teachers")
-    parser.add_argument("--teacher-arch", action="append",
-                        help=f"the DINOv3 model of --teacher files that are DINOv3 checkpoints ({', '.join(teacher.DINOV3_HUB)}); once for all, or once per --teacher")
+    parser = argparse.ArgumentParser(description="Distil teacher backbones into a compact ECViT.")
+    parser.add_argument("--teacher", action="append", required=True, help="a checkpoint of teacher.py or "
+                        "train_det.py, or a DINOv3 checkpoint with --teacher-arch; repeat for several teachers")
+    parser.add_argument("--teacher-arch", action="append", help="the DINOv3 model (hub name or JSON kwargs) of "
+                        "--teacher files that are DINOv3 checkpoints; once for all, or once per --teacher")
     parser.add_argument("--images", required=True, help="a folder of unlabeled images, searched recursively")
-    parser.add_argument("--val-images", help="held-out images: report the aligned features' cosine similarity on them every epoch")
-    parser.add_argument("--student", default="ecvitt", help=f"{', '.join(model.ECVIT)}, or a JSON model config (its ViTAdapter)")
-    parser.add_argument("--proxy", help="EUPE: distil the teachers into this large ViT first, then it into the student "
-                        f"({', '.join(teacher.DINOV3_HUB)}, an ECViT preset, or a JSON model config)")
+    parser.add_argument("--val-images", help="held-out images: the aligned features' cosine similarity every epoch")
+    parser.add_argument("--student", default="ecvitt", help=f"{', '.join(model.ECVIT)}, or a JSON model config")
+    parser.add_argument("--proxy", help="EUPE: distil the teachers into this large ViT first, then it into the "
+                        "student (a DINOv3 hub name, an ECViT preset, or a JSON model config)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--proxy-epochs", type=int, help="default: --epochs")
     parser.add_argument("--warmup-epochs", type=int, default=2)
@@ -416,8 +419,8 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-size", type=int, nargs="+", help="the teachers' input H [W] (default: --img-size)")
     parser.add_argument("--output-dir", default="outputs/distill")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its *_last.pth")
-    parser.add_argument("--stop-after", type=int, help="stop a stage after this many epochs (to train in chunks with --resume)")
-    parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
+    parser.add_argument("--stop-after", type=int, help="stop a stage after this many epochs (continue with --resume)")
+    parser.add_argument("--amp", action="store_true", help="bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -426,7 +429,7 @@ def parse_args(argv=None):
     args.teacher_size = tuple(args.teacher_size * 2 if len(args.teacher_size) == 1 else args.teacher_size) \
         if args.teacher_size else args.img_size
     if any(s % 16 for s in args.img_size + args.teacher_size):
-        parser.error(f"--img-size {args.img_size} and --teacher-size {args.teacher_size}: multiples of 16 (the patch size)")
+        parser.error(f"--img-size {args.img_size}, --teacher-size {args.teacher_size}: multiples of 16, the patch size")
     if args.teacher_arch and len(args.teacher_arch) not in (1, len(args.teacher)):
         parser.error(f"--teacher-arch: give it once, or once per --teacher ({len(args.teacher)})")
     return args
@@ -456,7 +459,8 @@ def main(argv=None):
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
     teachers = [(vit.to(device), layers) for vit, layers in teachers]
     if args.proxy:
-        proxy, done = distill(teachers, proxy, proxy_layers, "proxy", args.proxy_epochs or args.epochs, args, rank, world)
+        epochs = args.proxy_epochs or args.epochs
+        proxy, done = distill(teachers, proxy, proxy_layers, "proxy", epochs, args, rank, world)
         if not done:
             return
         teachers = [(proxy.eval().requires_grad_(False), proxy_layers)]

@@ -159,6 +159,8 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
 # The --demo teacher: DINOv3's layout at 96 wide and 6 deep, on train_det's demo heads (64 wide),
 # so that it is larger than the demo's student (a 64-wide, 4-deep ECViT) yet trains in minutes.
 DEMO_DINOV3 = {**HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_ratio": 4, "ffn_layer": "mlp"}
+# The recipe (train_det.RECIPES) is ECDet-X's, the one for the largest released backbone; --epochs,
+# --lr and --backbone-lr override it.
 TASK = train_det.Task(name="teacher", default_model="ecdet_x")
 
 
@@ -170,8 +172,8 @@ def demo_teacher_config():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune the task-specialized DINOv3 teacher (ECDet with a "
-                                     "DINOv3 backbone); every other option is train_det.py's.", add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
+                                     "on a DINOv3 ViT); the other options are train_det.py's, --model excepted.")
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from")
     parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs")
     own, rest = parser.parse_known_args(argv)
