@@ -17,11 +17,12 @@ Where each part comes from:
   detector reads: the student's last two (its feature generator's interaction blocks) with the
   teacher's last two (its ECDet's), through a learned projection per block, student width ->
   teacher width.
-- EUPE: several domain-expert teachers are first distilled into one large proxy (scaling up), and
-  only the proxy into the efficient student (scaling down); one trainable adapter per teacher maps
-  the student's tokens into that teacher's space; teachers' features are normalised before the
-  loss so that no teacher dominates. Without --proxy the teachers go straight into the student,
-  the baseline EUPE improves on.
+- EUPE (its abstract, and summaries of the paper): several domain-expert teachers are first
+  distilled into one large proxy (scaling up), and only the proxy into the efficient student
+  (scaling down); one trainable adapter per teacher maps the student's tokens into that teacher's
+  space; teachers' features are normalised before the loss so that no teacher dominates. Without
+  --proxy the teachers go straight into the student, the baseline EUPE improves on. EUPE also
+  matches class tokens; we match patch tokens only, as the detectors read no class token.
 - Our choices, where the papers' text gave no detail we could read: targets are the raw
   (un-normed) tokens the detectors use, standardised per teacher and channel with running
   statistics (as in UNIC and PHI-S's "standardize"); the loss is AM-RADIO's feature loss,
