@@ -1420,9 +1420,20 @@ def make_section(cls, cfg, name, **shared):
 
 
 def build_vit(adapter):
-    """The ECViT of a ViTAdapter config section (keys of the original's ViTAdapter)."""
+    """The ViT of a ViTAdapter config section: ECViT from the original's keys, or, with a `dinov3`
+    key (a hub name such as "dinov3_vitb16" or DINOv3 kwargs), the DINOv3 ViT of the teacher."""
     keys = {"embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer"}
     vit = {k: v for k, v in adapter.items() if k in keys}
+    if "dinov3" in adapter:
+        if vit:
+            raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {sorted(vit)}")
+        import teacher  # the teacher stage builds on this file, so a top-level import would be circular
+        vit = teacher.build_dinov3(adapter["dinov3"])
+        # The feature generator reads un-normed tokens: the final norm and the mask token get no
+        # gradient, and DDP would wait for theirs forever.
+        vit.norm.requires_grad_(False)
+        vit.mask_token.requires_grad_(False)
+        return vit
     if vit.pop("embed_layer", "ConvPyramidPatchEmbed") != "ConvPyramidPatchEmbed" or vit.pop("patch_size", 16) != 16:
         raise ValueError("ViTAdapter: only the ECViT convolutional stem with patch_size 16 is implemented")
     return ViT(**vit)
@@ -1441,12 +1452,15 @@ def build_model(cfg):
             raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
     adapter = dict(cfg["ViTAdapter"])
     known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "num_levels",
-             "embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer"}
+             "embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer", "dinov3"}
     if set(adapter) - known:
         raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - known)}")
     if adapter.get("num_levels", 3) != 3:
         raise ValueError("ViTAdapter: only num_levels 3 is implemented")
-    backbone = ViTAdapter(build_vit(adapter), adapter.get("interaction_indexes", [10, 11]), adapter.get("proj_dim"))
+    vit = build_vit(adapter)
+    # The original's default, [10, 11], is the last two blocks of its depth-12 ECViTs.
+    last_two = [len(vit.blocks) - 2, len(vit.blocks) - 1]
+    backbone = ViTAdapter(vit, adapter.get("interaction_indexes", last_two), adapter.get("proj_dim"))
     size = cfg.get("eval_spatial_size")
     encoder = make_section(HybridEncoder, cfg, "HybridEncoder")
     decoder_cls = DETRTransformer if "DETRTransformer" in cfg else ECTransformer
@@ -1477,7 +1491,14 @@ def load_weights(net, source):
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {source}: {e}") from None
     sd = checkpoint_state_dict(source)
-    own = net.state_dict()
+    check_state_dict(net.state_dict(), sd)
+    net.load_state_dict(sd, strict=True)
+    return net
+
+
+def check_state_dict(own, sd):
+    """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
+    against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -1487,8 +1508,6 @@ def load_weights(net, source):
         problems = [f"{what}: {show(xs)}" for what, xs in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
         raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
-    net.load_state_dict(sd, strict=True)
-    return net
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1271,16 +1271,16 @@ def demo_config(task):
     return cfg
 
 
-def demo(args, task):
+def demo(args, task, cfg=None):
     """The README's first command: a synthetic data set, a short CPU training run, COCO AP and a
-    picture of predictions, all under --output-dir."""
+    picture of predictions, all under --output-dir. `cfg`: the network (default: demo_config(task))."""
     root = os.path.join(args.output_dir, "demo_data")
     if not os.path.exists(os.path.join(root, "annotations")):
         task.make_synthetic(root, num_train=DEMO["num_train"], num_val=DEMO["num_val"], img_size=DEMO["img_size"])
     os.makedirs(args.output_dir, exist_ok=True)
     config = os.path.join(args.output_dir, "demo_model.json")
     with open(config, "w") as f:
-        json.dump(demo_config(task), f, indent=1)
+        json.dump(cfg or demo_config(task), f, indent=1)
     args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
     args.img_size, args.batch_size = [DEMO["img_size"]] * 2, DEMO["batch_size"]
     metrics = run(args, task)

@@ -1,0 +1,475 @@
+"""Task-specialized distillation (EdgeCrafter, stage 2): the compact ECViT learns to reproduce the
+patch tokens of the teacher's backbone on unlabeled images; EUPE's multi-teacher route through a
+large proxy is the same loop run twice.
+
+    python distill.py --teacher outputs/teacher/best.pth --images /coco/train2017 --student ecvitt
+    torchrun --nproc_per_node 8 distill.py --teacher best.pth --images /coco/train2017 --student ecvits --amp
+    python distill.py --teacher dinov3_vitb16.pth --teacher-arch dinov3_vitb16 --images /data
+    python distill.py --teacher det.pth --teacher seg.pth --proxy dinov3_vitl16 --images /data   # EUPE
+    python train_det.py --model ecdet_s --backbone-weights outputs/distill/student.pth --data /coco
+
+The result, `student.pth` in --output-dir, is the ViT's bare state dict: the released ecvit*.pth
+format that train_det.py --backbone-weights and model.load_weights read.
+
+Where each part comes from:
+- EdgeCrafter: a DINOv3 ViT adapted to detection is the task-specialized teacher whose
+  representations are distilled into the compact student backbone. We align the blocks each
+  detector reads: the student's last two (its feature generator's interaction blocks) with the
+  teacher's last two (its ECDet's), through a learned projection per block, student width ->
+  teacher width.
+- EUPE (its abstract, and summaries of the paper): several domain-expert teachers are first
+  distilled into one large proxy (scaling up), and only the proxy into the efficient student
+  (scaling down); one trainable adapter per teacher maps the student's tokens into that teacher's
+  space; teachers' features are normalised before the loss so that no teacher dominates. Without
+  --proxy the teachers go straight into the student, the baseline EUPE improves on. EUPE also
+  matches class tokens; we match patch tokens only, as the detectors read no class token.
+- Our choices, where the papers' text gave no detail we could read: targets are the raw
+  (un-normed) tokens the detectors use, standardised per teacher and channel with running
+  statistics (as in UNIC and PHI-S's "standardize"); the loss is AM-RADIO's feature loss,
+  0.9 (1 - cosine) + 0.1 smooth-L1; the student's token grid is resized bilinearly to the
+  teacher's, so the two may see different resolutions; augmentation is one random resized crop,
+  flip and colour jitter shared by teacher and student; AdamW with warm-up + cosine decay.
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from tqdm import tqdm
+
+import model
+import teacher
+import train_det
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# AdamW with DINOv2's starting weight decay, warm-up then cosine to 1% of the lr, DINOv2's gradient
+# clipping and the scale range of its global crops.
+TRAINING = dict(betas=(0.9, 0.999), weight_decay=0.04, min_lr_ratio=0.01, clip_max_norm=3.0, crop_scale=(0.32, 1.0))
+LOSS_WEIGHTS = dict(cosine=0.9, smooth_l1=0.1)  # AM-RADIO's feature-matching weights
+
+# ---------------------------------------------------------------------------------------------
+# Data: a folder of unlabeled images, one view for teacher and student
+# ---------------------------------------------------------------------------------------------
+def find_images(root, option):
+    """Sorted paths of every image below `root`, recursively; SystemExit when there is none."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"{option} {root}: no such folder")
+    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
+                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise SystemExit(f"{option} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
+    return paths
+
+
+class Views:
+    """PIL image -> (student view (3, H, W), teacher view (3, H', W') or None when the sizes agree),
+    ImageNet-normalised. Training: one random resized crop, horizontal flip and colour jitter,
+    drawn once and shared, so both networks see the same content; evaluation: the whole image."""
+
+    def __init__(self, size, teacher_size, train):
+        self.size, self.teacher_size, self.train = tuple(size), tuple(teacher_size), train
+        self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
+        self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                                    T.Normalize(train_det.IMAGENET_MEAN, train_det.IMAGENET_STD)])
+
+    def __call__(self, image):
+        big = max(self.size, self.teacher_size, key=lambda s: s[0] * s[1])
+        if self.train:
+            top, left, h, w = T.RandomResizedCrop.get_params(image, TRAINING["crop_scale"], (3 / 4, 4 / 3))
+            image = TF.resized_crop(image, top, left, h, w, list(big), antialias=True)
+            if torch.rand(1).item() < 0.5:
+                image = TF.horizontal_flip(image)
+            image = self.jitter(image)
+        else:
+            image = TF.resize(image, list(big), antialias=True)
+        view = lambda size: self.normalize(image if size == big else TF.resize(image, list(size), antialias=True))
+        return view(self.size), None if self.teacher_size == self.size else view(self.teacher_size)
+
+
+class UnlabeledImages(torch.utils.data.Dataset):
+    """The images of a folder as (student view, teacher view, indices of the unreadable files
+    passed over). An unreadable or corrupt file is replaced by the next readable one, so batches
+    keep their size on every process; its index is reported for counting."""
+
+    def __init__(self, paths, views):
+        self.paths, self.views = paths, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        skipped = []
+        for j in (k % len(self.paths) for k in range(i, i + min(len(self.paths), 100))):
+            try:
+                with Image.open(self.paths[j]) as file:
+                    image = file.convert("RGB")  # any mode (L, P, RGBA, CMYK, I;16 ...) -> RGB
+            except Exception:  # PIL raises many kinds on broken files; none should stop a run
+                skipped.append(j)
+                continue
+            return (*self.views(image), skipped)
+        raise RuntimeError(f"100 unreadable images in a row from {self.paths[i]}; is this an image folder?")
+
+
+def collate(batch):
+    students, teachers, skipped = zip(*batch)
+    return (torch.stack(students), None if teachers[0] is None else torch.stack(teachers),
+            [j for s in skipped for j in s])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones: the frozen teachers, the student (and proxy)
+# ---------------------------------------------------------------------------------------------
+def patch_tokens(vit, images, layers):
+    """Raw patch tokens of blocks `layers`: a list of (B, h*w, D), and the grid (h, w)."""
+    tokens = vit.get_intermediate_layers(images, n=layers, norm=False)
+    return list(tokens), (images.shape[-2] // vit.patch_size, images.shape[-1] // vit.patch_size)
+
+
+def from_adapter(adapter, what):
+    """(ViT, the blocks its feature generator reads) of a ViTAdapter config section."""
+    try:
+        vit = model.build_vit(adapter)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"{what}: {e}") from None
+    return vit, list(adapter.get("interaction_indexes", [len(vit.blocks) - 2, len(vit.blocks) - 1]))
+
+
+def build_backbone(spec, what, hub=False):
+    """A freshly initialised ViT and the blocks to align from an ECViT preset (model.ECVIT), with
+    hub=True also a DINOv3 hub name, or a JSON model config / ViTAdapter section (file or inline)."""
+    if spec in model.ECVIT:
+        dim, heads, ffn_ratio, _ = model.ECVIT[spec]
+        return from_adapter({"embed_dim": dim, "num_heads": heads, "ffn_ratio": ffn_ratio}, what)
+    if hub and spec in teacher.DINOV3_HUB:
+        return from_adapter({"dinov3": spec}, what)
+    if spec.endswith(".json") or spec.lstrip().startswith("{"):
+        try:
+            if spec.lstrip().startswith("{"):
+                cfg = json.loads(spec)
+            else:
+                with open(spec) as f:
+                    cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{what} {spec}: cannot read the JSON config: {e}") from None
+        return from_adapter(cfg.get("ViTAdapter", cfg), what)
+    names = list(model.ECVIT) + (list(teacher.DINOV3_HUB) if hub else [])
+    raise SystemExit(f"{what} {spec!r}: unknown preset; expected one of {', '.join(names)}, "
+                     f"or a JSON model config with a ViTAdapter section")
+
+
+def load_teacher(path, arch):
+    """(frozen ViT in eval mode, blocks to align) of a teacher checkpoint written by teacher.py or
+    train_det.py (its ECDet's `backbone.backbone.*`, EMA weights when present), or, with `arch`, of
+    a DINOv3 checkpoint (its last two blocks)."""
+    what = f"--teacher {path}"
+    ckpt = train_det.load_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"{what}: expected a checkpoint dict, found a {type(ckpt).__name__}")
+    config = ckpt.get("config")
+    if isinstance(config, dict) and "ViTAdapter" in config and ("model" in ckpt or "ema" in ckpt):
+        vit, layers = from_adapter(config["ViTAdapter"], what)
+        prefix = "backbone.backbone."
+        sd = {k[len(prefix):]: v for k, v in model.checkpoint_state_dict(ckpt).items() if k.startswith(prefix)}
+        try:
+            model.load_weights(vit, sd)
+        except ValueError as e:
+            raise SystemExit(f"{what}: its backbone does not fit its own config: {e}") from None
+    elif arch:
+        vit = teacher.load_dinov3(ckpt, arch, what)
+        layers = [len(vit.blocks) - 2, len(vit.blocks) - 1]
+    else:
+        hint = " (it looks like a DINOv3 checkpoint: add --teacher-arch)" if "storage_tokens" in ckpt else ""
+        raise SystemExit(f"{what} is not a teacher checkpoint{hint}: expected one written by teacher.py or "
+                         f"train_det.py ('config' with a ViTAdapter section, and 'model' or 'ema' weights), "
+                         f"or a DINOv3 state dict with --teacher-arch; found the keys {sorted(ckpt)[:8]}")
+    return vit.eval().requires_grad_(False), layers
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature alignment: per-teacher projection heads, balanced targets, the loss
+# ---------------------------------------------------------------------------------------------
+def resize_tokens(tokens, grid, size):
+    """(B, h*w, D) tokens on grid (h, w) -> (B, H*W, D) on grid `size`, bilinearly."""
+    if tuple(grid) == tuple(size):
+        return tokens
+    B, _, D = tokens.shape
+    x = tokens.transpose(1, 2).reshape(B, D, *grid)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+
+class AlignHead(nn.Module):
+    """One teacher's adapter: the student's aligned blocks -> that teacher's token space, and the loss.
+
+    Each aligned block l has a linear projection D_s -> D_t. Targets are the teacher's tokens
+    standardised per channel with running mean and variance (buffers: mean, var (L, D_t)), so every
+    teacher's targets have unit scale whatever its activation statistics. Running statistics start
+    as the cumulative average and become an exponential one with weight `momentum` per step.
+    """
+
+    def __init__(self, student_dim, teacher_dim, num_layers, momentum=0.01):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(num_layers))
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(num_layers, teacher_dim))
+        self.register_buffer("var", torch.ones(num_layers, teacher_dim))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update_statistics(self, targets):
+        flat = torch.stack([t.float().flatten(0, 1) for t in targets])  # (L, B*N, D_t)
+        stats = torch.cat([flat.mean(1), flat.var(1)])  # (2L, D_t)
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+        mean, var = stats.chunk(2)
+        self.updates += 1
+        w = max(1.0 / self.updates.item(), self.momentum)
+        self.mean.lerp_(mean, w)
+        self.var.lerp_(var, w)
+
+    def forward(self, student, grid, targets, teacher_grid):
+        """student: per aligned block (B, h*w, D_s) on `grid`; targets: per block the teacher's
+        (B, H*W, D_t) on `teacher_grid`. Returns the loss and the mean cosine similarity (scalars)."""
+        if self.training:
+            self.update_statistics(targets)
+        losses, cosines = [], []
+        for l, (s, t) in enumerate(zip(student, targets)):
+            pred = self.proj[l](resize_tokens(s, grid, teacher_grid)).float()
+            target = (t.float() - self.mean[l]) / (self.var[l] + 1e-6).sqrt()
+            cos = F.cosine_similarity(pred, target, dim=-1).mean()
+            smooth_l1 = F.smooth_l1_loss(pred, target)
+            losses.append(LOSS_WEIGHTS["cosine"] * (1 - cos) + LOSS_WEIGHTS["smooth_l1"] * smooth_l1)
+            cosines.append(cos.detach())
+        return torch.stack(losses).mean(), torch.stack(cosines).mean()
+
+
+class Distiller(nn.Module):
+    """The trained part: the student ViT and one AlignHead per teacher. The loss is the mean over
+    teachers, each already on a unit scale."""
+
+    def __init__(self, student, layers, teacher_dims):
+        super().__init__()
+        self.student, self.layers = student, layers
+        self.heads = nn.ModuleList(AlignHead(student.embed_dim, d, len(layers)) for d in teacher_dims)
+
+    def forward(self, images, targets):
+        """images (B, 3, H, W); targets: per teacher (tokens per block, grid). Returns the loss and
+        the per-teacher cosine similarities (T,)."""
+        tokens, grid = patch_tokens(self.student, images, self.layers)
+        out = [head(tokens, grid, t, g) for head, (t, g) in zip(self.heads, targets)]
+        return torch.stack([loss for loss, _ in out]).mean(), torch.stack([cos for _, cos in out])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop: AMP, DDP, warm-up + cosine, atomic checkpoints, resume
+# ---------------------------------------------------------------------------------------------
+def teacher_targets(teachers, images, teacher_images):
+    with torch.no_grad():
+        return [patch_tokens(vit, images if teacher_images is None else teacher_images, layers)
+                for vit, layers in teachers]
+
+
+@torch.no_grad()
+def held_out_cosine(distiller, teachers, loader, args):
+    """Mean cosine similarity (per teacher) of the projected student tokens with the standardised
+    teacher tokens on the held-out images."""
+    distiller.eval()
+    total, count = 0, 0
+    for images, teacher_images, _ in loader:
+        images = images.to(args.device)
+        teacher_images = None if teacher_images is None else teacher_images.to(args.device)
+        with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+            _, cosines = distiller(images, teacher_targets(teachers, images, teacher_images))
+        total, count = total + cosines * len(images), count + len(images)
+    distiller.train()
+    summed = torch.cat([total, torch.tensor([count], dtype=total.dtype, device=total.device)])
+    if dist.is_initialized():
+        dist.all_reduce(summed)
+    return [round(c, 4) for c in (summed[:-1] / summed[-1]).tolist()]
+
+
+def make_loader(paths, train, args, rank, world):
+    data = UnlabeledImages(paths, Views(args.img_size, args.teacher_size, train))
+    sampler = (torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+               if train else list(range(rank, len(data), world)))
+    return torch.utils.data.DataLoader(data, args.batch_size // world, sampler=sampler, collate_fn=collate,
+                                       num_workers=args.workers, drop_last=train,
+                                       pin_memory=args.device.type == "cuda")
+
+
+def distill(teachers, student, layers, name, epochs, args, rank, world):
+    """Train `student` to match the frozen `teachers` ([(ViT, blocks)]) for `epochs` epochs,
+    checkpointing {name}_last.pth each epoch; at the end write {name}.pth (the bare ViT state dict).
+    Returns (student, whether all epochs are done)."""
+    if len(layers) != len(teachers[0][1]) or any(len(t) != len(layers) for _, t in teachers):
+        raise SystemExit(f"{name} aligns {len(layers)} blocks but the teachers {[len(t) for _, t in teachers]}")
+    distiller = Distiller(student, layers, [vit.embed_dim for vit, _ in teachers]).to(args.device)
+    train_loader = make_loader(args.paths, True, args, rank, world)
+    if len(train_loader) == 0:
+        raise SystemExit(f"--images {args.images}: {len(args.paths)} images, fewer than one batch of {args.batch_size}")
+    val_loader = make_loader(args.val_paths, False, args, rank, world) if args.val_paths else None
+    optimizer = torch.optim.AdamW(train_det.param_groups(distiller, args.lr, args.lr, args.weight_decay),
+                                  lr=args.lr, betas=TRAINING["betas"])
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
+    path, start = os.path.join(args.output_dir, f"{name}_last.pth"), 0
+    if args.resume and os.path.exists(path):
+        ckpt = train_det.load_checkpoint(path)
+        try:
+            model.load_weights(distiller, ckpt["distiller"])
+        except (KeyError, ValueError) as e:
+            raise SystemExit(f"--resume: {path} does not fit this run's {name} and teachers: {e}") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["epoch"]
+    net = distiller
+    if world > 1:
+        if args.device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
+        ids = [args.device] if args.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    steps = len(train_loader)
+    total, warmup = epochs * steps, min(args.warmup_epochs * steps, epochs * steps)
+    schedule = lambda step, lr: train_det.flat_cosine(step, total, warmup, warmup, 0, lr, lr * TRAINING["min_lr_ratio"])
+    if rank == 0:
+        print(f"{name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters, {len(teachers)} "
+              f"teacher(s), {len(args.paths)} images, {world} process(es) on {args.device}, batch {args.batch_size}, "
+              f"{epochs} epochs" + (f", resuming after epoch {start}" if start else ""))
+    skipped = set()
+    stop = min(epochs, args.stop_after or epochs)
+    for epoch in range(start, stop):
+        t0 = time.time()
+        train_det.set_epoch(train_loader, epoch, args.seed, rank)
+        net.train()
+        sums, count = torch.zeros(1 + len(teachers), device=args.device), 0
+        bar = tqdm(train_loader, desc=f"{name} epoch {epoch + 1}/{epochs}", disable=rank != 0, dynamic_ncols=True)
+        for i, (images, teacher_images, passed_over) in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(epoch * steps + i, group["initial_lr"])
+            images = images.to(args.device, non_blocking=True)
+            teacher_images = None if teacher_images is None else teacher_images.to(args.device, non_blocking=True)
+            with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+                loss, cosines = net(images, teacher_targets(teachers, images, teacher_images))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), TRAINING["clip_max_norm"])
+            # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
+            if not scaler.is_enabled() and not torch.isfinite(norm):
+                raise SystemExit(f"{name}: non-finite gradients at epoch {epoch + 1}, step {i} "
+                                 f"(loss {loss.item():.4g}); {path} is intact")
+            scaler.step(optimizer)
+            scaler.update()
+            sums += torch.cat([loss.detach()[None], cosines])
+            count += 1
+            skipped.update(passed_over)
+            bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{cosines.mean().item():.3f}")
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+            gathered = [None] * world
+            dist.all_gather_object(gathered, skipped)
+            skipped = set().union(*gathered)
+        metrics = {"stage": name, "epoch": epoch + 1, "loss": sums[0].item() / count,
+                   "cosine": [round(c, 4) for c in (sums[1:] / count).tolist()], "unreadable_images": len(skipped)}
+        if val_loader is not None:
+            metrics["held_out_cosine"] = held_out_cosine(distiller, teachers, val_loader, args)
+        metrics["time"] = round(time.time() - t0, 1)
+        if rank == 0:
+            train_det.save_checkpoint({"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "scaler": scaler.state_dict(), "epoch": epoch + 1, "stage": name}, path)
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            print(f"{name} epoch {epoch + 1}: loss {metrics['loss']:.4f}, cosine {metrics['cosine']}"
+                  + (f", held-out cosine {metrics['held_out_cosine']}" if val_loader else ""))
+            if skipped:
+                print(f"warning: {len(skipped)} unreadable image(s) passed over so far, "
+                      f"e.g. {args.paths[min(skipped)]}")
+    done = stop == epochs
+    if rank == 0 and done:
+        train_det.save_checkpoint(student.state_dict(), os.path.join(args.output_dir, f"{name}.pth"))
+    elif rank == 0:
+        print(f"{name}: stopped after epoch {stop} of {epochs}; continue with --resume")
+    return student, done
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Distil teacher backbones into a compact ECViT.")
+    parser.add_argument("--teacher", action="append", required=True, help="a checkpoint of teacher.py or "
+                        "train_det.py, or a DINOv3 checkpoint with --teacher-arch; repeat for several teachers")
+    parser.add_argument("--teacher-arch", action="append", help="the DINOv3 model (hub name or JSON kwargs) of "
+                        "--teacher files that are DINOv3 checkpoints; once for all, or once per --teacher")
+    parser.add_argument("--images", required=True, help="a folder of unlabeled images, searched recursively")
+    parser.add_argument("--val-images", help="held-out images: the aligned features' cosine similarity every epoch")
+    parser.add_argument("--student", default="ecvitt", help=f"{', '.join(model.ECVIT)}, or a JSON model config")
+    parser.add_argument("--proxy", help="EUPE: distil the teachers into this large ViT first, then it into the "
+                        "student (a DINOv3 hub name, an ECViT preset, or a JSON model config)")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--proxy-epochs", type=int, help="default: --epochs")
+    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128, help="total over all processes")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=TRAINING["weight_decay"])
+    parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="the student's input H [W]")
+    parser.add_argument("--teacher-size", type=int, nargs="+", help="the teachers' input H [W] (default: --img-size)")
+    parser.add_argument("--output-dir", default="outputs/distill")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its *_last.pth")
+    parser.add_argument("--stop-after", type=int, help="stop a stage after this many epochs (continue with --resume)")
+    parser.add_argument("--amp", action="store_true", help="bf16 where supported, else fp16 with a gradient scaler")
+    parser.add_argument("--device", help="default: cuda when available")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.img_size = tuple(args.img_size * 2 if len(args.img_size) == 1 else args.img_size)
+    args.teacher_size = tuple(args.teacher_size * 2 if len(args.teacher_size) == 1 else args.teacher_size) \
+        if args.teacher_size else args.img_size
+    if any(s % 16 for s in args.img_size + args.teacher_size):
+        parser.error(f"--img-size {args.img_size}, --teacher-size {args.teacher_size}: multiples of 16, the patch size")
+    if args.teacher_arch and len(args.teacher_arch) not in (1, len(args.teacher)):
+        parser.error(f"--teacher-arch: give it once, or once per --teacher ({len(args.teacher)})")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = train_det.setup_distributed(args.device)
+    args.device = device
+    args.amp_dtype = None
+    if args.amp:
+        args.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    args.paths = find_images(args.images, "--images")
+    args.val_paths = find_images(args.val_images, "--val-images") if args.val_images else None
+    stages = ["proxy", "student"] if args.proxy else ["student"]
+    if args.resume and not any(os.path.exists(os.path.join(args.output_dir, f"{s}_last.pth")) for s in stages):
+        raise SystemExit(f"--resume: no {' or '.join(s + '_last.pth' for s in stages)} in {args.output_dir}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
+    student, student_layers = build_backbone(args.student, "--student")
+    if args.proxy:
+        proxy, proxy_layers = build_backbone(args.proxy, "--proxy", hub=True)
+    arches = [teacher.parse_arch(a, "--teacher-arch") for a in args.teacher_arch or [None]]
+    arches = arches * len(args.teacher) if len(arches) == 1 else arches
+    teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
+    teachers = [(vit.to(device), layers) for vit, layers in teachers]
+    if args.proxy:
+        epochs = args.proxy_epochs or args.epochs
+        proxy, done = distill(teachers, proxy, proxy_layers, "proxy", epochs, args, rank, world)
+        if not done:
+            return
+        teachers = [(proxy.eval().requires_grad_(False), proxy_layers)]
+    student, done = distill(teachers, student, student_layers, "student", args.epochs, args, rank, world)
+    if done and rank == 0:
+        print(f"wrote {os.path.join(args.output_dir, 'student.pth')}: the student ViT in the released ecvit*.pth "
+              f"format, for train_det.py --backbone-weights")
+
+
+if __name__ == "__main__":
+    main()

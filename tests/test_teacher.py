@@ -1,0 +1,116 @@
+"""teacher.py: DINOv3 parity with the original, the released hub layouts, and the teacher ECDet stage."""
+import json
+
+import pytest
+import torch
+from conftest import load_fixture, load_schema
+
+import model
+import teacher
+import train_det as td
+
+HUB = list(teacher.DINOV3_HUB)
+
+
+def tiny_dinov3():
+    fx = load_fixture("dinov3_tiny")
+    vit = teacher.build_dinov3(fx["config"])
+    vit.load_state_dict(fx["state_dict"], strict=True)
+    return fx, vit.eval()
+
+
+def test_dinov3_matches_the_original_on_the_fixture():
+    fx, vit = tiny_dinov3()
+    assert isinstance(vit, model.ViT) and vit.dinov3
+    with torch.no_grad():
+        last2 = vit.get_intermediate_layers(fx["images"], n=2, return_class_token=True)
+        raw = vit.get_intermediate_layers(fx["images"], n=[0, len(vit.blocks) - 1], norm=False)
+        features = vit.forward_features(fx["images"])
+    for (patches, cls), ref_patches, ref_cls in zip(last2, fx["last2_normed_patch_tokens"], fx["last2_normed_cls"]):
+        torch.testing.assert_close(patches, ref_patches, atol=1e-4, rtol=0)
+        torch.testing.assert_close(cls, ref_cls, atol=1e-4, rtol=0)
+    for ours, ref in zip(raw, fx["first_and_last_raw_patch_tokens"], strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+    for key in ("x_norm_clstoken", "x_storage_tokens", "x_norm_patchtokens"):
+        torch.testing.assert_close(features[key], fx[key], atol=1e-4, rtol=0)
+    reshaped = vit.get_intermediate_layers(fx["images"], n=1, reshape=True)[0]
+    assert reshaped.shape == (1, 64, 14, 14)
+
+
+@pytest.mark.parametrize("name", HUB)
+def test_hub_models_match_the_released_layout(name):
+    schema = load_schema("dinov3")[name]
+    with torch.device("meta"):
+        vit = teacher.build_dinov3(name)
+    assert {k: list(v.shape) for k, v in vit.state_dict().items()} == schema["state_dict"]
+    assert sum(p.numel() for p in vit.parameters()) == schema["num_parameters"]
+    assert vit.rope_embed.rescale == 2 and vit.blocks[0].norm1.eps == 1e-5
+
+
+def test_unsupported_dinov3_settings_are_refused():
+    base = load_fixture("dinov3_tiny")["config"]
+    for change, message in [({"untie_cls_and_patch_norms": True}, "untie_cls_and_patch_norms=True"),
+                            ({"norm_layer": "rmsnorm"}, "norm_layer='rmsnorm'"),
+                            ({"ffn_layer": "swiglu64"}, "ffn_layer='swiglu64'"),
+                            ({"pos_embed_rope_dtype": "bf16"}, "pos_embed_rope_dtype='bf16'"),
+                            ({"qkv_bias": False}, "qkv_bias=False"),
+                            ({"n_storage_tokens": 0}, "n_storage_tokens=0"),
+                            ({"untie": True}, "unknown DINOv3 kwargs \\['untie'\\]")]:
+        with pytest.raises(ValueError, match=message):
+            teacher.build_dinov3({**base, **change})
+    with pytest.raises(ValueError, match="unknown DINOv3 model 'dinov3_vitz16'.*dinov3_vitb16"):
+        teacher.build_dinov3("dinov3_vitz16")
+
+
+def test_a_dinov3_file_of_another_architecture_gets_one_clear_error(tmp_path):
+    fx = load_fixture("dinov3_tiny")
+    with pytest.raises(SystemExit, match="x.pth is not a dinov3_vitb16 checkpoint: .*wrong shape: cls_token"):
+        teacher.load_dinov3(fx["state_dict"], "dinov3_vitb16", "x.pth")
+    vits = {k: torch.empty(v.shape) for k, v in teacher.dinov3_shapes("dinov3_vits16").items()}
+    with pytest.raises(SystemExit, match="not a dinov3_vits16plus checkpoint: .*it matches dinov3_vits16$"):
+        teacher.check_dinov3(vits, "dinov3_vits16plus", "y.pth")
+    torch.save(fx["state_dict"], tmp_path / "tiny.pth")
+    vit = teacher.load_dinov3(str(tmp_path / "tiny.pth"), fx["config"])
+    assert torch.equal(vit.cls_token, fx["state_dict"]["cls_token"])
+
+
+def test_teacher_ecdet_has_a_dinov3_backbone_and_trains_every_parameter():
+    cfg = teacher.teacher_config("dinov3_vitl16")
+    assert cfg["ViTAdapter"] == {"dinov3": "dinov3_vitl16", "interaction_indexes": [22, 23], "proj_dim": 256}
+    assert cfg["HybridEncoder"] == model.preset_config("ecdet_x")["HybridEncoder"]
+    cfg = teacher.demo_teacher_config()
+    cfg["ECTransformer"]["num_denoising"] = 0
+    net = model.build_model(cfg)
+    vit = net.backbone.backbone
+    assert vit.dinov3 and len(vit.blocks) == 6 and net.backbone.interaction_indexes == [4, 5]
+    images = torch.randn(2, 3, 64, 64)
+    targets = [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]])}] * 2
+    losses = td.build_criterion(cfg)(net.train()(images, targets), targets)
+    sum(losses.values()).backward()
+    # DDP waits for a gradient of every trainable parameter: the unused final norm and mask token
+    # must be frozen, everything else must receive one.
+    no_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    assert not vit.norm.weight.requires_grad and not vit.mask_token.requires_grad
+
+
+def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path):
+    fx = load_fixture("dinov3_tiny")
+    torch.save(fx["state_dict"], tmp_path / "dinov3_tiny.pth")
+    (tmp_path / "arch.json").write_text(json.dumps(fx["config"]))
+    # 128 px: the teacher's ECDet-X decoder selects 300 queries among the 16^2 + 8^2 + 4^2 positions.
+    data = td.make_synthetic_coco(str(tmp_path / "coco"), num_train=4, num_val=2, img_size=128)
+    out = tmp_path / "out"
+    common = ["--data", data, "--img-size", "128", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+              "--device", "cpu", "--output-dir", str(out)]
+    # lr 0 keeps the weights as loaded, so the checkpoint shows what the run started from.
+    teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", str(tmp_path / "arch.json"),
+                  "--lr", "0", "--backbone-lr", "0"] + common)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["config"]["ViTAdapter"]["dinov3"] == fx["config"] and ckpt["epoch"] == 1
+    for k, v in fx["state_dict"].items():
+        assert torch.equal(ckpt["model"][f"backbone.backbone.{k}"], v), k
+    with pytest.raises(SystemExit, match="dinov3_tiny.pth is not a dinov3_vits16 checkpoint"):
+        teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", "dinov3_vits16"] + common)
+    with pytest.raises(SystemExit, match="--arch dinov3_vitq16: unknown DINOv3 model"):
+        teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", "dinov3_vitq16"] + common)
