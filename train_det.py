@@ -535,19 +535,26 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
 
     images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
     is used to bring boxes to the image tensor's size); results: per image, labels (n,), boxes (n, 4)
-    pixel x1, y1, x2, y2 in the original image, scores (n,); names: class name per label.
+    pixel x1, y1, x2, y2 in the original image, scores (n,), and optionally masks (n, h, w) at the
+    original size, blended in in the class colour; names: class name per label.
     Detections scoring below score_threshold are not drawn.
     """
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tiles = []
     for image, target, res in zip(images, targets, results):
-        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
-        tile = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-        draw = ImageDraw.Draw(tile)
+        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255)
         (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
-        scale = torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
         keep = res["scores"] >= score_threshold
+        if "masks" in res:  # half the class colour over each drawn detection's mask
+            masks = res["masks"][keep].detach().float().cpu().reshape(-1, 1, *res["masks"].shape[-2:])
+            masks = F.interpolate(masks, size=(h, w), mode="nearest")[:, 0].bool()
+            for mask, label in zip(masks, res["labels"][keep].tolist()):
+                colour = torch.tensor(_PALETTE[label % len(_PALETTE)], dtype=torch.float32)
+                pixels[:, mask] = 0.5 * pixels[:, mask] + 0.5 * colour[:, None]
+        tile = Image.fromarray(pixels.round().byte().permute(1, 2, 0).numpy())
+        draw = ImageDraw.Draw(tile)
+        scale = torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
         boxes = res["boxes"][keep].detach().float().cpu() * scale
         for box, label, score in zip(boxes.tolist(), res["labels"][keep].tolist(), res["scores"][keep].tolist()):
             colour = _PALETTE[label % len(_PALETTE)]
