@@ -1010,6 +1010,7 @@ class Task:
     build_criterion: object = build_criterion  # cfg -> criterion
     make_synthetic: object = make_synthetic_coco
     draw: object = draw_predictions
+    demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO
 
     def postprocess(self, outputs, orig_sizes, cfg):
         return model.postprocess(outputs, orig_sizes, cfg.get("PostProcessor", {}).get("num_top_queries", 300))
@@ -1274,18 +1275,20 @@ def demo_config(task):
 def demo(args, task):
     """The README's first command: a synthetic data set, a short CPU training run, COCO AP and a
     picture of predictions, all under --output-dir."""
+    settings = {**DEMO, **task.demo}
     root = os.path.join(args.output_dir, "demo_data")
     if not os.path.exists(os.path.join(root, "annotations")):
-        task.make_synthetic(root, num_train=DEMO["num_train"], num_val=DEMO["num_val"], img_size=DEMO["img_size"])
+        task.make_synthetic(root, num_train=settings["num_train"], num_val=settings["num_val"],
+                            img_size=settings["img_size"])
     os.makedirs(args.output_dir, exist_ok=True)
     config = os.path.join(args.output_dir, "demo_model.json")
     with open(config, "w") as f:
         json.dump(demo_config(task), f, indent=1)
     args.data, args.model, args.device, args.workers = root, config, "cpu", 0
-    args.img_size = [DEMO["img_size"]] * 2
-    args.batch_size = DEMO["batch_size"]
-    args.epochs = args.epochs or DEMO["epochs"]
-    args.lr = args.lr or DEMO["lr"]
+    args.img_size = [settings["img_size"]] * 2
+    args.batch_size = settings["batch_size"]
+    args.epochs = args.epochs or settings["epochs"]
+    args.lr = args.lr or settings["lr"]
     args.backbone_lr = args.backbone_lr or args.lr  # a randomly initialised ViT learns at the full rate
     metrics = run(args, task)
     name = task.iou_types[-1]
