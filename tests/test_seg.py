@@ -4,6 +4,8 @@ import copy
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -394,3 +396,19 @@ def test_cli_is_train_dets_with_ecseg_defaults():
     seg, det = td.parse_args([], ts.SegTask()), td.parse_args([], td.Task())
     assert vars(seg).keys() == vars(det).keys()
     assert (seg.model, seg.output_dir) == ("ecseg_s", "outputs/segmentation")
+
+
+def test_demo_trains_ecseg_with_its_settings(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(td, "run", lambda args, task: seen.update(vars(args)) or {"epoch": 1, "coco_segm": [0.0] * 12})
+    task = ts.SegTask(make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
+    td.demo(td.parse_args(["--demo", "--output-dir", str(tmp_path)], task), task)
+    assert seen["lr"] == seen["backbone_lr"] == 2e-3 and seen["epochs"] == td.DEMO["epochs"]
+    assert seen["num_train"] == td.DEMO["num_train"] and seen["img_size"] == [td.DEMO["img_size"]] * 2
+    config = json.loads((tmp_path / "demo_model.json").read_text())
+    assert config["model"] == "ECSeg" and config["ECTransformer"]["mask_downsample_ratio"] == 4
+
+
+def test_script_runs_with_train_dets_options():
+    done = subprocess.run([sys.executable, str(Path(ts.__file__)), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ECSEG (segmentation)" in done.stdout and "--backbone-weights" in done.stdout
