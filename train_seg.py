@@ -175,7 +175,8 @@ class MaskHungarianMatcher(HungarianMatcher):
             return C
         logits = outputs["pred_masks"].flatten(0, 1)  # (B·Q, h, w)
         gt = torch.cat([t["masks"] for t in targets]).to(logits.dtype)  # (T, H, W)
-        points = torch.rand(1, logits[0].numel() // self.mask_point_sample_ratio, 2, device=logits.device)
+        num_points = logits.shape[-2] * logits.shape[-1] // self.mask_point_sample_ratio
+        points = torch.rand(1, num_points, 2, device=logits.device)
         x = point_sample(logits, points.expand(len(logits), -1, -1))
         y = point_sample(gt, points.expand(len(gt), -1, -1), mode="nearest")
         return C + self.cost_mask_ce * pairwise_mask_bce(x, y) + self.cost_mask_dice * pairwise_dice(x, y)
@@ -261,9 +262,11 @@ class SegTask(train_det.Task):
         results = model.postprocess(outputs, orig_sizes, cfg.get("PostProcessor", {}).get("num_top_queries", 300),
                                     resize_masks=False)
         for r, (w, h) in zip(results, orig_sizes.tolist()):
-            r["masks"] = torch.cat([(F.interpolate(m[:, None], size=(int(h), int(w)), mode="bilinear",
-                                                   align_corners=False)[:, 0] > 0).cpu()
-                                    for m in r["masks"].split(self.mask_chunk)])
+            logits, size = r["masks"], (int(h), int(w))
+            r["masks"] = torch.empty(len(logits), *size, dtype=torch.bool)
+            for i in range(0, len(logits), self.mask_chunk):
+                chunk = logits[i:i + self.mask_chunk, None]
+                r["masks"][i:i + len(chunk)] = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)[:, 0] > 0
         return results
 
 
