@@ -537,19 +537,26 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
 
     images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
     is used to bring boxes to the image tensor's size); results: per image, labels (n,), boxes (n, 4)
-    pixel x1, y1, x2, y2 in the original image, scores (n,); names: class name per label.
+    pixel x1, y1, x2, y2 in the original image, scores (n,), and optionally masks (n, h, w) at the
+    original size, blended in in the class colour; names: class name per label.
     Detections scoring below score_threshold are not drawn.
     """
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tiles = []
     for image, target, res in zip(images, targets, results):
-        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
-        tile = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-        draw = ImageDraw.Draw(tile)
+        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255)
         (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
-        scale = torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
         keep = res["scores"] >= score_threshold
+        if "masks" in res:  # half the class colour over each drawn detection's mask
+            masks = res["masks"][keep].detach().float().cpu().reshape(-1, 1, *res["masks"].shape[-2:])
+            masks = F.interpolate(masks, size=(h, w), mode="nearest")[:, 0].bool()
+            for mask, label in zip(masks, res["labels"][keep].tolist()):
+                colour = torch.tensor(_PALETTE[label % len(_PALETTE)], dtype=torch.float32)
+                pixels[:, mask] = 0.5 * pixels[:, mask] + 0.5 * colour[:, None]
+        tile = Image.fromarray(pixels.round().byte().permute(1, 2, 0).numpy())
+        draw = ImageDraw.Draw(tile)
+        scale = torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
         boxes = res["boxes"][keep].detach().float().cpu() * scale
         for box, label, score in zip(boxes.tolist(), res["labels"][keep].tolist(), res["scores"][keep].tolist()):
             colour = _PALETTE[label % len(_PALETTE)]
@@ -1005,6 +1012,7 @@ class Task:
     build_criterion: object = build_criterion  # cfg -> criterion
     make_synthetic: object = make_synthetic_coco
     draw: object = draw_predictions
+    demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
 
     def postprocess(self, outputs, orig_sizes, cfg):
         return model.postprocess(outputs, orig_sizes, cfg.get("PostProcessor", {}).get("num_top_queries", 300))
@@ -1273,16 +1281,21 @@ def demo_config(task):
 
 def demo(args, task, cfg=None):
     """The README's first command: a synthetic data set, a short CPU training run, COCO AP and a
-    picture of predictions, all under --output-dir. `cfg`: the network (default: demo_config(task))."""
+    picture of predictions, all under --output-dir. `cfg`: the network (default: demo_config(task));
+    the task's `demo` entries override DEMO."""
+    settings = {**DEMO, **task.demo}
     root = os.path.join(args.output_dir, "demo_data")
     if not os.path.exists(os.path.join(root, "annotations")):
-        task.make_synthetic(root, num_train=DEMO["num_train"], num_val=DEMO["num_val"], img_size=DEMO["img_size"])
+        task.make_synthetic(root, num_train=settings["num_train"], num_val=settings["num_val"],
+                            img_size=settings["img_size"])
     os.makedirs(args.output_dir, exist_ok=True)
     config = os.path.join(args.output_dir, "demo_model.json")
     with open(config, "w") as f:
         json.dump(cfg or demo_config(task), f, indent=1)
     args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
-    args.img_size, args.batch_size = [DEMO["img_size"]] * 2, DEMO["batch_size"]
+    args.img_size, args.batch_size = [settings["img_size"]] * 2, settings["batch_size"]
+    if "lr" in settings:  # a stage's own rate, for the heads and the randomly initialised ViT alike
+        args.lr, args.backbone_lr = args.lr or settings["lr"], args.backbone_lr or settings["lr"]
     metrics = run(args, task)
     name = task.iou_types[-1]
     print(f"demo: {name} AP {metrics[f'coco_{name}'][0]:.3f}, AP50 {metrics[f'coco_{name}'][1]:.3f} after "

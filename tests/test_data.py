@@ -199,13 +199,23 @@ def test_epoch_policy_turns_mosaic_and_strong_ops_off(coco_root):
     tf = td.DetTransforms(True, IMG_SIZE, mosaic_prob=1.0, mosaic_epoch=2, stop_epoch=4)
     tf.iou_crop_prob = 1.0
     calls = []
+
+    class Recorder:  # stands in for an op; the mosaic's cache must be emptied every epoch
+        def __init__(self, name):
+            self.name, self.cache = name, ["stale sample"]
+
+        def __call__(self, image, target):
+            calls.append(self.name)
+            return image, target
+
     for name in ("mosaic", "photometric", "zoom_out", "iou_crop"):
-        setattr(tf, name, lambda image, target, name=name: calls.append(name) or (image, target))
+        setattr(tf, name, Recorder(name))
     ds = dataset(coco_root, transforms=tf)
     expected = {0: ["mosaic", "photometric"], 2: ["photometric", "zoom_out", "iou_crop"], 4: []}
     for epoch, ops in expected.items():
+        tf.mosaic.cache.append("stale sample")
         ds.set_epoch(epoch)
-        assert tf.epoch == epoch
+        assert tf.epoch == epoch and tf.mosaic.cache == []
         calls.clear()
         ds[0]
         assert calls == ops, epoch
