@@ -1130,20 +1130,31 @@ def postprocess(outputs, orig_sizes, num_top_queries=300, resize_masks=True):
     original image and `scores` (K,): the top K sigmoid scores over all (query, class) pairs.
     orig_sizes: (B, 2) as (w, h). With masks, `masks` (K, h, w) bool, resized to the original image
     (or the (K, H/4, W/4) logits when `resize_masks` is False)."""
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-    boxes = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy") * orig_sizes.repeat(1, 2).unsqueeze(1)
-    num_classes = logits.shape[-1]
-    scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, logits[0].numel()), dim=-1)
-    labels, query = index % num_classes, index // num_classes
-    boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-    results = [{"labels": l, "boxes": b, "scores": s} for l, b, s in zip(labels, boxes, scores)]
-    if "pred_masks" in outputs:
-        masks = outputs["pred_masks"]
-        masks = masks.gather(1, query[..., None, None].expand(-1, -1, *masks.shape[-2:]))
-        for r, m, (w, h) in zip(results, masks, orig_sizes.tolist()):
-            r["masks"] = F.interpolate(m[:, None], size=(int(h), int(w)), mode="bilinear",
-                                       align_corners=False)[:, 0] > 0 if resize_masks else m
+    top = select_top(outputs, orig_sizes, num_top_queries)
+    results = [dict(zip(top, per_image)) for per_image in zip(*top.values())]
+    if "masks" in top and resize_masks:
+        for r, (w, h) in zip(results, orig_sizes.tolist()):
+            r["masks"] = F.interpolate(r["masks"][:, None], size=(int(h), int(w)), mode="bilinear",
+                                       align_corners=False)[:, 0] > 0
     return results
+
+
+def select_top(outputs, orig_sizes, num_top_queries=300):
+    """The batched core of `postprocess`, free of per-image Python loops so that it also runs inside
+    an exported graph: `labels` (B, K), `scores` (B, K), `boxes` (B, K, 4) pixel x1, y1, x2, y2, and
+    with masks `masks` (B, K, H/4, W/4) mask logits. orig_sizes: (B, 2) as (w, h)."""
+    logits = outputs["pred_logits"]
+    B, Q, num_classes = logits.shape
+    scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, Q * num_classes), dim=-1)
+    # Rows of the (B*Q, ...) flattened outputs: one plain gather, not an index tensor as large as the masks.
+    rows = index // num_classes + Q * torch.arange(B, device=index.device)[:, None]
+    pick = lambda t: t.flatten(0, 1)[rows]
+    boxes = torchvision.ops.box_convert(outputs["pred_boxes"], "cxcywh", "xyxy")
+    boxes = boxes * orig_sizes.repeat(1, 2).unsqueeze(1)
+    top = {"labels": index % num_classes, "boxes": pick(boxes), "scores": scores}
+    if "pred_masks" in outputs:
+        top["masks"] = pick(outputs["pred_masks"])
+    return top
 
 
 # ---------------------------------------------------------------------------------------------
