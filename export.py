@@ -99,7 +99,7 @@ def atomic_output(path, flag):
     """A temporary file next to `path` that replaces `path` only when the block succeeds, so a failed
     export never leaves a half-written or unverified file under the requested name."""
     path = check_writable(path, flag)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # ONNX Runtime goes by the suffix
     try:
         yield str(tmp)
         os.replace(tmp, path)
@@ -119,6 +119,18 @@ def export_onnx(deployed, inputs, path, opset, dynamic_batch, names):
         warnings.simplefilter("ignore", category=DeprecationWarning)
         torch.onnx.export(deployed, inputs, path, dynamo=False, opset_version=opset, do_constant_folding=True,
                           input_names=["images", "orig_target_sizes"], output_names=names, dynamic_axes=axes)
+    # torch's folding leaves what is computed from parameters and static shapes (the FDR bin values,
+    # RoPE tables, shape arithmetic: 3695 nodes for ECDet-S, 1418 after). ONNX Runtime's basic
+    # optimisations fold it into standard ONNX ops; its own opset imports, unused, are dropped.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = path
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(path)
+    used = [o for o in graph.opset_import if o.domain in {"", *(n.domain for n in graph.graph.node)}]
+    del graph.opset_import[:]
+    graph.opset_import.extend(used)
+    onnx.save(graph, path)
     onnx.checker.check_model(path, full_check=True)
 
 
@@ -204,7 +216,7 @@ def trtexec_command(onnx_path, engine_path, fp16, size, max_batch):
     if max_batch:
         shapes = lambda b: f"images:{b}x3x{size[0]}x{size[1]},orig_target_sizes:{b}x2"
         cmd += f" --minShapes={shapes(1)} --optShapes={shapes(1)} --maxShapes={shapes(max_batch)}"
-    return cmd + (" --fp16" if fp16 else "")
+    return cmd + (" --fp16    (TensorRT 10; TensorRT 11: ModelOpt AutoCast the ONNX file instead)" if fp16 else "")
 
 
 def build_engine(onnx_path, engine_path, fp16, size, max_batch):
@@ -238,8 +250,9 @@ class TensorRTRunner:
 
     def __init__(self, engine_path):
         import tensorrt as trt
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
-            pathlib.Path(engine_path).read_bytes())
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # the runtime and its logger must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(pathlib.Path(engine_path).read_bytes())
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = {n: torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
@@ -366,8 +379,8 @@ def run(args):
             runners[f"TensorRT ({precision}, CUDA)"] = lambda: engine(*on_gpu)
         with torch.inference_mode():
             times = benchmark(runners, args.runs, warmup=3)
-        print_table(times, f"{name} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, median of {args.runs} "
-                           f"runs after 3 warm-up runs:")
+        print_table(times, f"{name} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, {args.runs} runs after 3 "
+                           f"warm-up runs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
 
 
 if __name__ == "__main__":
