@@ -319,6 +319,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.img_size and len(args.img_size) > 2:
         parser.error(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
+    if args.fp16 and not args.trt:
+        parser.error("--fp16 sets the precision of the TensorRT engine: give --trt too")
     try:
         run(args)
     except (ValueError, RuntimeError, onnx.checker.ValidationError) as e:
