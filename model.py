@@ -1513,41 +1513,52 @@ def check_state_dict(own, sd):
 # ---------------------------------------------------------------------------------------------
 # Postprocessing: top-k (query, class) pairs -> labels, pixel boxes, scores (and masks)
 # ---------------------------------------------------------------------------------------------
+def num_top_queries(cfg):
+    """K of the original's postprocessor: ECDet and ECSeg's num_top_queries, ECPose's num_select."""
+    if "DETRPosePostProcessor" in cfg:
+        return cfg["DETRPosePostProcessor"]["num_select"]
+    return cfg.get("PostProcessor", {}).get("num_top_queries", 300)
+
+
 def postprocess(outputs, orig_sizes, num_top_queries=300, resize_masks=True):
-    """Decoder outputs -> per-image dicts of `labels` (K,), `boxes` (K, 4) pixel x1, y1, x2, y2 in the
-    original image and `scores` (K,): the top K sigmoid scores over all (query, class) pairs.
-    orig_sizes: (B, 2) as (w, h). With masks, `masks` (K, h, w) bool, resized to the original image
-    (or the (K, H/4, W/4) logits when `resize_masks` is False)."""
-    logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-    boxes = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy") * orig_sizes.repeat(1, 2).unsqueeze(1)
-    num_classes = logits.shape[-1]
-    scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, logits[0].numel()), dim=-1)
-    labels, query = index % num_classes, index // num_classes
-    boxes = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-    results = [{"labels": l, "boxes": b, "scores": s} for l, b, s in zip(labels, boxes, scores)]
-    if "pred_masks" in outputs:
-        masks = outputs["pred_masks"]
-        masks = masks.gather(1, query[..., None, None].expand(-1, -1, *masks.shape[-2:]))
-        for r, m, (w, h) in zip(results, masks, orig_sizes.tolist()):
-            r["masks"] = F.interpolate(m[:, None], size=(int(h), int(w)), mode="bilinear",
-                                       align_corners=False)[:, 0] > 0 if resize_masks else m
+    """Decoder outputs -> per-image dicts of `labels` (K,) and `scores` (K,), the top K sigmoid scores
+    over all (query, class) pairs, with the query's `boxes` (K, 4) pixel x1, y1, x2, y2 in the original
+    image (ECDet, ECSeg), `masks` (K, h, w) bool resized to the original image (ECSeg; the (K, H/4, W/4)
+    logits when `resize_masks` is False), `keypoints` (K, 51) pixel x, y and a constant 1 per keypoint,
+    COCO's result format (ECPose, whose labels are COCO category ids: person = 1).
+    orig_sizes: (B, 2) as (w, h). ECPose's original keeps K = 60 (DETRPosePostProcessor.num_select)."""
+    top = select_top(outputs, orig_sizes, num_top_queries)
+    results = [dict(zip(top, per_image)) for per_image in zip(*top.values())]
+    for r, (w, h) in zip(results, orig_sizes.tolist()):
+        if "masks" in r and resize_masks:
+            r["masks"] = F.interpolate(r["masks"][:, None], size=(int(h), int(w)), mode="bilinear",
+                                       align_corners=False)[:, 0] > 0
+        if "keypoints" in r:
+            r["keypoints"] = torch.cat([r["keypoints"], torch.ones_like(r["keypoints"][..., :1])], -1).flatten(-2)
     return results
 
 
-def postprocess_pose(outputs, orig_sizes, num_select=60):
-    """ECPose outputs -> per-image dicts of `labels` (K,), `scores` (K,) and `keypoints` (K, 51): the
-    top K sigmoid scores over all (query, class) pairs, and the query's 17 keypoints as pixel x, y
-    in the original image and a constant 1 (COCO's result format; no visibility is predicted).
-    orig_sizes: (B, 2) as (w, h). Labels are the class indices, which ECPose trains as COCO category
-    ids (person = 1); unlike detection they need no mapping."""
-    logits, keypoints = outputs["pred_logits"], outputs["pred_keypoints"]
-    num_classes = logits.shape[-1]
-    scores, index = logits.sigmoid().flatten(1).topk(min(num_select, logits[0].numel()), dim=-1)
-    labels, query = index % num_classes, index // num_classes
-    keypoints = keypoints.gather(1, query.unsqueeze(-1).expand(-1, -1, keypoints.shape[-1])).unflatten(-1, (-1, 2))
-    keypoints = keypoints * orig_sizes[:, None, None, :]
-    keypoints = torch.cat([keypoints, torch.ones_like(keypoints[..., :1])], -1).flatten(-2)
-    return [{"labels": l, "scores": s, "keypoints": k} for l, s, k in zip(labels, scores, keypoints)]
+def select_top(outputs, orig_sizes, num_top_queries=300):
+    """The batched core of `postprocess`, free of per-image Python loops so that it also runs inside
+    an exported graph: `labels` (B, K), `scores` (B, K), and whichever the outputs carry of `boxes`
+    (B, K, 4) pixel x1, y1, x2, y2, `masks` (B, K, H/4, W/4) mask logits and `keypoints` (B, K, 17, 2)
+    pixel x, y. orig_sizes: (B, 2) as (w, h)."""
+    logits = outputs["pred_logits"]
+    B, Q, num_classes = logits.shape
+    scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, Q * num_classes), dim=-1)
+    # Rows of the (B*Q, ...) flattened outputs: one plain gather, not an index tensor as large as the masks.
+    rows = index // num_classes + Q * torch.arange(B, device=index.device)[:, None]
+    pick = lambda t: t.flatten(0, 1)[rows]
+    top = {"labels": index % num_classes}  # in the original's order: labels, boxes, scores, masks
+    if "pred_boxes" in outputs:
+        boxes = torchvision.ops.box_convert(outputs["pred_boxes"], "cxcywh", "xyxy")
+        top["boxes"] = pick(boxes * orig_sizes.repeat(1, 2).unsqueeze(1))
+    top["scores"] = scores
+    if "pred_masks" in outputs:
+        top["masks"] = pick(outputs["pred_masks"])
+    if "pred_keypoints" in outputs:
+        top["keypoints"] = pick(outputs["pred_keypoints"]).unflatten(-1, (-1, 2)) * orig_sizes[:, None, None, :]
+    return top
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1015,7 +1015,7 @@ class Task:
     demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
 
     def postprocess(self, outputs, orig_sizes, cfg):
-        return model.postprocess(outputs, orig_sizes, cfg.get("PostProcessor", {}).get("num_top_queries", 300))
+        return model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
 
 
 def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):

@@ -259,7 +259,7 @@ class SegTask(train_det.Task):
     def postprocess(self, outputs, orig_sizes, cfg):
         """model.postprocess with the masks (K, h, w) bool at the original size, on the CPU (the
         evaluator encodes them there), resized a chunk at a time."""
-        results = model.postprocess(outputs, orig_sizes, cfg.get("PostProcessor", {}).get("num_top_queries", 300),
+        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg),
                                     resize_masks=False)
         for r, (w, h) in zip(results, orig_sizes.tolist()):
             logits, size = r["masks"], (int(h), int(w))

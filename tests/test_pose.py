@@ -48,7 +48,7 @@ def test_eval_deploy_and_postprocess_match_fixture(pose_tiny):
             torch.testing.assert_close(outputs[key], ref, atol=1e-4, rtol=0)
 
     num_select = fx["config"]["DETRPosePostProcessor"]["num_select"]
-    results, ref = model.postprocess_pose(out, fx["orig_target_sizes"], num_select), fx["postprocess"][0]
+    results, ref = model.postprocess(out, fx["orig_target_sizes"], num_select), fx["postprocess"][0]
     assert torch.equal(results[0]["labels"], ref["labels"])  # class indices, not remapped
     torch.testing.assert_close(results[0]["scores"], ref["scores"], atol=1e-4, rtol=0)
     torch.testing.assert_close(results[0]["keypoints"], ref["keypoints"], atol=1e-3, rtol=0)  # pixels
@@ -83,7 +83,7 @@ def test_non_square_inputs_and_batches(pose_tiny):
             single = net(images[1:2])
         assert out["pred_logits"].shape == (batch, 20, 2) and out["pred_keypoints"].shape == (batch, 20, 34)
         torch.testing.assert_close(out["pred_keypoints"][1:2], single["pred_keypoints"], atol=1e-5, rtol=0)
-        res = model.postprocess_pose(out, torch.tensor([[640, 480]] * batch), num_select=7)
+        res = model.postprocess(out, torch.tensor([[640, 480]] * batch), num_top_queries=7)
         assert res[-1]["keypoints"].shape == (7, 51)
         assert res[-1]["keypoints"][:, 0::3].max() <= 640 * 1.5  # pixel x, scaled by the width
 
