@@ -1565,9 +1565,11 @@ def select_top(outputs, orig_sizes, num_top_queries=300):
 # Benchmark: python model.py ecdet_s
 # ---------------------------------------------------------------------------------------------
 def count_flops(net, size):
-    """Multiply-accumulates of one eval forward at `size` (the paper's "FLOPs"), via torch's counter."""
+    """Multiply-accumulates of one eval forward at `size` (the paper's "FLOPs"), via torch's counter.
+    Attention runs through its plain matmul path here: the counter cannot see the fused CPU kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         net(torch.zeros(1, 3, *size))
     return counter.get_total_flops() / 2
 
