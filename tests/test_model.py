@@ -159,3 +159,10 @@ def test_bad_input_gets_clear_errors(tmp_path):
         model.load_weights(net, tmp_path / "nowhere.pth")
     with pytest.raises(ValueError, match="330x320 is not a multiple of 32"):
         net.eval()(torch.zeros(1, 3, 330, 320))
+
+
+def test_flops_as_the_paper_counts_them():
+    """The paper's GFLOPs leave attention's products out (calflops cannot see the fused kernel)."""
+    flops, attention = model.count_flops(model.build_model("ecdet_s").eval(), (640, 640))
+    assert round((flops - attention) / 1e9) == 26  # the paper's ECDet-S
+    assert 23e9 < attention < 25e9  # 12 ViT blocks of 1601 tokens, and the encoder's 400
