@@ -318,6 +318,8 @@ def main(argv=None):
     parser.add_argument("--benchmark", action="store_true", help="time PyTorch, ONNX Runtime (and TensorRT)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of PyTorch and ONNX Runtime")
     parser.add_argument("--runs", type=int, default=20, help="timed runs per runtime in --benchmark")
+    parser.add_argument("--reference", metavar="DIR", help="--benchmark the original implementation too (ECDet, ECSeg): "
+                        "the ecdetseg/ folder of a checkout of Intellindust-AI-Lab/EdgeCrafter")
     args = parser.parse_args(argv)
     if args.img_size and len(args.img_size) > 2:
         parser.error(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
@@ -378,6 +380,10 @@ def run(args):
         runners = {"PyTorch eager, eval model (fp32)": lambda: eager(images, sizes),
                    "PyTorch eager, deployed (fp32)": lambda: deployed(images, sizes),
                    "ONNX Runtime CPU (fp32)": lambda: session.run(None, feed)}
+        if args.reference:
+            original = model.reference_model(cfg, args.reference).eval()
+            original.load_state_dict(eval_net.state_dict())
+            runners["the original, PyTorch eager (fp32)"] = lambda: original(images)
         if engine:
             on_gpu = images.cuda(), sizes.cuda()
             runners[f"TensorRT ({precision}, CUDA)"] = lambda: engine(*on_gpu)
@@ -385,6 +391,10 @@ def run(args):
             times = benchmark(runners, args.runs, warmup=3)
         print_table(times, f"{name} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, {args.runs} runs after 3 "
                            f"warm-up runs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+        if args.reference:  # per run, as the runtimes took turns
+            reference = times.pop("the original, PyTorch eager (fp32)")
+            for name, ts in times.items():
+                print(f"  {name} / the original: median {statistics.median(a / b for a, b in zip(ts, reference)):.3f}")
 
 
 if __name__ == "__main__":

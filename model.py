@@ -9,6 +9,7 @@ parameter names equal the original implementation's, so the released checkpoints
 """
 import copy
 import math
+import statistics
 import time
 
 import torch
@@ -1576,16 +1577,43 @@ def count_flops(net, size):
     return counter.get_total_flops(), counter.get_flop_counts()["Global"].get(fused, 0)
 
 
-def measure_latency(net, size, runs=10, warmup=2):
+def reference_model(cfg, root):
+    """The original implementation's ECDet or ECSeg for `cfg`, built from a checkout of
+    Intellindust-AI-Lab/EdgeCrafter (`root`: its ecdetseg/ folder), to time against this file in the
+    same run. Only its network code is imported: its `engine` package is entered bare, with stand-ins
+    for the registry and the distributed helpers, so that its training dependencies are not needed.
+    Its weights are random; copy them from ours with load_state_dict (the names are the same)."""
+    import importlib, os, sys, types
+    engine = os.path.join(root, "engine")
+    if not os.path.isfile(os.path.join(engine, "edgecrafter", "modeling.py")):
+        raise ValueError(f"--reference {root}: expected the original's ecdetseg/ folder, with engine/edgecrafter/")
+    if cfg.get("model") not in ("ECDet", "ECSeg"):
+        raise ValueError(f"--reference builds the original's ECDet and ECSeg, not {cfg.get('model')}")
+    for name, attrs in {"engine": dict(__path__=[engine]), "engine.core": dict(register=lambda *a, **k: lambda c: c),
+                        "engine.misc": dict(__path__=[]), "engine.misc.dist_utils": dict(
+                            get_world_size=lambda: 1, is_dist_available_and_initialized=lambda: False)}.items():
+        vars(sys.modules.setdefault(name, types.ModuleType(name))).update(attrs)
+    original = importlib.import_module("engine.edgecrafter")
+    size = dict(eval_spatial_size=cfg["eval_spatial_size"])
+    backbone = original.ViTAdapter(**{k: v for k, v in cfg["ViTAdapter"].items() if k != "weights_path"},
+                                   skip_load_backbone=True)
+    return getattr(original, cfg["model"])(backbone, original.HybridEncoder(**cfg["HybridEncoder"], **size),
+                                          original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size))
+
+
+def measure_latency(nets, size, runs=10, warmup=2):
+    """Seconds per eval forward of batch 1 at `size`, {name: [runs times]} for a dict of networks,
+    which take turns run by run so that load from other processes falls on all of them alike."""
     x = torch.randn(1, 3, *size)
-    times = []
+    times = {name: [] for name in nets}
     with torch.inference_mode():
         for i in range(warmup + runs):
-            t = time.perf_counter()
-            net(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2], times
+            for name, net in nets.items():
+                start = time.perf_counter()
+                net(x)
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main():
@@ -1596,19 +1624,28 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--deploy", action="store_true", help="benchmark the deployed (fused) network")
+    parser.add_argument("--reference", metavar="DIR", help="also time the original implementation (ECDet, ECSeg): "
+                        "the ecdetseg/ folder of a checkout of Intellindust-AI-Lab/EdgeCrafter")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     net = build_model(args.preset).eval()
     params = sum(p.numel() for p in net.parameters())
     flops, attention = count_flops(net, args.img_size)
+    nets = {"this implementation" + (", deployed" if args.deploy else ""): net}
+    if args.reference:
+        nets["the original"] = reference_model(preset_config(args.preset), args.reference).eval()
+        nets["the original"].load_state_dict(net.state_dict())
     if args.deploy:
         net.deploy()
-    median, times = measure_latency(net, args.img_size, args.runs)
+    times = measure_latency(nets, args.img_size, args.runs)
     print(f"{args.preset}: {params / 1e6:.2f} M parameters, {(flops - attention) / 1e9:.1f} GFLOPs at "
           f"{args.img_size[0]}x{args.img_size[1]} as the paper counts them, {flops / 1e9:.1f} with attention's products")
-    print(f"CPU latency ({args.threads} threads, batch 1, float32{', deployed' if args.deploy else ''}): "
-          f"median {median * 1e3:.0f} ms over {args.runs} runs (min {min(times) * 1e3:.0f}, max {max(times) * 1e3:.0f})")
-
+    print(f"CPU latency, batch 1, float32, {args.threads} threads, {args.runs} runs taking turns:")
+    for name, ts in times.items():
+        print(f"  {name:32s} median {statistics.median(ts) * 1e3:5.0f} ms (min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f})")
+    if args.reference:
+        ratio = statistics.median(a / b for a, b in zip(*times.values()))
+        print(f"  ratio to the original: median over runs {ratio:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -166,3 +166,12 @@ def test_flops_as_the_paper_counts_them():
     flops, attention = model.count_flops(model.build_model("ecdet_s").eval(), (640, 640))
     assert round((flops - attention) / 1e9) == 26  # the paper's ECDet-S
     assert 23e9 < attention < 25e9  # 12 ViT blocks of 1601 tokens, and the encoder's 400
+
+
+def test_reference_needs_the_originals_checkout(tmp_path):
+    with pytest.raises(ValueError, match="expected the original's ecdetseg/ folder"):
+        model.reference_model(model.preset_config("ecdet_s"), str(tmp_path))
+    (tmp_path / "engine" / "edgecrafter").mkdir(parents=True)
+    (tmp_path / "engine" / "edgecrafter" / "modeling.py").write_text("")
+    with pytest.raises(ValueError, match="not ECPose"):
+        model.reference_model(model.preset_config("ecpose_s"), str(tmp_path))
