@@ -251,7 +251,8 @@ class SegTask(train_det.Task):
     build_criterion: object = build_criterion
     # ECSeg weighs the box terms less than ECDet, and its class scores follow the box IoU (MAL):
     # after the short CPU demo they sit near 0.3-0.5. The demo learns faster at twice ECDet's lr
-    # (24 epochs: mask AP 0.32 against 0.17 at 1e-3), and pictures show scores from 0.3 on.
+    # (24 epochs of an earlier schedule: mask AP 0.32 against 0.17 at 1e-3; `--demo` now: 0.142
+    # after the "demo" recipe's 20 epochs), and pictures show scores from 0.3 on.
     demo: dict = dataclasses.field(default_factory=lambda: {"lr": 2e-3})
     draw: object = functools.partial(train_det.draw_predictions, score_threshold=0.3)
     mask_chunk: int = 50  # masks resized at once: bounds the float copy at the original image size
