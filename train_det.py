@@ -69,8 +69,8 @@ TRAINING = dict(batch_size=32, betas=(0.9, 0.999), warmup_iter=2000, lr_gamma=0.
                 ema_warmups=1000, clip_max_norm=0.1)
 
 # Target entries with one row per object: Mosaic and MixUp concatenate them, SanitizeBoxes filters
-# them together. "keypoints" (a tv_tensors.KeyPoints) is for the pose stage.
-INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints")
+# them together. "keypoints" (a tv_tensors.KeyPoints) and "area" are for the pose stage.
+INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area")
 
 
 # ---- Data: COCO-format data set ----
@@ -449,21 +449,24 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0):
 # ---- Evaluation: COCO AP ----
 
 class CocoEvaluator:
-    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox" and/or "segm".
+    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox", "segm", "keypoints".
 
     update(image_ids, results): results[i] belongs to image image_ids[i] and holds labels (n,)
-    contiguous, boxes (n, 4) pixel x1, y1, x2, y2 in the original image, scores (n,), and for
-    "segm" masks (n, H, W) or (n, 1, H, W) at the original size (bool, or probabilities cut at 0.5).
+    (mapped to category ids by label_to_cat), scores (n,), and per iou_type: "bbox" boxes (n, 4)
+    pixel x1, y1, x2, y2 in the original image; "segm" masks (n, H, W) or (n, 1, H, W) at the
+    original size (bool, or probabilities cut at 0.5); "keypoints" keypoints (n, 3K), per keypoint
+    pixel x, y in the original image and a score (COCO's result format).
     summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
-    rank 0, prints the standard table and returns {iou_type: the 12 COCO stats} on every rank.
+    rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
+    every rank.
     An image passed to update() without detections counts as all-missed; images never passed are
     not evaluated (as the original). Use one evaluator per evaluation pass.
     """
 
     def __init__(self, coco_gt, label_to_cat, iou_types=("bbox",)):
-        unknown = set(iou_types) - {"bbox", "segm"}
+        unknown = set(iou_types) - {"bbox", "segm", "keypoints"}
         if unknown:
-            raise ValueError(f"iou_types must be among 'bbox', 'segm'; got {sorted(unknown)}")
+            raise ValueError(f"iou_types must be among 'bbox', 'segm', 'keypoints'; got {sorted(unknown)}")
         self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
         self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
 
@@ -480,6 +483,9 @@ class CocoEvaluator:
             if "segm" in self.iou_types:
                 entry["segm"] = [dict(image_id=image_id, category_id=c, segmentation=rle, score=s)
                                  for c, rle, s in zip(cats, self._encode(res["masks"]), scores)]
+            if "keypoints" in self.iou_types:
+                entry["keypoints"] = [dict(image_id=image_id, category_id=c, keypoints=k, score=s)
+                                      for c, k, s in zip(cats, res["keypoints"].float().cpu().tolist(), scores)]
             self.results[image_id] = entry
 
     @staticmethod
@@ -532,7 +538,7 @@ _PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 
             (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
 
 
-def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4):
+def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4, skeleton=()):
     """Save a PNG grid of images with their predicted boxes, class names and scores; returns path.
 
     images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
@@ -540,6 +546,8 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
     pixel x1, y1, x2, y2 in the original image, scores (n,), and optionally masks (n, h, w) at the
     original size, blended in in the class colour; names: class name per label.
     Detections scoring below score_threshold are not drawn.
+    With keypoints (n, 3K) (pixel x, y, score) in the results, each person's keypoints are drawn
+    too, joined by the `skeleton`'s (i, j) pairs of keypoint indices.
     """
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -562,6 +570,14 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
             colour = _PALETTE[label % len(_PALETTE)]
             draw.rectangle(box, outline=colour, width=2)
             draw.text((box[0] + 3, box[1] + 2), f"{names[label]} {score:.2f}", fill=colour)
+        if "keypoints" in res:  # one colour per person, as they are often of one class
+            points = res["keypoints"][keep].detach().float().cpu().unflatten(-1, (-1, 3))[..., :2] * scale[:2]
+            for i, xy in enumerate(points.tolist()):
+                colour = _PALETTE[i % len(_PALETTE)]
+                for a, b in skeleton:
+                    draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=2)
+                for x, y in xy:
+                    draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=colour)
         tiles.append(tile)
     if not tiles:
         raise ValueError("draw_predictions() got no images")
