@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
 import model
 import train_det as td
@@ -204,6 +205,19 @@ def test_keypoint_evaluation_of_perfect_and_no_predictions(pose_root):
     stats = evaluator.summarize()["keypoints"]
     assert len(stats) == 10 and stats[0] == pytest.approx(1.0) and stats[1] == pytest.approx(1.0)
     assert empty.summarize()["keypoints"][:2] == [0.0, 0.0]
+
+
+def test_pictures_draw_each_persons_skeleton(tmp_path):
+    keypoints = torch.zeros(2, 17, 3)
+    keypoints[:, :, :2] = torch.tensor([[20.0, 10.0], [40.0, 10.0]])[:, None]
+    keypoints[:, 9, 1] = 50.0  # the left wrist: the bone 7-9 (elbow to wrist) runs down x = 20 and x = 40
+    result = {"labels": torch.ones(2, dtype=torch.int64), "scores": torch.tensor([0.9, 0.2]),
+              "keypoints": keypoints.flatten(1), "boxes": torch.tensor([[20.0, 10.0, 20.0, 50.0], [40.0, 10.0, 40.0, 50.0]])}
+    path = tp.POSE.draw(torch.zeros(1, 3, 64, 64), [{"orig_size": torch.tensor([64, 64])}], [result], ["", "person"],
+                        str(tmp_path / "p.png"))
+    picture = np.asarray(Image.open(path)).astype(int)
+    assert tuple(picture[30, 20]) == td._PALETTE[0]  # the first person's elbow-wrist bone
+    assert abs(picture[30, 40] - picture[30, 55]).sum() == 0  # the second scores under the threshold
 
 
 # ---- training ----
