@@ -17,7 +17,7 @@ flipped box (torchvision and the original flip keypoints as pixel indices, x -> 
   1), `boxes` (n, 4) normalised cx, cy, w, h, `keypoints` (n, 51) = 17 normalised (x, y) pairs then
   17 visibilities (0 or 1; COCO's 1 "occluded" and 2 "visible" are both 1, as in the original) and
   `area` (n,) the segment area divided by the image area.
-- Results (model.postprocess_pose) hold `keypoints` (n, 51) = per keypoint pixel x, y in the
+- Results (model.postprocess) hold `keypoints` (n, 51) = per keypoint pixel x, y in the
   original image and a score, and `labels` that already are category ids.
 """
 import functools
@@ -145,6 +145,9 @@ POSE_RECIPES = {f"ecpose_{size}": dict(epochs=epochs, lr=5e-4, backbone_lr=backb
                 for size, (epochs, backbone_lr, wd, mosaic_epoch, stop_epoch) in {
                     "s": (92, 2.5e-5, 1e-4, 45, 90), "m": (92, 2.5e-5, 1e-4, 45, 90),
                     "l": (74, 2.5e-6, 1.25e-4, 48, 72), "x": (74, 2.5e-6, 1.25e-4, 48, 72)}.items()}
+# The CPU demo: train_det's schedule, without batch MixUp like the presets (its mosaic ends where
+# PoseTransforms' strong augmentation starts).
+POSE_RECIPES["demo"] = dict(td.RECIPES["demo"], mixup_prob=0.0)
 
 
 def hflip(image, target):
@@ -568,18 +571,19 @@ def build_criterion(cfg):
 # Training: ECPose in train_det's loop, and the demo
 # ---------------------------------------------------------------------------------------------
 class PoseTask(Task):
-    """train_det's Task for ECPose: results from model.postprocess_pose, with each person's box the
-    extent of its keypoints (as COCO's keypoint evaluation takes it) for the pictures."""
+    """train_det's Task for ECPose: model.postprocess's results, with each person's box the extent of
+    its keypoints (as COCO's keypoint evaluation takes it) for the pictures."""
 
     def postprocess(self, outputs, orig_sizes, cfg):
-        results = model.postprocess_pose(outputs, orig_sizes, cfg.get("DETRPosePostProcessor", {}).get("num_select", 60))
+        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
         for r in results:
             xy = r["keypoints"].unflatten(-1, (-1, 3))[..., :2]
             r["boxes"] = torch.cat([xy.amin(1), xy.amax(1)], -1)
         return results
 
 
-# The demo (train_det.DEMO with these changes) trains on 256 images of 128 x 128 pixels at most.
+# The demo (train_det.DEMO with these changes) trains on 256 images of 128 x 128 pixels at most, with
+# the "demo" recipe's schedule and strong augmentation from the first epoch.
 POSE = PoseTask(name="pose", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
                 recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
                 make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),

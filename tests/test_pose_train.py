@@ -247,8 +247,9 @@ def test_training_steps_lower_the_loss(pose_root):
 
 # The short run: TINY["images"] synthetic images evaluated on themselves (what is tested is that
 # keypoints are learnt through the whole loop, not generalisation), without augmentation.
-# Measured: keypoint AP50 MEASURED after TINY["epochs"] epochs; at initialisation 0.
-TINY = dict(images=2, size=64, seed=1, epochs=90, batch=2, lr="1e-3", min_ap50=0.5)
+# Measured: keypoint AP50 0.83 (AP 0.60) after TINY["epochs"] epochs; 0.34, 0.83, 0.17 for seeds 0, 1, 2
+# (two threads); at initialisation 0. Asserted with a margin under the lowest seed.
+TINY = dict(images=2, size=64, seed=1, epochs=90, batch=2, lr="1e-3", min_ap50=0.1)
 
 
 def test_short_run_learns_keypoints_and_logs_them(tmp_path, monkeypatch):
