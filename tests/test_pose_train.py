@@ -2,7 +2,11 @@
 swap left and right, bad input, keypoint AP, and short training runs."""
 import dataclasses
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +280,19 @@ def test_cli_is_train_dets_with_ecpose_defaults():
     pose, det = td.parse_args([], tp.POSE), td.parse_args([], td.Task())
     assert vars(pose).keys() == vars(det).keys()
     assert (pose.model, pose.output_dir) == ("ecpose_s", "outputs/pose")
+
+
+def test_demo_trains_ecpose_with_its_settings(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(td, "run", lambda args, task: seen.update(vars(args), task=task) or {"epoch": 1, "coco_keypoints": [0.0] * 10})
+    task = dataclasses.replace(tp.POSE, make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
+    td.demo(td.parse_args(["--demo", "--output-dir", str(tmp_path)], task), task)
+    assert seen["recipe"] == "demo" and seen["img_size"] == [128, 128] and seen["batch_size"] == 8
+    assert seen["task"].recipes["demo"]["mixup_prob"] == 0.0 and seen["num_train"] == td.DEMO["num_train"]
+    config = json.loads((tmp_path / "demo_model.json").read_text())
+    assert config["model"] == "ECPose" and config["DETRTransformer"]["num_queries"] == 20
+
+
+def test_script_runs_with_train_dets_options():
+    done = subprocess.run([sys.executable, str(Path(tp.__file__)), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ECPOSE (pose)" in done.stdout and "--backbone-weights" in done.stdout
