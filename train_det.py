@@ -69,8 +69,8 @@ TRAINING = dict(batch_size=32, betas=(0.9, 0.999), warmup_iter=2000, lr_gamma=0.
                 ema_warmups=1000, clip_max_norm=0.1)
 
 # Target entries with one row per object: Mosaic and MixUp concatenate them, SanitizeBoxes filters
-# them together. "keypoints" (a tv_tensors.KeyPoints) is for the pose stage.
-INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints")
+# them together. "keypoints" (a tv_tensors.KeyPoints) and "area" are for the pose stage.
+INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area")
 
 
 # ---- Data: COCO-format data set ----
@@ -418,17 +418,19 @@ def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
     return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
 
 
-def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0):
+def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0,
+                        draw=_synthetic_image, categories=None, ann_prefix="instances"):
     """Write a small COCO-format data set of coloured shapes on noisy backgrounds; returns root.
 
     Layout: root/train2017/*.jpg, root/val2017/*.jpg, root/annotations/instances_{train,val}2017.json.
     Each image has sides drawn from [0.625, 1] * img_size pixels and 0-4 non-overlapping regular
     polygons (circle = 32 corners, square, triangle; category ids 1, 3, 7), each annotated with bbox
     (x, y, w, h pixels), area (of the polygon's mask), iscrowd 0 and a polygon segmentation.
-    The same seed writes the same files.
+    The same seed writes the same files. Other stages write their own data in this layout by
+    passing draw (as _synthetic_image), their categories (COCO category dicts) and ann_prefix.
     """
     rng = np.random.default_rng(seed)
-    categories = [dict(id=c, name=name, supercategory="shape") for c, name in SYNTHETIC_CATEGORIES.items()]
+    categories = categories or [dict(id=c, name=name, supercategory="shape") for c, name in SYNTHETIC_CATEGORIES.items()]
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     for split, count in (("train2017", num_train), ("val2017", num_val)):
         split_dir = os.path.join(root, split)
@@ -436,12 +438,12 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0):
         images, annotations = [], []
         for image_id in range(1, count + 1):
             # ids from 1: COCOeval takes a matched-annotation id of 0 for "unmatched"
-            image, anns = _synthetic_image(rng, img_size, image_id, len(annotations) + 1, split_dir)
+            image, anns = draw(rng, img_size, image_id, len(annotations) + 1, split_dir)
             images.append(image)
             annotations += anns
         data = dict(info=dict(description="EdgeCrafter synthetic shapes"), images=images,
                     annotations=annotations, categories=categories)
-        with open(os.path.join(root, "annotations", f"instances_{split}.json"), "w") as f:
+        with open(os.path.join(root, "annotations", f"{ann_prefix}_{split}.json"), "w") as f:
             json.dump(data, f)
     return root
 
@@ -449,21 +451,24 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0):
 # ---- Evaluation: COCO AP ----
 
 class CocoEvaluator:
-    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox" and/or "segm".
+    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox", "segm", "keypoints".
 
     update(image_ids, results): results[i] belongs to image image_ids[i] and holds labels (n,)
-    contiguous, boxes (n, 4) pixel x1, y1, x2, y2 in the original image, scores (n,), and for
-    "segm" masks (n, H, W) or (n, 1, H, W) at the original size (bool, or probabilities cut at 0.5).
+    (mapped to category ids by label_to_cat), scores (n,), and per iou_type: "bbox" boxes (n, 4)
+    pixel x1, y1, x2, y2 in the original image; "segm" masks (n, H, W) or (n, 1, H, W) at the
+    original size (bool, or probabilities cut at 0.5); "keypoints" keypoints (n, 3K), per keypoint
+    pixel x, y in the original image and a score (COCO's result format).
     summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
-    rank 0, prints the standard table and returns {iou_type: the 12 COCO stats} on every rank.
+    rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
+    every rank.
     An image passed to update() without detections counts as all-missed; images never passed are
     not evaluated (as the original). Use one evaluator per evaluation pass.
     """
 
     def __init__(self, coco_gt, label_to_cat, iou_types=("bbox",)):
-        unknown = set(iou_types) - {"bbox", "segm"}
+        unknown = set(iou_types) - {"bbox", "segm", "keypoints"}
         if unknown:
-            raise ValueError(f"iou_types must be among 'bbox', 'segm'; got {sorted(unknown)}")
+            raise ValueError(f"iou_types must be among 'bbox', 'segm', 'keypoints'; got {sorted(unknown)}")
         self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
         self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
 
@@ -480,6 +485,9 @@ class CocoEvaluator:
             if "segm" in self.iou_types:
                 entry["segm"] = [dict(image_id=image_id, category_id=c, segmentation=rle, score=s)
                                  for c, rle, s in zip(cats, self._encode(res["masks"]), scores)]
+            if "keypoints" in self.iou_types:
+                entry["keypoints"] = [dict(image_id=image_id, category_id=c, keypoints=k, score=s)
+                                      for c, k, s in zip(cats, res["keypoints"].float().cpu().tolist(), scores)]
             self.results[image_id] = entry
 
     @staticmethod
@@ -532,7 +540,7 @@ _PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 
             (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
 
 
-def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4):
+def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4, skeleton=()):
     """Save a PNG grid of images with their predicted boxes, class names and scores; returns path.
 
     images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
@@ -540,6 +548,8 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
     pixel x1, y1, x2, y2 in the original image, scores (n,), and optionally masks (n, h, w) at the
     original size, blended in in the class colour; names: class name per label.
     Detections scoring below score_threshold are not drawn.
+    With keypoints (n, 3K) (pixel x, y, score) in the results, each person's keypoints are drawn
+    too, joined by the `skeleton`'s (i, j) pairs of keypoint indices.
     """
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -562,6 +572,14 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
             colour = _PALETTE[label % len(_PALETTE)]
             draw.rectangle(box, outline=colour, width=2)
             draw.text((box[0] + 3, box[1] + 2), f"{names[label]} {score:.2f}", fill=colour)
+        if "keypoints" in res:  # one colour per person, as they are often of one class
+            points = res["keypoints"][keep].detach().float().cpu().unflatten(-1, (-1, 3))[..., :2] * scale[:2]
+            for i, xy in enumerate(points.tolist()):
+                colour = _PALETTE[i % len(_PALETTE)]
+                for a, b in skeleton:
+                    draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=2)
+                for x, y in xy:
+                    draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=colour)
         tiles.append(tile)
     if not tiles:
         raise ValueError("draw_predictions() got no images")
@@ -1006,6 +1024,9 @@ class Task:
     default_model: str = "ecdet_s"
     ann_prefix: str = "instances"        # annotations/{ann_prefix}_{train,val}2017.json
     iou_types: tuple = ("bbox",)
+    # Preset name -> recipe: the _RECIPE keys; a recipe may also replace TRAINING's entries, and
+    # set the batch MixUp's probability (mixup_prob, default mosaic_prob).
+    recipes: dict = dataclasses.field(default_factory=lambda: RECIPES)
     dataset: type = CocoDetection        # (img_dir, ann_file, transforms) -> data set
     dataset_kwargs: dict = dataclasses.field(default_factory=dict)
     transforms: type = DetTransforms
@@ -1024,7 +1045,7 @@ def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):
     data = task.dataset(img_dir, ann_file, transforms, **task.dataset_kwargs)
     if train:
         sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-        collate = BatchImageCollate(recipe["mosaic_prob"], recipe["mosaic_epoch"])
+        collate = BatchImageCollate(recipe.get("mixup_prob", recipe["mosaic_prob"]), recipe["mosaic_epoch"])
     else:  # every rank its own slice, no padding: the evaluator sees each image once
         sampler, collate = list(range(rank, len(data), world)), BatchImageCollate()
     batch = args.batch_size // world
@@ -1148,18 +1169,19 @@ def run(args, task):
     if args.amp:
         amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     args.amp_dtype = amp_dtype
-    name = args.recipe or (args.model if args.model in RECIPES else task.default_model)
-    if name not in RECIPES:
-        raise SystemExit(f"--recipe {name!r} is unknown; expected one of {', '.join(RECIPES)}")
-    base = RECIPES[name]
+    name = args.recipe or (args.model if args.model in task.recipes else task.default_model)
+    if name not in task.recipes:
+        raise SystemExit(f"--recipe {name!r} is unknown; expected one of {', '.join(task.recipes)}")
+    base = task.recipes[name]
     recipe = dict(base)
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
     # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
     # number of final epochs without strong augmentation.
     recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
     recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
+    training = {k: recipe.get(k, v) for k, v in TRAINING.items()}
     args.epochs = recipe["epochs"]
-    args.clip_max_norm = TRAINING["clip_max_norm"]
+    args.clip_max_norm = training["clip_max_norm"]
     os.makedirs(args.output_dir, exist_ok=True)
 
     train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
@@ -1182,7 +1204,7 @@ def run(args, task):
         model.load_weights(net, ckpt["model"])
         start_epoch, best = ckpt["epoch"], ckpt["best"]
     net.to(device)
-    ema = ModelEMA(net, TRAINING["ema_decay"], TRAINING["ema_warmups"])
+    ema = ModelEMA(net, training["ema_decay"], training["ema_warmups"])
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
 
@@ -1200,15 +1222,15 @@ def run(args, task):
             train_net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         train_net = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
-                                  lr=recipe["lr"], betas=TRAINING["betas"], weight_decay=recipe["weight_decay"])
+                                  lr=recipe["lr"], betas=training["betas"], weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
     steps = len(train_loader)
     total, no_aug = args.epochs * steps, (args.epochs - recipe["stop_epoch"]) * steps
-    warmup, flat = min(TRAINING["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
-    schedule = lambda step, lr: flat_cosine(step, total, warmup, flat, no_aug, lr, lr * TRAINING["lr_gamma"])
+    warmup, flat = min(training["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
+    schedule = lambda step, lr: flat_cosine(step, total, warmup, flat, no_aug, lr, lr * training["lr_gamma"])
 
     if rank == 0:
         print(f"{task.name}: {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters), "
@@ -1269,10 +1291,15 @@ def parse_args(argv=None, task=Task()):
 
 
 def demo_config(task):
-    """A small network for the CPU demo: ECDet-S's layout at a quarter of its width and depth."""
+    """A small network for the CPU demo: ECDet-S's layout at a quarter of its width and depth (ECPose:
+    with a 64-wide, 3-layer pose decoder of 20 queries)."""
     cfg = model.preset_config(task.default_model)
     cfg["ViTAdapter"].update(embed_dim=64, num_heads=2, depth=4, interaction_indexes=[2, 3])
     cfg["HybridEncoder"].update(in_channels=[64] * 3, hidden_dim=64, dim_feedforward=128)
+    if "DETRTransformer" in cfg:  # ECPose's decoder
+        cfg["DETRTransformer"].update(hidden_dim=64, dim_feedforward=128, num_queries=20)
+        cfg["DETRPosePostProcessor"]["num_select"] = 20
+        return cfg
     cfg["ECTransformer"].update(feat_channels=[64] * 3, hidden_dim=64, dim_feedforward=128, num_layers=3,
                                 num_queries=50, num_denoising=30)
     cfg["PostProcessor"]["num_top_queries"] = 50

@@ -1,21 +1,390 @@
-"""ECPose keypoint training: the loss (DETRPose matching and criterion).
+"""ECPose: multi-person pose estimation with a distilled ECViT backbone, trained on COCO keypoints.
 
-The data pipeline and the training loop join this file later; this section defines the object
-keypoint similarity, the Hungarian matcher, the DETRPose criterion and `build_criterion(cfg)`.
+    torchrun --nproc_per_node 8 train_pose.py --model ecpose_s --data /coco --backbone-weights ecpose_vitt.pth
+    python train_pose.py --demo          # a short CPU run on synthetic stick figures
 
-Targets are per-image dicts: `labels` (n,) int64 (COCO category ids, person = 1), `boxes` (n, 4)
-normalised cx, cy, w, h, `keypoints` (n, 51) = 17 normalised (x, y) pairs then 17 visibilities
-(0 or 1) and `area` (n,) the segment area divided by the image area.
+The file reads top to bottom as the stage runs: the COCO keypoints data set, the ECPose augmentation
+recipe, a synthetic data set of stick figures, then the loss (object keypoint similarity, DETRPose
+matching and criterion) and the training entry point. The loop (optimiser, schedule, EMA, AMP, DDP,
+checkpoints), COCO evaluation and prediction pictures are train_det's, driven by the Task below.
+
+Keypoint conventions. Coordinates are continuous like box corners: pixel i spans [i, i + 1), so a
+horizontal flip maps x -> W - x for keypoints and boxes alike and a skeleton stays inside its
+flipped box (torchvision and the original flip keypoints as pixel indices, x -> W - 1 - x).
+- Data sets and augmentations hold pixel keypoints as tv_tensors.KeyPoints (n, 17, 2), NaN where
+  COCO's visibility is 0 (not labelled), so that every geometric transform keeps them unlabelled.
+- Targets the model trains on are per-image dicts: `labels` (n,) int64 (COCO category ids, person =
+  1), `boxes` (n, 4) normalised cx, cy, w, h, `keypoints` (n, 51) = 17 normalised (x, y) pairs then
+  17 visibilities (0 or 1; COCO's 1 "occluded" and 2 "visible" are both 1, as in the original) and
+  `area` (n,) the segment area divided by the image area.
+- Results (model.postprocess) hold `keypoints` (n, 51) = per keypoint pixel x, y in the
+  original image and a score, and `labels` that already are category ids.
 """
+import functools
+import random
+import warnings
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw
 from scipy.optimize import linear_sum_assignment
+from torchvision import tv_tensors
 
 import model
-from train_det import batch_index, denoising_matches, match_all, matched, mean_over_ranks
+import train_det as td
+from train_det import (IMAGENET_MEAN, IMAGENET_STD, INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index,
+                       denoising_matches, match_all, matched, mean_over_ranks, merge_instances, normalised_cxcywh)
+
+# ---------------------------------------------------------------------------------------------
+# Data: COCO keypoints
+# ---------------------------------------------------------------------------------------------
+KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+                  "left_knee", "right_knee", "left_ankle", "right_ankle")
+# FLIP_INDEX[k]: the keypoint that k becomes in the mirror image (a left wrist turns into a right one).
+FLIP_INDEX = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
+# COCO's skeleton (its 1-based pairs, here 0-based): legs, hips, torso, arms, face.
+SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+K = len(KEYPOINT_NAMES)
+
+
+class CocoKeypoints(CocoDetection):
+    """A COCO keypoints data set (person_keypoints_*.json): CocoDetection plus keypoints and areas.
+
+    Labels are category ids, ECPose's classes (person = 1): label_to_cat is the identity on 0..max
+    id, names[i] the name of category i ("" for unused ids). A person is a target if it is not
+    crowd, has a `keypoints` list of 3 * 17 numbers and a labelled keypoint (the original drops
+    num_keypoints == 0 likewise). Those without the list (`num_without_keypoints`; entered in the
+    in-memory ground truth as persons without labelled keypoints, which COCOeval ignores) or
+    without a labelled keypoint (`num_unlabelled`) are counted and warned about; a file without any
+    usable person is an error. With skip_empty (default: when the transforms train, as the original
+    does for its training set) images without a usable person are left out.
+
+    Item without transforms: (RGB PIL image, target): CocoDetection's entries and keypoints, a
+    KeyPoints (n, 17, 2) of pixel x, y, NaN where not labelled (visibility 0), and area (n,),
+    COCO's segment area in pixels. After PoseTransforms: the model's target (module docstring).
+    """
+
+    def __init__(self, img_dir, ann_file, transforms=None, skip_empty=None):
+        self.num_without_keypoints = self.num_unlabelled = 0
+        super().__init__(img_dir, ann_file, transforms)
+        last = max(self.coco.cats)
+        self.label_to_cat = self.cat_to_label = {c: c for c in range(last + 1)}
+        self.names = [self.coco.cats[c]["name"] if c in self.coco.cats else "" for c in range(last + 1)]
+        if getattr(transforms, "train", False) if skip_empty is None else skip_empty:
+            self.ids = [i for i in self.ids if i in self.instances]
+        if self.num_without_keypoints:
+            warnings.warn(f"{self.num_without_keypoints} persons in {ann_file} have no list of {3 * K} keypoint "
+                          f"numbers; skipped, and ignored by the evaluation")
+        if self.num_unlabelled:
+            warnings.warn(f"{self.num_unlabelled} persons in {ann_file} have no labelled keypoint; skipped")
+
+    def _select_instances(self):
+        """CocoDetection's objects, with labels = category ids, less those without usable keypoints."""
+        repaired = set()
+        for ann in self.coco.dataset["annotations"]:
+            if not isinstance(ann, dict):
+                continue  # CocoDetection names the malformed annotation
+            keypoints = ann.get("keypoints")
+            if not (isinstance(keypoints, list) and len(keypoints) == 3 * K
+                    and all(isinstance(v, (int, float)) for v in keypoints)):
+                ann["keypoints"], ann["num_keypoints"] = [0] * (3 * K), 0
+                repaired.add(id(ann))
+            ann.setdefault("num_keypoints", sum(v > 0 for v in ann["keypoints"][2::3]))
+        instances, dropped = super()._select_instances()
+        usable = {}
+        for image_id, objects in instances.items():
+            for ann, _, box in objects:
+                if id(ann) in repaired:
+                    self.num_without_keypoints += 1
+                elif not any(v > 0 for v in ann["keypoints"][2::3]):
+                    self.num_unlabelled += 1
+                elif not isinstance(ann.get("area"), (int, float)):
+                    raise ValueError(f"COCO annotation file {self.ann_file}: annotation {ann.get('id')} has no 'area'")
+                else:
+                    usable.setdefault(image_id, []).append((ann, ann["category_id"], box))
+        if not usable:
+            raise ValueError(f"COCO annotation file {self.ann_file} has no usable person (of {len(self.coco.anns)} "
+                             f"annotations, {self.num_without_keypoints} lack keypoints and {self.num_unlabelled} "
+                             f"have none labelled; crowd and empty boxes don't count)")
+        return usable, dropped
+
+    def load(self, idx):
+        sample = super().load(idx)
+        if sample is None:
+            return None
+        image, target = sample
+        objects = self.instances.get(self.ids[idx], [])
+        keypoints = torch.tensor([ann["keypoints"] for ann, _, _ in objects], dtype=torch.float32).reshape(-1, K, 3)
+        xy = keypoints[..., :2].masked_fill(keypoints[..., 2:] == 0, float("nan"))
+        target["keypoints"] = tv_tensors.KeyPoints(xy, canvas_size=target["boxes"].canvas_size)
+        target["area"] = torch.tensor([float(ann["area"]) for ann, _, _ in objects], dtype=torch.float32)
+        return image, target
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: augmentation (the ECPose recipe)
+# ---------------------------------------------------------------------------------------------
+# The training recipe per preset (the original's configs/ecpose/ecpose_*_coco.yml and ecpose.yml):
+# epochs, learning rates, weight decay; strong augmentation from epoch 4 (PoseTransforms'
+# start_epoch) until stop_epoch, mosaic with probability 0.5 until mosaic_epoch (the policy's
+# epochs [4, 45, 90] for S and M, [4, 48, 72] for L and X); no batch MixUp (its MixUp is
+# MixUpCopyPaste's, per sample). The rate warms up for 500 iterations, then stays constant (the
+# original's MultiStepLR milestone, 5000 epochs, is never reached): flat_cosine with lr_gamma 1,
+# whose warm-up is quadratic where the original's is linear. EMA warm-up 2000 updates. L and X
+# accumulate two half batches per step in the original, a memory saving not repeated here.
+POSE_RECIPES = {f"ecpose_{size}": dict(epochs=epochs, lr=5e-4, backbone_lr=backbone_lr, weight_decay=wd,
+                                       mosaic_prob=0.5, mosaic_epoch=mosaic_epoch, stop_epoch=stop_epoch,
+                                       mixup_prob=0.0, warmup_iter=500, lr_gamma=1.0, ema_warmups=2000)
+                for size, (epochs, backbone_lr, wd, mosaic_epoch, stop_epoch) in {
+                    "s": (92, 2.5e-5, 1e-4, 45, 90), "m": (92, 2.5e-5, 1e-4, 45, 90),
+                    "l": (74, 2.5e-6, 1.25e-4, 48, 72), "x": (74, 2.5e-6, 1.25e-4, 48, 72)}.items()}
+# The CPU demo: train_det's "demo" recipe without any strong augmentation: it ends at epoch 4, where
+# PoseTransforms' starts (with it, keypoint AP50 was still 0 after 8 epochs; without, 0.035), so
+# the rate also drops to its floor (lr_gamma) from epoch 4 on.
+POSE_RECIPES["demo"] = dict(td.RECIPES["demo"], stop_epoch=4, mixup_prob=0.0)
+
+
+def hflip(image, target):
+    """Mirror the image, its boxes and keypoints (x -> W - x for both) and swap left and right."""
+    points = target["keypoints"].as_subclass(torch.Tensor)[:, FLIP_INDEX].clone()
+    points[..., 0] = TF.get_size(image)[1] - points[..., 0]
+    return TF.horizontal_flip(image), dict(target, boxes=TF.horizontal_flip(target["boxes"]),
+                                           keypoints=tv_tensors.wrap(points, like=target["keypoints"]))
+
+
+def zoom_out(image, target, side_range=(1.0, 2.5)):
+    """The original's RandomZoomOut: black borders of (r - 1) times the width on the left and on the
+    right, (r - 1) times the height above and below, r ~ U(side_range); the image stays centred.
+    (The original reads width and height swapped from its target; this pads as it means to.)"""
+    h, w = TF.get_size(image)
+    r = random.uniform(*side_range)
+    pad = [int((r - 1) * w), int((r - 1) * h)] * 2
+    return TF.pad(image, pad), {k: TF.pad(v, pad) if isinstance(v, tv_tensors.TVTensor) else v
+                                for k, v in target.items()}
+
+
+class MixUpCopyPaste:
+    """The original's MixUpCopyPaste, on one (PIL image, target) pair whose `area` is each person's
+    share of its box (see PoseTransforms).
+
+    Every sample joins a cache of the last `max_cached` samples (when full, a random one but the
+    newest leaves; the original keeps one cache per op). Then, as the original splits one draw:
+    - MixUp (probability 1/4): blend with an earlier cached sample resized to this one's size,
+      a * this + (1 - a) * other with a ~ U(0.45, 0.55); the target gets both samples' persons.
+    - copy-paste (probability 1/2): up to 3 persons from the cache are cut out by their boxes and
+      blended (weight b ~ U(0.45, 0.55)) onto random places; each keeps the keypoints inside its
+      box, and its area is its box's (share 1), as in the original.
+    - nothing (probability 1/4).
+    """
+
+    def __init__(self, max_cached=50):
+        self.cache, self.max_cached = [], max_cached
+
+    def __call__(self, image, target):
+        self.cache.append((image, target))
+        if len(self.cache) > self.max_cached:
+            self.cache.pop(random.randint(0, len(self.cache) - 2))
+        r = random.random()
+        if r < 0.25 and len(self.cache) > 1:
+            other, other_target = random.choice(self.cache[:-1])
+            other, other_target = T.Resize(TF.get_size(image))(other, other_target)
+            return Image.blend(other, image, random.uniform(0.45, 0.55)), merge_instances([target, other_target])
+        if r >= 0.5:
+            return self.copy_paste(image, target)
+        return image, target
+
+    def copy_paste(self, image, target):
+        persons = [(img, t, i) for img, t in self.cache for i in range(len(t["labels"]))]
+        (h, w), image, pasted = TF.get_size(image), image.copy(), []
+        for source, t, i in random.sample(persons, min(3, len(persons))):
+            x1, y1, x2, y2 = (int(v) for v in t["boxes"][i].tolist())
+            pw, ph = min(x2 - x1, w), min(y2 - y1, h)
+            if pw <= 0 or ph <= 0:
+                continue
+            x, y = random.randint(0, w - pw), random.randint(0, h - ph)
+            patch = source.crop((x1, y1, x1 + pw, y1 + ph))
+            image.paste(Image.blend(image.crop((x, y, x + pw, y + ph)), patch, random.uniform(0.45, 0.55)), (x, y))
+            xy = t["keypoints"].as_subclass(torch.Tensor)[i]
+            inside = ((xy >= torch.tensor([x1, y1])) & (xy < torch.tensor([x1 + pw, y1 + ph]))).all(-1, keepdim=True)
+            pasted.append(([x, y, x + pw, y + ph], torch.where(inside, xy + torch.tensor([x - x1, y - y1]), torch.nan),
+                           t["labels"][i]))
+        if not pasted:
+            return image, target
+        boxes, xy, labels = zip(*pasted)
+        new = {"boxes": tv_tensors.wrap(torch.tensor(boxes, dtype=torch.float32), like=target["boxes"]),
+               "keypoints": tv_tensors.wrap(torch.stack(xy), like=target["keypoints"]),
+               "labels": torch.stack(labels), "area": torch.ones(len(boxes))}
+        return image, merge_instances([target, new])
+
+
+def to_targets(target):
+    """A transformed pixel target -> the model's target (module docstring). Keypoints not labelled or
+    outside the image get visibility 0 and coordinates 0 (as the original); a person left without a
+    labelled keypoint is dropped. `area` comes in as the share of the box, and leaves as the share
+    of the image."""
+    h, w = target["boxes"].canvas_size
+    xy = target["keypoints"].as_subclass(torch.Tensor)
+    visible = ((xy >= 0) & (xy <= torch.tensor([w, h]))).all(-1)  # NaN fails both
+    xy = torch.where(visible[..., None], xy / torch.tensor([w, h], dtype=xy.dtype), 0.0)
+    boxes = normalised_cxcywh(target["boxes"])
+    target = dict(target, boxes=boxes, keypoints=torch.cat([xy.flatten(1), visible.to(xy.dtype)], 1),
+                  area=target["area"] * boxes[:, 2] * boxes[:, 3])
+    keep = visible.any(-1)
+    return {k: v[keep] if k in INSTANCE_KEYS else v for k, v in target.items()}
+
+
+class PoseTransforms:
+    """The ECPose pipeline: (PIL image, pixel target) -> (normalised float image, model target).
+
+    train, in the original's order:
+        Mosaic without its affine jitter (the original's PoseMosaic), probability mosaic_prob
+            while start_epoch <= epoch < mosaic_epoch
+        MixUpCopyPaste, then zoom_out with probability 0.5 if no mosaic was made; only while
+            start_epoch <= epoch < stop_epoch (the original's `stop_epoch` policy)
+        hflip, ColorJitter(brightness, contrast, saturation, hue = 0.4) each with probability 0.5
+        Resize(img_size)
+    val: Resize(img_size). Both end with ImageNet normalisation and to_targets.
+    Each person's `area` travels as its share of its box, which resizing, padding, flipping and
+    pasting leave alone, and becomes the share of the image again at the end. Call set_epoch at the
+    start of every epoch.
+    """
+
+    def __init__(self, train, img_size=640, mosaic_prob=0.5, mosaic_epoch=45, stop_epoch=90, start_epoch=4):
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.train, self.epoch = train, 0
+        self.mosaic_prob, self.start_epoch, self.mosaic_epoch, self.stop_epoch = (mosaic_prob, start_epoch,
+                                                                                  mosaic_epoch, stop_epoch)
+        self.mosaic = Mosaic(min(size) // 2, rotation_range=0, translation_range=None, scaling_range=None)
+        self.mix = MixUpCopyPaste()
+        self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.4)], p=0.5)
+        self.resize = T.Resize(size)
+        self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch  # workers start every epoch from fresh copies: empty caches here too
+        self.mosaic.cache.clear()
+        self.mix.cache.clear()
+
+    def __call__(self, image, target):
+        x1, y1, x2, y2 = target["boxes"].as_subclass(torch.Tensor).unbind(-1)
+        target = dict(target, area=target["area"] / ((x2 - x1) * (y2 - y1)))
+        if self.train:
+            strong = self.start_epoch <= self.epoch < self.stop_epoch
+            with_mosaic = strong and self.epoch < self.mosaic_epoch and random.random() < self.mosaic_prob
+            if with_mosaic:
+                image, target = self.mosaic(image, target)
+            if strong:
+                image, target = self.mix(image, target)
+                if not with_mosaic and random.random() < 0.5:
+                    image, target = zoom_out(image, target)
+            if random.random() < 0.5:
+                image, target = hflip(image, target)
+            image, target = self.jitter(image, target)
+        image, target = self.resize(image, target)
+        return self.normalize(image).as_subclass(torch.Tensor), to_targets(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: synthetic stick figures
+# ---------------------------------------------------------------------------------------------
+PERSON = dict(id=1, name="person", supercategory="person", keypoints=list(KEYPOINT_NAMES),
+              skeleton=[[a + 1, b + 1] for a, b in SKELETON])
+LIMBS = [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)]
+
+
+def _stick_figure(rng, u, pelvis):
+    """(17, 2) keypoints of a figure u pixels tall facing the camera (its left on the image's right),
+    pelvis at `pelvis`, leaning a little, arms and legs at random angles."""
+    lean = rng.normal(0, 0.15)
+    down = lambda a: np.array([np.sin(lean + a), np.cos(lean + a)])  # a: radians from down toward image right
+    up, side = -down(0), np.array([np.cos(lean), -np.sin(lean)])  # side: toward the figure's left
+    kp = np.zeros((K, 2))
+    neck = pelvis + 0.3 * u * up
+    kp[0] = head = neck + 0.12 * u * up  # the nose, at the centre of the head
+    for s, (eye, ear, shoulder, elbow, wrist, hip, knee, ankle) in ((1, range(1, K, 2)), (-1, range(2, K, 2))):
+        kp[eye], kp[ear] = head + (0.035 * s * side + 0.02 * up) * u, head + 0.075 * s * u * side
+        kp[shoulder], kp[hip] = neck + 0.11 * s * u * side, pelvis + 0.07 * s * u * side
+        arm, leg = rng.uniform(0.1, 2.8), rng.uniform(-0.1, 0.6)
+        kp[elbow] = kp[shoulder] + 0.16 * u * down(s * arm)
+        kp[wrist] = kp[elbow] + 0.14 * u * down(s * (arm + rng.uniform(-0.3, 1.8)))
+        kp[knee] = kp[hip] + 0.23 * u * down(s * leg)
+        kp[ankle] = kp[knee] + 0.23 * u * down(s * (leg + rng.uniform(-0.6, 0.2)))
+    return kp
+
+
+def _draw_figure(draw, kp, u, fill):
+    """Torso, limbs and head. PIL's pixel i covers [i, i + 1), so a point p is drawn at p - 0.5."""
+    p = [tuple(q) for q in (kp - 0.5).tolist()]
+    draw.polygon([p[5], p[6], p[12], p[11]], fill=fill)
+    for a, b in LIMBS:
+        draw.line([p[a], p[b]], fill=fill, width=max(round(0.06 * u), 1))
+    r = 0.08 * u
+    draw.ellipse([p[0][0] - r, p[0][1] - r, p[0][0] + r, p[0][1] + r], fill=fill)
+
+
+def _stick_figure_image(rng, img_size, image_id, ann_id, split_dir):
+    """Draw one image of 1-3 figures, save it, return its COCO image entry and annotations.
+
+    Keypoints outside the image, and each ear with probability 0.3, are not labelled (v = 0, x = y =
+    0, as COCO); with probability 0.3 a rectangle hides part of the image and the keypoints under it
+    are labelled occluded (v = 1). bbox and area are those of the figure's pixels."""
+    w, h = (int(img_size * s) for s in rng.uniform(0.625, 1.0, size=2))
+    canvas = Image.fromarray(td._background(rng, w, h))
+    draw, placed, figures = ImageDraw.Draw(canvas), [], []
+    for _ in range(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])):
+        u = rng.uniform(0.45, 0.9) * h
+        pelvis = rng.uniform([0.05 * w, 0.45 * u], [0.95 * w, h - 0.25 * u])
+        if any(abs(pelvis[0] - x) < 0.2 * (u + v) for x, v in placed):
+            continue  # too close to an earlier figure
+        placed.append((pelvis[0], u))
+        kp = _stick_figure(rng, u, pelvis)
+        mask = Image.new("1", (w, h))
+        _draw_figure(ImageDraw.Draw(mask), kp, u, 1)
+        colour = rng.integers(60, 256, size=3)
+        colour[rng.integers(3)] = 255  # one saturated channel keeps figures brighter than the background
+        _draw_figure(draw, kp, u, tuple(colour.tolist()))
+        for x, y in kp[1:3] - 0.5:  # dark eyes show which way the figure faces
+            r = max(0.015 * u, 0.6)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(20, 20, 20))
+        v = np.where(((kp >= 0) & (kp < [w, h])).all(1), 2, 0)
+        v[[3, 4]] *= rng.random(2) >= 0.3
+        figures.append((kp, v, np.asarray(mask)))
+    if rng.random() < 0.3:
+        x1, y1 = rng.uniform(0, [w, h])
+        x2, y2 = np.array([x1, y1]) + rng.uniform(0.15, 0.3, size=2) * [w, h]
+        draw.rectangle([x1, y1, x2, y2], fill=tuple(rng.integers(0, 256, size=3).tolist()))
+        for kp, v, _ in figures:
+            v[(v == 2) & (kp[:, 0] >= x1) & (kp[:, 0] <= x2) & (kp[:, 1] >= y1) & (kp[:, 1] <= y2)] = 1
+    annotations = []
+    for kp, v, mask in figures:
+        ys, xs = np.nonzero(mask)
+        keypoints = np.concatenate([np.where(v[:, None] > 0, kp.round(2), 0), v[:, None]], 1)
+        annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=1, iscrowd=0,
+                                area=float(mask.sum()), num_keypoints=int((v > 0).sum()),
+                                bbox=[float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())],
+                                keypoints=[float(x) if i % 3 < 2 else int(x) for i, x in enumerate(keypoints.ravel())]))
+    file_name = f"{image_id:012d}.jpg"
+    canvas.save(f"{split_dir}/{file_name}", quality=90)
+    return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
+
+
+def make_synthetic_pose(root, num_train=200, num_val=50, img_size=128, seed=0):
+    """Write a small COCO keypoints data set of stick figures on noisy backgrounds; returns root.
+
+    train_det.make_synthetic_coco's layout, with annotations/person_keypoints_{train,val}2017.json:
+    images with sides in [0.625, 1] * img_size pixels and 1-3 figures each (see _stick_figure_image),
+    category 1 "person" with COCO's keypoint names and skeleton. The same seed writes the same files.
+    """
+    return td.make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=_stick_figure_image,
+                                  categories=[PERSON], ann_prefix="person_keypoints")
+
 
 # ---------------------------------------------------------------------------------------------
 # Loss: object keypoint similarity, matching and the DETRPose criterion
@@ -197,3 +566,29 @@ def build_criterion(cfg):
         return DETRPoseCriterion(DETRPoseHungarianMatcher(**matcher_cfg), **section)
     except TypeError as e:
         raise ValueError(f"config section 'DETRPoseCriterion': {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: ECPose in train_det's loop, and the demo
+# ---------------------------------------------------------------------------------------------
+class PoseTask(Task):
+    """train_det's Task for ECPose: model.postprocess's results, with each person's box the extent of
+    its keypoints (as COCO's keypoint evaluation takes it) for the pictures."""
+
+    def postprocess(self, outputs, orig_sizes, cfg):
+        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
+        for r in results:
+            xy = r["keypoints"].unflatten(-1, (-1, 3))[..., :2]
+            r["boxes"] = torch.cat([xy.amin(1), xy.amax(1)], -1)
+        return results
+
+
+# The demo (train_det.DEMO with these changes) trains on 256 images of 128 x 128 pixels at most, with
+# the "demo" recipe's schedule and strong augmentation from the first epoch.
+POSE = PoseTask(name="pose", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
+                recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
+                make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),
+                draw=functools.partial(td.draw_predictions, skeleton=SKELETON, score_threshold=0.3))
+
+if __name__ == "__main__":
+    td.main(task=POSE)
