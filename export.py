@@ -26,7 +26,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -277,21 +276,6 @@ class TensorRTRunner:
 # ---------------------------------------------------------------------------------------------
 # Benchmark
 # ---------------------------------------------------------------------------------------------
-def benchmark(runners, runs, warmup):
-    """Latency of each runner (a callable) in seconds. The runners take turns, run by run, so that
-    load from other processes on a shared machine falls on all of them alike."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(runs):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def print_table(times, title):
     print(title)
     print(f"  {'':36s} {'median':>7s} {'IQR':>15s} {'min':>7s} {'max':>7s}  (ms)")
@@ -381,14 +365,13 @@ def run(args):
                    "PyTorch eager, deployed (fp32)": lambda: deployed(images, sizes),
                    "ONNX Runtime CPU (fp32)": lambda: session.run(None, feed)}
         if args.reference:
-            original = model.reference_model(cfg, args.reference).eval()
-            original.load_state_dict(eval_net.state_dict())
+            original = model.reference_model(eval_net, cfg, args.reference, size)
             runners["the original, PyTorch eager (fp32)"] = lambda: original(images)
         if engine:
             on_gpu = images.cuda(), sizes.cuda()
             runners[f"TensorRT ({precision}, CUDA)"] = lambda: engine(*on_gpu)
         with torch.inference_mode():
-            times = benchmark(runners, args.runs, warmup=3)
+            times = model.measure_latency(runners, args.runs, warmup=3)
         print_table(times, f"{name} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, {args.runs} runs after 3 "
                            f"warm-up runs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
         if args.reference:  # per run, as the runtimes took turns

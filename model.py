@@ -8,6 +8,7 @@ parameter names equal the original implementation's, so the released checkpoints
     python model.py ecdet_s      # parameters, GFLOPs and CPU latency of a preset
 """
 import copy
+import functools
 import math
 import statistics
 import time
@@ -1577,12 +1578,11 @@ def count_flops(net, size):
     return counter.get_total_flops(), counter.get_flop_counts()["Global"].get(fused, 0)
 
 
-def reference_model(cfg, root):
-    """The original implementation's ECDet or ECSeg for `cfg`, built from a checkout of
-    Intellindust-AI-Lab/EdgeCrafter (`root`: its ecdetseg/ folder), to time against this file in the
-    same run. Only its network code is imported: its `engine` package is entered bare, with stand-ins
-    for the registry and the distributed helpers, so that its training dependencies are not needed.
-    Its weights are random; copy them from ours with load_state_dict (the names are the same)."""
+def reference_model(net, cfg, root, size):
+    """The original implementation's ECDet or ECSeg for `cfg` at input `size` (H, W), with the weights
+    of `net` (built from `cfg` here), from a checkout of Intellindust-AI-Lab/EdgeCrafter (`root`: its
+    ecdetseg/ folder), to time against this file in the same run. Only its network code is imported: its `engine` package is entered bare, with stand-ins
+    for the registry and the distributed helpers, so that its training dependencies are not needed."""
     import importlib, os, sys, types
     engine = os.path.join(root, "engine")
     if not os.path.isfile(os.path.join(engine, "edgecrafter", "modeling.py")):
@@ -1594,25 +1594,29 @@ def reference_model(cfg, root):
                             get_world_size=lambda: 1, is_dist_available_and_initialized=lambda: False)}.items():
         vars(sys.modules.setdefault(name, types.ModuleType(name))).update(attrs)
     original = importlib.import_module("engine.edgecrafter")
-    size = dict(eval_spatial_size=cfg["eval_spatial_size"])
+    size = dict(eval_spatial_size=list(size))  # it precomputes its encoder's position embedding for this size
     backbone = original.ViTAdapter(**{k: v for k, v in cfg["ViTAdapter"].items() if k != "weights_path"},
                                    skip_load_backbone=True)
-    return getattr(original, cfg["model"])(backbone, original.HybridEncoder(**cfg["HybridEncoder"], **size),
-                                          original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size))
+    reference = getattr(original, cfg["model"])(backbone, original.HybridEncoder(**cfg["HybridEncoder"], **size),
+                                                original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size))
+    # The same names; the decoder's anchors stay those the original made for `size`.
+    own = {k: v for k, v in net.state_dict().items() if k not in ("decoder.anchors", "decoder.valid_mask")}
+    reference.load_state_dict({**reference.state_dict(), **own})
+    return reference.eval()
 
 
-def measure_latency(nets, size, runs=10, warmup=2):
-    """Seconds per eval forward of batch 1 at `size`, {name: [runs times]} for a dict of networks,
-    which take turns run by run so that load from other processes falls on all of them alike."""
-    x = torch.randn(1, 3, *size)
-    times = {name: [] for name in nets}
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            for name, net in nets.items():
-                start = time.perf_counter()
-                net(x)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - start)
+def measure_latency(runners, runs=10, warmup=2):
+    """Seconds per call of each runner (a callable without arguments), {name: [runs times]}. The
+    runners take turns, run by run, so that load from other processes falls on all of them alike."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -1633,11 +1637,12 @@ def main():
     flops, attention = count_flops(net, args.img_size)
     nets = {"this implementation" + (", deployed" if args.deploy else ""): net}
     if args.reference:
-        nets["the original"] = reference_model(preset_config(args.preset), args.reference).eval()
-        nets["the original"].load_state_dict(net.state_dict())
+        nets["the original"] = reference_model(net, preset_config(args.preset), args.reference, args.img_size)
     if args.deploy:
         net.deploy()
-    times = measure_latency(nets, args.img_size, args.runs)
+    x = torch.randn(1, 3, *args.img_size)
+    with torch.inference_mode():
+        times = measure_latency({name: functools.partial(net, x) for name, net in nets.items()}, args.runs)
     print(f"{args.preset}: {params / 1e6:.2f} M parameters, {(flops - attention) / 1e9:.1f} GFLOPs at "
           f"{args.img_size[0]}x{args.img_size[1]} as the paper counts them, {flops / 1e9:.1f} with attention's products")
     print(f"CPU latency, batch 1, float32, {args.threads} threads, {args.runs} runs taking turns:")
@@ -1646,6 +1651,7 @@ def main():
     if args.reference:
         ratio = statistics.median(a / b for a, b in zip(*times.values()))
         print(f"  ratio to the original: median over runs {ratio:.3f}")
+
 
 if __name__ == "__main__":
     main()

@@ -170,8 +170,8 @@ def test_flops_as_the_paper_counts_them():
 
 def test_reference_needs_the_originals_checkout(tmp_path):
     with pytest.raises(ValueError, match="expected the original's ecdetseg/ folder"):
-        model.reference_model(model.preset_config("ecdet_s"), str(tmp_path))
+        model.reference_model(None, model.preset_config("ecdet_s"), str(tmp_path), (640, 640))
     (tmp_path / "engine" / "edgecrafter").mkdir(parents=True)
     (tmp_path / "engine" / "edgecrafter" / "modeling.py").write_text("")
     with pytest.raises(ValueError, match="not ECPose"):
-        model.reference_model(model.preset_config("ecpose_s"), str(tmp_path))
+        model.reference_model(None, model.preset_config("ecpose_s"), str(tmp_path), (640, 640))
