@@ -242,6 +242,8 @@ def apply_rope(x, sin, cos):
     """x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1] along the last dim. The
     rotated half is added into each half of the product in place: three kernels instead of five."""
     half = x.shape[-1] // 2
+    if torch.onnx.is_in_onnx_export():  # in-place writes would export as ScatterND, slow in ONNX Runtime
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
     out = x * cos
     out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
     out[..., half:].addcmul_(x[..., :half], sin[..., half:])
