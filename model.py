@@ -1638,6 +1638,16 @@ def measure_latency(runners, runs=10, warmup=2):
     return times
 
 
+def operator_times(run, top=5):
+    """Where one call of `run` spends its time: the `top` operators by self time as (name, calls,
+    seconds), and the total over all operators, from the PyTorch profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in events[:top]], \
+        sum(e.self_cpu_time_total for e in events) / 1e6
+
+
 def main():
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -1648,6 +1658,8 @@ def main():
     parser.add_argument("--deploy", action="store_true", help="benchmark the deployed (fused) network")
     parser.add_argument("--reference", metavar="DIR", help="also time the original implementation (ECDet, ECSeg): "
                         "the ecdetseg/ folder of a checkout of Intellindust-AI-Lab/EdgeCrafter")
+    parser.add_argument("--profile", action="store_true", help="also print the operators one forward pass spends "
+                        "its time in (the fused attention and the matrix products dominate)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     net = build_model(args.preset).eval()
@@ -1669,6 +1681,12 @@ def main():
     if args.reference:
         ratio = statistics.median(a / b for a, b in zip(*times.values()))
         print(f"  ratio to the original: median over runs {ratio:.3f}")
+    for name, net in nets.items() if args.profile else ():
+        with torch.inference_mode():
+            ops, total = operator_times(functools.partial(net, x))
+        print(f"{name}, one profiled forward pass: {total * 1e3:.0f} ms of operator time, of which")
+        for op, calls, seconds in ops:
+            print(f"  {op:50s} {calls:4d} calls {seconds * 1e3:6.1f} ms  {seconds / total:4.0%}")
 
 
 if __name__ == "__main__":

@@ -175,3 +175,10 @@ def test_reference_needs_the_originals_checkout(tmp_path):
     (tmp_path / "engine" / "edgecrafter" / "modeling.py").write_text("")
     with pytest.raises(ValueError, match="not ECPose"):
         model.reference_model(None, model.preset_config("ecpose_s"), str(tmp_path), (640, 640))
+
+
+def test_operator_times_names_where_the_time_goes():
+    a = torch.randn(384, 384)
+    ops, total = model.operator_times(lambda: (a @ a).sum(), top=3)
+    assert ops[0][0] == "aten::mm" and ops[0][1] == 1  # the product outweighs the sum
+    assert all(0 < seconds <= total for _, _, seconds in ops)
