@@ -216,7 +216,8 @@ class RoPE2D(nn.Module):
 
     Patch centres are normalised to [-1, 1] separately along y and x; each head's D_h channels
     rotate by angles 2*pi*coord/period with D_h/4 periods base^(2i/(D_h/2)) per axis. Returns sin
-    and cos of shape (P + h*w, D_h), where the P prefix tokens get the identity rotation.
+    and cos of shape (P + h*w, D_h), where the P prefix tokens get the identity rotation; the sin's
+    first half is negated, the sign of rotate_half (see `apply_rope`).
     """
 
     def __init__(self, head_dim, base=100.0, rescale=None):
@@ -233,21 +234,17 @@ class RoPE2D(nn.Module):
         if self.training and self.rescale is not None:
             coords = coords * torch.empty(1, **dd).uniform_(-math.log(self.rescale), math.log(self.rescale)).exp()
         angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
-        angles = angles.flatten(1, 2).repeat(1, 2)  # (hw, D_h)
-        zeros = angles.new_zeros(prefix, angles.shape[1])
-        return torch.cat([zeros, angles.sin()]), torch.cat([zeros + 1, angles.cos()])
+        angles = angles.flatten(1, 2)  # (hw, D_h / 2)
+        sin = angles.sin()
+        zeros = angles.new_zeros(prefix, 2 * angles.shape[1])
+        return torch.cat([zeros, torch.cat([-sin, sin], 1)]), torch.cat([zeros + 1, angles.cos().repeat(1, 2)])
 
 
 def apply_rope(x, sin, cos):
-    """x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1] along the last dim. The
-    rotated half is added into each half of the product in place: three kernels instead of five."""
+    """x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1] along the last dim, with the
+    minus already in `sin` (RoPE2D's): three kernels instead of five."""
     half = x.shape[-1] // 2
-    if torch.onnx.is_in_onnx_export():  # in-place writes would export as ScatterND, slow in ONNX Runtime
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    return out
+    return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
 
 
 class MaskedKBiasLinear(nn.Linear):

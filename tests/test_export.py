@@ -74,7 +74,7 @@ def test_ecseg_exports_mask_logits_and_benchmarks(tiny, tmp_path, capsys):
         assert row in out
     ops = {node.op_type for node in onnx.load(path).graph.node}
     assert not ops & {"Constant", "Identity", "Shape"}  # a static graph keeps no constant arithmetic
-    assert "ScatterND" not in ops  # eager's in-place RoPE would export as scatters, slow in ONNX Runtime
+    assert "ScatterND" not in ops  # in-place writes into slices export as scatters, slow in ONNX Runtime
     images, sizes = torch.randn(1, 3, 256, 320), torch.tensor([[500, 400]])
     got = run_onnx(path, images, sizes)
     assert got["masks"].shape == (1, 40, 64, 80)
