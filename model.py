@@ -1596,8 +1596,9 @@ def count_flops(net, size):
 def reference_model(net, cfg, root, size):
     """The original implementation's ECDet or ECSeg for `cfg` at input `size` (H, W), with the weights
     of `net` (built from `cfg` here), from a checkout of Intellindust-AI-Lab/EdgeCrafter (`root`: its
-    ecdetseg/ folder), to time against this file in the same run. Only its network code is imported: its `engine` package is entered bare, with stand-ins
-    for the registry and the distributed helpers, so that its training dependencies are not needed."""
+    ecdetseg/ folder), to time against this file in the same run. Only its network code is imported:
+    its `engine` package is entered bare, with stand-ins for the registry and the distributed
+    helpers, so that its training dependencies are not needed."""
     import importlib, os, sys, types
     engine = os.path.join(root, "engine")
     if not os.path.isfile(os.path.join(engine, "edgecrafter", "modeling.py")):
@@ -1612,8 +1613,9 @@ def reference_model(net, cfg, root, size):
     size = dict(eval_spatial_size=list(size))  # it precomputes its encoder's position embedding for this size
     backbone = original.ViTAdapter(**{k: v for k, v in cfg["ViTAdapter"].items() if k != "weights_path"},
                                    skip_load_backbone=True)
-    reference = getattr(original, cfg["model"])(backbone, original.HybridEncoder(**cfg["HybridEncoder"], **size),
-                                                original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size))
+    encoder = original.HybridEncoder(**cfg["HybridEncoder"], **size)
+    decoder = original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size)
+    reference = getattr(original, cfg["model"])(backbone, encoder, decoder)
     # The same names; the decoder's anchors stay those the original made for `size`.
     own = {k: v for k, v in net.state_dict().items() if k not in ("decoder.anchors", "decoder.valid_mask")}
     reference.load_state_dict({**reference.state_dict(), **own})
@@ -1670,17 +1672,19 @@ def main():
     x = torch.randn(1, 3, *args.img_size)
     with torch.inference_mode():
         times = measure_latency({name: functools.partial(net, x) for name, net in nets.items()}, args.runs)
+        profiles = {name: operator_times(functools.partial(net, x))
+                    for name, net in nets.items() if args.profile}
     print(f"{args.preset}: {params / 1e6:.2f} M parameters, {(flops - attention) / 1e9:.1f} GFLOPs at "
-          f"{args.img_size[0]}x{args.img_size[1]} as the paper counts them, {flops / 1e9:.1f} with attention's products")
+          f"{args.img_size[0]}x{args.img_size[1]} as the paper counts them, "
+          f"{flops / 1e9:.1f} with attention's products")
     print(f"CPU latency, batch 1, float32, {args.threads} threads, {args.runs} runs taking turns:")
     for name, ts in times.items():
-        print(f"  {name:32s} median {statistics.median(ts) * 1e3:5.0f} ms (min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f})")
+        print(f"  {name:32s} median {statistics.median(ts) * 1e3:5.0f} ms "
+              f"(min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f})")
     if args.reference:
         ratio = statistics.median(a / b for a, b in zip(*times.values()))
         print(f"  ratio to the original: median over runs {ratio:.3f}")
-    for name, net in nets.items() if args.profile else ():
-        with torch.inference_mode():
-            ops, total = operator_times(functools.partial(net, x))
+    for name, (ops, total) in profiles.items():
         print(f"{name}, one profiled forward pass: {total * 1e3:.0f} ms of operator time, of which")
         for op, calls, seconds in ops:
             print(f"  {op:50s} {calls:4d} calls {seconds * 1e3:6.1f} ms  {seconds / total:4.0%}")
