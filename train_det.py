@@ -42,10 +42,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou
 from tqdm import tqdm
 
 import model
-from model import weighting_function
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml and ecseg/ecseg_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
@@ -981,11 +978,9 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {e}") from None
+        return model.read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_matching(net, state, what):

@@ -37,20 +37,15 @@ from torchvision import tv_tensors
 
 import model
 import train_det as td
+from model import KEYPOINT_NAMES, SKELETON
 from train_det import (IMAGENET_MEAN, IMAGENET_STD, INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index,
                        denoising_matches, match_all, matched, mean_over_ranks, merge_instances, normalised_cxcywh)
 
 # ---------------------------------------------------------------------------------------------
 # Data: COCO keypoints
 # ---------------------------------------------------------------------------------------------
-KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-                  "left_knee", "right_knee", "left_ankle", "right_ankle")
 # FLIP_INDEX[k]: the keypoint that k becomes in the mirror image (a left wrist turns into a right one).
 FLIP_INDEX = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
-# COCO's skeleton (its 1-based pairs, here 0-based): legs, hips, torso, arms, face.
-SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
-            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
 K = len(KEYPOINT_NAMES)
 
 
