@@ -1134,6 +1134,11 @@ def dataset_paths(args, task):
     return explicit
 
 
+def category_ids(data):
+    """The COCO category id of each label of data set `data`, a list (as checkpoints store it)."""
+    return [data.label_to_cat[label] for label in range(len(data.names))]
+
+
 def model_config(args, task, num_classes):
     """The model's configuration: a preset or a JSON file, with this data set's classes and image size."""
     if args.model.endswith(".json"):
@@ -1244,6 +1249,7 @@ def run(args, task):
         if rank == 0:
             state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": max(best, ap), "config": cfg,
+                     "names": val_loader.dataset.names, "category_ids": category_ids(val_loader.dataset),
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
             save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
             if ap > best:
@@ -1312,10 +1318,15 @@ def demo(args, task, cfg=None):
                             img_size=settings["img_size"])
     os.makedirs(args.output_dir, exist_ok=True)
     config = os.path.join(args.output_dir, "demo_model.json")
-    with open(config, "w") as f:
-        json.dump(cfg or demo_config(task), f, indent=1)
     args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
     args.img_size, args.batch_size = [settings["img_size"]] * 2, settings["batch_size"]
+    # The config the run builds (model_config), so that export.py and predict.py take the file too.
+    _, _, val_dir, val_ann = dataset_paths(args, task)
+    cfg = copy.deepcopy(cfg or demo_config(task))
+    cfg["num_classes"] = len(task.dataset(val_dir, val_ann, **task.dataset_kwargs).names)
+    cfg["eval_spatial_size"] = list(args.img_size)
+    with open(config, "w") as f:
+        json.dump(cfg, f, indent=1)
     if "lr" in settings:  # a stage's own rate, for the heads and the randomly initialised ViT alike
         args.lr, args.backbone_lr = args.lr or settings["lr"], args.backbone_lr or settings["lr"]
     metrics = run(args, task)
