@@ -36,10 +36,11 @@ from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 
 import model
+import predict
 import train_det as td
 from model import KEYPOINT_NAMES, SKELETON
-from train_det import (IMAGENET_MEAN, IMAGENET_STD, INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index,
-                       denoising_matches, match_all, matched, mean_over_ranks, merge_instances, normalised_cxcywh)
+from train_det import (INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index, denoising_matches, match_all, matched,
+                       mean_over_ranks, merge_instances, normalised_cxcywh)
 
 # ---------------------------------------------------------------------------------------------
 # Data: COCO keypoints
@@ -260,7 +261,6 @@ class PoseTransforms:
         self.mix = MixUpCopyPaste()
         self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.4)], p=0.5)
         self.resize = T.Resize(size)
-        self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def set_epoch(self, epoch):
         self.epoch = epoch  # workers start every epoch from fresh copies: empty caches here too
@@ -283,7 +283,7 @@ class PoseTransforms:
                 image, target = hflip(image, target)
             image, target = self.jitter(image, target)
         image, target = self.resize(image, target)
-        return self.normalize(image).as_subclass(torch.Tensor), to_targets(target)
+        return predict.normalize(image), to_targets(target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,8 +573,7 @@ class PoseTask(Task):
     def postprocess(self, outputs, orig_sizes, cfg):
         results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
         for r in results:
-            xy = r["keypoints"].unflatten(-1, (-1, 3))[..., :2]
-            r["boxes"] = torch.cat([xy.amin(1), xy.amax(1)], -1)
+            r["boxes"] = predict.keypoint_boxes(r["keypoints"])
         return results
 
 
@@ -583,7 +582,7 @@ class PoseTask(Task):
 POSE = PoseTask(name="pose", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
                 recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
                 make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),
-                draw=functools.partial(td.draw_predictions, skeleton=SKELETON, score_threshold=0.3))
+                draw=functools.partial(td.draw_predictions, score_threshold=0.3))
 
 if __name__ == "__main__":
     td.main(task=POSE)

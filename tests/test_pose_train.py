@@ -16,6 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import model
+import predict
 import train_det as td
 import train_pose as tp
 
@@ -221,7 +222,7 @@ def test_pictures_draw_each_persons_skeleton(tmp_path):
     path = tp.POSE.draw(torch.zeros(1, 3, 64, 64), [{"orig_size": torch.tensor([64, 64])}], [result], ["", "person"],
                         str(tmp_path / "p.png"))
     picture = np.asarray(Image.open(path)).astype(int)
-    assert tuple(picture[30, 20]) == td._PALETTE[0]  # the first person's elbow-wrist bone
+    assert tuple(picture[30, 20]) == predict.PALETTE[0]  # the first person's elbow-wrist bone
     assert abs(picture[30, 40] - picture[30, 55]).sum() == 0  # the second scores under the threshold
 
 
