@@ -2,6 +2,7 @@
 PyTorch, and benchmark it.
 
     python export.py --model ecdet_s --weights ecdet_s.pth --onnx ecdet_s.onnx
+    python export.py --weights outputs/detection/best.pth --onnx det.onnx   # the config inside the checkpoint
     python export.py --model ecseg_s --weights ecseg_s.pth --onnx ecseg_s.onnx --dynamic-batch
     python export.py --model ecdet_s --weights ecdet_s.pth --trt ecdet_s.engine --fp16
     python export.py --model ecdet_s --benchmark            # random weights are fine for timing
@@ -15,6 +16,7 @@ followed by the postprocessing of `model.select_top`, the same code that `model.
            ECSeg also masks (B, K, H/4, W/4) float32 mask logits: resize each to the original
            (h, w) bilinearly and threshold at 0, as `model.postprocess` does;
            ECPose has keypoints (B, K, 17, 2) float32 pixel x, y instead of boxes (K = num_select).
+  metadata_props   config (JSON), names and category_ids (JSON lists by label), read by predict.py
 Every export is checked with onnx.checker and run by ONNX Runtime on the inputs PyTorch ran; only
 a file that matches within the tolerance lands under the requested name.
 """
@@ -59,8 +61,28 @@ class Deployed(nn.Module):
 
 
 def load_network(spec, weights):
-    """(network in eval mode, config, name) from a preset name or a JSON config file, with weights."""
-    if spec.endswith(".json") or os.path.isfile(spec):
+    """(network in eval mode, config, name, classes) from a checkpoint and a preset name or JSON config.
+
+    The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
+    (and their class names), a released one does not, so it needs `spec`. classes: (names, category
+    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's).
+    """
+    ckpt = None
+    if weights is not None:
+        try:
+            ckpt = model.read_checkpoint(weights)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--weights: {e}") from None
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"--weights {weights}: expected a checkpoint (a dict), got a {type(ckpt).__name__}")
+    if spec is None:
+        if ckpt is None:
+            raise ValueError("give --model (a preset or a JSON config), --weights (a checkpoint of this project), or both")
+        if not isinstance(ckpt.get("config"), dict):
+            raise ValueError(f"--weights {weights} carries no network config (a released checkpoint?): give --model "
+                             f"with its preset ({', '.join(model.PRESETS)}) or a JSON config file")
+        cfg, name = ckpt["config"], pathlib.Path(weights).stem
+    elif spec.endswith(".json") or os.path.isfile(spec):
         try:
             cfg = json.loads(pathlib.Path(spec).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -73,16 +95,27 @@ def load_network(spec, weights):
     try:
         net = model.build_model(cfg)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"--model {spec}: {e}") from None
-    if weights is None:
+        raise ValueError(f"--model {spec or weights}: {e}") from None
+    if ckpt is None:
         print("warning: no --weights given: random weights (fine for benchmarking, useless for inference)",
               file=sys.stderr)
     else:
         try:
-            model.load_weights(net, weights)
-        except (ValueError, FileNotFoundError) as e:
+            model.load_weights(net, ckpt)
+        except ValueError as e:
             raise ValueError(f"--weights {weights}: {e}") from None
-    return net.eval(), cfg, name
+    if ckpt is not None and "names" in ckpt:
+        classes = ckpt["names"], ckpt["category_ids"]
+    else:
+        classes = model.default_classes(cfg["num_classes"], "DETRTransformer" in cfg)
+    return net.eval(), cfg, name, classes
+
+
+def metadata(cfg, classes):
+    """What an exported file carries besides the graph (ONNX metadata_props, which OpenVINO keeps in
+    its IR's rt_info under "framework"): the config, and class names and category ids by label."""
+    names, category_ids = classes
+    return {"config": json.dumps(cfg), "names": json.dumps(names), "category_ids": json.dumps(category_ids)}
 
 
 def check_writable(path, flag):
@@ -109,8 +142,9 @@ def atomic_output(path, flag):
             os.remove(tmp)
 
 
-def export_onnx(deployed, inputs, path, opset, dynamic_batch, names):
-    """Trace `deployed` on `inputs` into an ONNX file with outputs `names` and constants folded."""
+def export_onnx(deployed, inputs, path, opset, dynamic_batch, names, props):
+    """Trace `deployed` on `inputs` into an ONNX file with outputs `names`, constants folded and the
+    metadata_props `props` (str -> str)."""
     axes = {n: {0: "batch"} for n in ["images", "orig_target_sizes", *names]} if dynamic_batch else None
     # The TorchScript exporter (dynamo=False) rather than the torch.export one: it traces this
     # model in a seventh of the time, needs no onnxscript, and keeps the batch dynamic from a batch-1
@@ -131,6 +165,7 @@ def export_onnx(deployed, inputs, path, opset, dynamic_batch, names):
     used = [o for o in graph.opset_import if o.domain in {"", *(n.domain for n in graph.graph.node)}]
     del graph.opset_import[:]
     graph.opset_import.extend(used)
+    onnx.helper.set_model_props(graph, props)
     onnx.save(graph, path)
     onnx.checker.check_model(path, full_check=True)
 
@@ -287,10 +322,10 @@ def print_table(times, title):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="preset (ecdet_s ... ecseg_x) or a JSON config file in the "
-                                                       "original's vocabulary")
-    parser.add_argument("--weights", help="checkpoint: a released one, one of this project's, or a state dict "
-                                          "(default: random weights, for benchmarking)")
+    parser.add_argument("--model", help="preset (ecdet_s ... ecpose_x) or a JSON config file in the original's "
+                                        "vocabulary (default: the config inside a --weights of this project)")
+    parser.add_argument("--weights", help="checkpoint: one of this project's, a released one (with --model), or a "
+                                          "state dict (default: random weights, for benchmarking)")
     parser.add_argument("--onnx", help="output ONNX file (default: <model>.onnx)")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N",
                         help="input size H [W], multiples of 32 (default: the config's eval_spatial_size)")
@@ -317,7 +352,7 @@ def main(argv=None):
 
 def run(args):
     torch.set_num_threads(args.threads)
-    net, cfg, name = load_network(args.model, args.weights)
+    net, cfg, name, classes = load_network(args.model, args.weights)
     onnx_path = args.onnx or f"{name}.onnx"
     for flag, path in (("--onnx", onnx_path), ("--trt", args.trt)):
         if path:
@@ -335,7 +370,8 @@ def run(args):
         ref = {k: v.numpy() for k, v in deployed(images, sizes).items()}
 
     with atomic_output(onnx_path, "--onnx") as tmp:
-        export_onnx(deployed, (images[:1], sizes[:1]), tmp, args.opset, args.dynamic_batch, list(ref))
+        export_onnx(deployed, (images[:1], sizes[:1]), tmp, args.opset, args.dynamic_batch, list(ref),
+                    metadata(cfg, classes))
         outputs = ort_session(tmp).run(list(ref), {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
         verify(ref, dict(zip(ref, outputs)), sizes.numpy(), TOLERANCE, "ONNX Runtime")
     print(f"wrote {onnx_path} (opset {args.opset}, {'dynamic batch' if args.dynamic_batch else 'batch 1'}, "

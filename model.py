@@ -117,6 +117,39 @@ def preset_config(name):
 
 PRESETS = [f"{family}_{size}" for family in TASKS for size in SIZES]
 
+# The released networks' input and output conventions. Inputs: RGB in [0, 1] normalised with
+# ImageNet's mean and std. Outputs: ECDet and ECSeg's labels 0..79 stand for COCO's 80 categories,
+# whose ids run from 1 to 90 with gaps; ECPose's labels are the category ids themselves (person = 1),
+# its 17 keypoints COCO's, joined by COCO's skeleton (its 1-based pairs, here 0-based).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush")
+COCO_IDS = tuple(i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
+KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+                  "left_knee", "right_knee", "left_ankle", "right_ankle")
+SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+
+
+def default_classes(task, num_classes):
+    """(names, category ids), each by label, for a network that does not carry its own (a released
+    checkpoint): COCO's for 80 classes, person = 1 for ECPose; otherwise the label itself."""
+    if task == "pose":
+        return ["person" if c == 1 else "" for c in range(num_classes)], list(range(num_classes))
+    if num_classes == len(COCO_NAMES):
+        return list(COCO_NAMES), list(COCO_IDS)
+    return [str(label) for label in range(num_classes)], list(range(num_classes))
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
@@ -1496,18 +1529,21 @@ def checkpoint_state_dict(ckpt):
     return ckpt
 
 
+def read_checkpoint(path):
+    """A checkpoint file as torch.load reads it, tensors only (weights_only), with errors naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+
+
 def load_weights(net, source):
     """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or
     one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
     shape must match."""
-    if not isinstance(source, dict):
-        try:
-            source = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint {source} does not exist") from None
-        except Exception as e:
-            raise ValueError(f"cannot read checkpoint {source}: {e}") from None
-    sd = checkpoint_state_dict(source)
+    sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
     check_state_dict(net.state_dict(), sd)
     net.load_state_dict(sd, strict=True)
     return net
@@ -1540,19 +1576,32 @@ def num_top_queries(cfg):
 def postprocess(outputs, orig_sizes, num_top_queries=300, resize_masks=True):
     """Decoder outputs -> per-image dicts of `labels` (K,) and `scores` (K,), the top K sigmoid scores
     over all (query, class) pairs, with the query's `boxes` (K, 4) pixel x1, y1, x2, y2 in the original
-    image (ECDet, ECSeg), `masks` (K, h, w) bool resized to the original image (ECSeg; the (K, H/4, W/4)
-    logits when `resize_masks` is False), `keypoints` (K, 51) pixel x, y and a constant 1 per keypoint,
-    COCO's result format (ECPose, whose labels are COCO category ids: person = 1).
+    image (ECDet, ECSeg), `masks` (K, h, w) bool resized to the original image, on the CPU (ECSeg; the
+    (K, H/4, W/4) logits when `resize_masks` is False), `keypoints` (K, 51) pixel x, y and a constant 1
+    per keypoint, COCO's result format (ECPose, whose labels are COCO category ids: person = 1).
     orig_sizes: (B, 2) as (w, h). ECPose's original keeps K = 60 (DETRPosePostProcessor.num_select)."""
-    top = select_top(outputs, orig_sizes, num_top_queries)
-    results = [dict(zip(top, per_image)) for per_image in zip(*top.values())]
+    return per_image(select_top(outputs, orig_sizes, num_top_queries), orig_sizes, resize_masks)
+
+
+def per_image(top, orig_sizes, resize_masks=True):
+    """`select_top`'s batched outputs (also an exported graph's) -> `postprocess`'s per-image dicts."""
+    results = [dict(zip(top, values)) for values in zip(*top.values())]
     for r, (w, h) in zip(results, orig_sizes.tolist()):
         if "masks" in r and resize_masks:
-            r["masks"] = F.interpolate(r["masks"][:, None], size=(int(h), int(w)), mode="bilinear",
-                                       align_corners=False)[:, 0] > 0
+            r["masks"] = masks_at_size(r["masks"], (int(h), int(w)))
         if "keypoints" in r:
             r["keypoints"] = torch.cat([r["keypoints"], torch.ones_like(r["keypoints"][..., :1])], -1).flatten(-2)
     return results
+
+
+def masks_at_size(logits, size, chunk=50):
+    """(K, h, w) mask logits -> (K, H, W) bool masks on the CPU at `size` (H, W): bilinear, cut at 0
+    (probability 0.5), `chunk` masks at a time so that the float copy at full size stays small."""
+    masks = torch.empty(len(logits), *size, dtype=torch.bool)
+    for i in range(0, len(logits), chunk):
+        part = F.interpolate(logits[i:i + chunk, None].float(), size=size, mode="bilinear", align_corners=False)
+        masks[i:i + len(part)] = part[:, 0].cpu() > 0
+    return masks
 
 
 def select_top(outputs, orig_sizes, num_top_queries=300):

@@ -13,10 +13,8 @@ normalised (cx, cy, w, h) in [0, 1]; the evaluator takes pixel (x1, y1, x2, y2) 
 original image.
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
-import io
 import json
 import math
 import os
@@ -34,18 +32,15 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
 from tqdm import tqdm
 
 import model
-from model import weighting_function
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+import predict
+from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
+from predict import CocoEvaluator, load_coco
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml and ecseg/ecseg_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
@@ -74,28 +69,6 @@ INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area")
 
 
 # ---- Data: COCO-format data set ----
-
-def load_coco(ann_file):
-    """Parse a COCO-format annotation file into a pycocotools COCO, with errors that name the file."""
-    if not os.path.isfile(ann_file):
-        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
-    try:
-        with open(ann_file) as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"COCO annotation file {ann_file} is not valid JSON: {e}") from e
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
-    if missing:
-        raise ValueError(f"COCO annotation file {ann_file} lacks the top-level keys {missing}")
-    coco = COCO()
-    coco.dataset = data
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-            coco.createIndex()
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"COCO annotation file {ann_file} has an entry without {e!r}") from e
-    return coco
-
 
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection / instance segmentation data set.
@@ -312,7 +285,6 @@ class DetTransforms:
         self.iou_crop, self.iou_crop_prob = T.RandomIoUCrop(), 0.8
         self.resize = T.Resize(size)
         self.flip_resize = T.Compose([SanitizeBoxes(), T.RandomHorizontalFlip(), self.resize, SanitizeBoxes()])
-        self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def set_epoch(self, epoch):
         # DataLoader workers start every epoch from a fresh copy with an empty mosaic cache; the
@@ -339,7 +311,7 @@ class DetTransforms:
         target = dict(target, boxes=normalised_cxcywh(target["boxes"]))
         if "masks" in target:
             target["masks"] = target["masks"].as_subclass(torch.Tensor)
-        return self.normalize(image).as_subclass(torch.Tensor), target
+        return predict.normalize(image), target  # the networks' input convention, as predict.py feeds them
 
 
 # ---- Data: batch collation with MixUp ----
@@ -448,139 +420,26 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0,
     return root
 
 
-# ---- Evaluation: COCO AP ----
+# ---- Evaluation: COCO AP (predict.CocoEvaluator) and pictures ----
 
-class CocoEvaluator:
-    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox", "segm", "keypoints".
-
-    update(image_ids, results): results[i] belongs to image image_ids[i] and holds labels (n,)
-    (mapped to category ids by label_to_cat), scores (n,), and per iou_type: "bbox" boxes (n, 4)
-    pixel x1, y1, x2, y2 in the original image; "segm" masks (n, H, W) or (n, 1, H, W) at the
-    original size (bool, or probabilities cut at 0.5); "keypoints" keypoints (n, 3K), per keypoint
-    pixel x, y in the original image and a score (COCO's result format).
-    summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
-    rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
-    every rank.
-    An image passed to update() without detections counts as all-missed; images never passed are
-    not evaluated (as the original). Use one evaluator per evaluation pass.
-    """
-
-    def __init__(self, coco_gt, label_to_cat, iou_types=("bbox",)):
-        unknown = set(iou_types) - {"bbox", "segm", "keypoints"}
-        if unknown:
-            raise ValueError(f"iou_types must be among 'bbox', 'segm', 'keypoints'; got {sorted(unknown)}")
-        self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
-        self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
-
-    def update(self, image_ids, results):
-        for image_id, res in zip(image_ids, results):
-            image_id = int(image_id)
-            cats = [self.label_to_cat[label] for label in res["labels"].tolist()]
-            scores = res["scores"].float().tolist()
-            entry = {}
-            if "bbox" in self.iou_types:
-                x1, y1, x2, y2 = res["boxes"].float().cpu().unbind(-1)
-                xywh = torch.stack([x1, y1, x2 - x1, y2 - y1], -1).tolist()
-                entry["bbox"] = [dict(image_id=image_id, category_id=c, bbox=b, score=s) for c, b, s in zip(cats, xywh, scores)]
-            if "segm" in self.iou_types:
-                entry["segm"] = [dict(image_id=image_id, category_id=c, segmentation=rle, score=s)
-                                 for c, rle, s in zip(cats, self._encode(res["masks"]), scores)]
-            if "keypoints" in self.iou_types:
-                entry["keypoints"] = [dict(image_id=image_id, category_id=c, keypoints=k, score=s)
-                                      for c, k, s in zip(cats, res["keypoints"].float().cpu().tolist(), scores)]
-            self.results[image_id] = entry
-
-    @staticmethod
-    def _encode(masks):
-        masks = masks.detach().cpu().reshape(-1, *masks.shape[-2:])
-        masks = masks > 0.5 if masks.is_floating_point() else masks.bool()
-        if len(masks) == 0:
-            return []
-        rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
-        for rle in rles:
-            rle["counts"] = rle["counts"].decode("ascii")  # bytes don't survive json or pickling to other tools
-        return rles
-
-    def summarize(self):
-        results = self.results
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, results)
-            # DistributedSampler repeats images to even out ranks; keying by image id drops the repeats
-            results = {image_id: entry for part in gathered for image_id, entry in part.items()}
-        stats = None
-        if not distributed or dist.get_rank() == 0:
-            if not results:
-                raise RuntimeError("CocoEvaluator.summarize() called before any update()")
-            stats = {iou_type: self._evaluate(iou_type, results) for iou_type in self.iou_types}
-        if distributed:
-            box = [stats]
-            dist.broadcast_object_list(box, src=0)
-            stats = box[0]
-        return stats
-
-    def _evaluate(self, iou_type, results):
-        detections = [d for entry in results.values() for d in entry[iou_type]]
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
-            # loadRes fails on an empty list; an empty COCO makes every object a miss, AP 0
-            coco_dt = self.coco_gt.loadRes(detections) if detections else COCO()
-            coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
-            coco_eval.params.imgIds = sorted(results)
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-        print(f"IoU metric: {iou_type}")
-        coco_eval.summarize()
-        return [float(s) for s in coco_eval.stats]
-
-
-# ---- Evaluation: pictures ----
-
-_PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 178, 29), (207, 210, 49),
-            (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
-
-
-def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4, skeleton=()):
-    """Save a PNG grid of images with their predicted boxes, class names and scores; returns path.
+def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4):
+    """Save a PNG grid of images with their detections drawn by predict.draw; returns path.
 
     images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
-    is used to bring boxes to the image tensor's size); results: per image, labels (n,), boxes (n, 4)
-    pixel x1, y1, x2, y2 in the original image, scores (n,), and optionally masks (n, h, w) at the
-    original size, blended in in the class colour; names: class name per label.
+    brings the results, in the original image's pixels, to the tensor's size); results: per image,
+    model.postprocess's (labels, scores, boxes; masks; keypoints); names: class name per label.
     Detections scoring below score_threshold are not drawn.
-    With keypoints (n, 3K) (pixel x, y, score) in the results, each person's keypoints are drawn
-    too, joined by the `skeleton`'s (i, j) pairs of keypoint indices.
     """
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tiles = []
     for image, target, res in zip(images, targets, results):
-        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255)
+        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
         (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
-        keep = res["scores"] >= score_threshold
-        if "masks" in res:  # half the class colour over each drawn detection's mask
-            masks = res["masks"][keep].detach().float().cpu().reshape(-1, 1, *res["masks"].shape[-2:])
-            masks = F.interpolate(masks, size=(h, w), mode="nearest")[:, 0].bool()
-            for mask, label in zip(masks, res["labels"][keep].tolist()):
-                colour = torch.tensor(_PALETTE[label % len(_PALETTE)], dtype=torch.float32)
-                pixels[:, mask] = 0.5 * pixels[:, mask] + 0.5 * colour[:, None]
-        tile = Image.fromarray(pixels.round().byte().permute(1, 2, 0).numpy())
-        draw = ImageDraw.Draw(tile)
-        scale = torch.tensor([w / orig_w, h / orig_h, w / orig_w, h / orig_h])
-        boxes = res["boxes"][keep].detach().float().cpu() * scale
-        for box, label, score in zip(boxes.tolist(), res["labels"][keep].tolist(), res["scores"][keep].tolist()):
-            colour = _PALETTE[label % len(_PALETTE)]
-            draw.rectangle(box, outline=colour, width=2)
-            draw.text((box[0] + 3, box[1] + 2), f"{names[label]} {score:.2f}", fill=colour)
-        if "keypoints" in res:  # one colour per person, as they are often of one class
-            points = res["keypoints"][keep].detach().float().cpu().unflatten(-1, (-1, 3))[..., :2] * scale[:2]
-            for i, xy in enumerate(points.tolist()):
-                colour = _PALETTE[i % len(_PALETTE)]
-                for a, b in skeleton:
-                    draw.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=2)
-                for x, y in xy:
-                    draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=colour)
-        tiles.append(tile)
+        scale = torch.tensor([w / orig_w, h / orig_h], device=res["scores"].device)
+        res = dict(res, boxes=res["boxes"] * scale.repeat(2))
+        if "keypoints" in res:
+            res["keypoints"] = (res["keypoints"].unflatten(-1, (-1, 3)) * torch.cat([scale, scale.new_ones(1)])).flatten(-2)
+        tiles.append(predict.draw(Image.fromarray(pixels.permute(1, 2, 0).numpy()), res, names, score_threshold))
     if not tiles:
         raise ValueError("draw_predictions() got no images")
     ncols = min(ncols, len(tiles))
@@ -981,11 +840,9 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {e}") from None
+        return model.read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
 def load_matching(net, state, what):
@@ -1139,6 +996,11 @@ def dataset_paths(args, task):
     return explicit
 
 
+def category_ids(data):
+    """The COCO category id of each label of data set `data`, a list (as checkpoints store it)."""
+    return [data.label_to_cat[label] for label in range(len(data.names))]
+
+
 def model_config(args, task, num_classes):
     """The model's configuration: a preset or a JSON file, with this data set's classes and image size."""
     if args.model.endswith(".json"):
@@ -1249,6 +1111,7 @@ def run(args, task):
         if rank == 0:
             state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": max(best, ap), "config": cfg,
+                     "names": val_loader.dataset.names, "category_ids": category_ids(val_loader.dataset),
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
             save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
             if ap > best:
@@ -1317,10 +1180,15 @@ def demo(args, task, cfg=None):
                             img_size=settings["img_size"])
     os.makedirs(args.output_dir, exist_ok=True)
     config = os.path.join(args.output_dir, "demo_model.json")
-    with open(config, "w") as f:
-        json.dump(cfg or demo_config(task), f, indent=1)
     args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
     args.img_size, args.batch_size = [settings["img_size"]] * 2, settings["batch_size"]
+    # The config the run builds (model_config), so that export.py and predict.py take the file too.
+    _, _, val_dir, val_ann = dataset_paths(args, task)
+    cfg = copy.deepcopy(cfg or demo_config(task))
+    cfg["num_classes"] = len(task.dataset(val_dir, val_ann, **task.dataset_kwargs).names)
+    cfg["eval_spatial_size"] = list(args.img_size)
+    with open(config, "w") as f:
+        json.dump(cfg, f, indent=1)
     if "lr" in settings:  # a stage's own rate, for the heads and the randomly initialised ViT alike
         args.lr, args.backbone_lr = args.lr or settings["lr"], args.backbone_lr or settings["lr"]
     metrics = run(args, task)

@@ -36,21 +36,17 @@ from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 
 import model
+import predict
 import train_det as td
-from train_det import (IMAGENET_MEAN, IMAGENET_STD, INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index,
-                       denoising_matches, match_all, matched, mean_over_ranks, merge_instances, normalised_cxcywh)
+from model import KEYPOINT_NAMES, SKELETON
+from train_det import (INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index, denoising_matches, match_all, matched,
+                       mean_over_ranks, merge_instances, normalised_cxcywh)
 
 # ---------------------------------------------------------------------------------------------
 # Data: COCO keypoints
 # ---------------------------------------------------------------------------------------------
-KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-                  "left_knee", "right_knee", "left_ankle", "right_ankle")
 # FLIP_INDEX[k]: the keypoint that k becomes in the mirror image (a left wrist turns into a right one).
 FLIP_INDEX = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
-# COCO's skeleton (its 1-based pairs, here 0-based): legs, hips, torso, arms, face.
-SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
-            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
 K = len(KEYPOINT_NAMES)
 
 
@@ -265,7 +261,6 @@ class PoseTransforms:
         self.mix = MixUpCopyPaste()
         self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.4)], p=0.5)
         self.resize = T.Resize(size)
-        self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def set_epoch(self, epoch):
         self.epoch = epoch  # workers start every epoch from fresh copies: empty caches here too
@@ -288,7 +283,7 @@ class PoseTransforms:
                 image, target = hflip(image, target)
             image, target = self.jitter(image, target)
         image, target = self.resize(image, target)
-        return self.normalize(image).as_subclass(torch.Tensor), to_targets(target)
+        return predict.normalize(image), to_targets(target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,8 +573,7 @@ class PoseTask(Task):
     def postprocess(self, outputs, orig_sizes, cfg):
         results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
         for r in results:
-            xy = r["keypoints"].unflatten(-1, (-1, 3))[..., :2]
-            r["boxes"] = torch.cat([xy.amin(1), xy.amax(1)], -1)
+            r["boxes"] = predict.keypoint_boxes(r["keypoints"])
         return results
 
 
@@ -588,7 +582,7 @@ class PoseTask(Task):
 POSE = PoseTask(name="pose", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
                 recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
                 make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),
-                draw=functools.partial(td.draw_predictions, skeleton=SKELETON, score_threshold=0.3))
+                draw=functools.partial(td.draw_predictions, score_threshold=0.3))
 
 if __name__ == "__main__":
     td.main(task=POSE)

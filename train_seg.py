@@ -260,14 +260,9 @@ class SegTask(train_det.Task):
     def postprocess(self, outputs, orig_sizes, cfg):
         """model.postprocess with the masks (K, h, w) bool at the original size, on the CPU (the
         evaluator encodes them there), resized a chunk at a time."""
-        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg),
-                                    resize_masks=False)
+        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg), resize_masks=False)
         for r, (w, h) in zip(results, orig_sizes.tolist()):
-            logits, size = r["masks"], (int(h), int(w))
-            r["masks"] = torch.empty(len(logits), *size, dtype=torch.bool)
-            for i in range(0, len(logits), self.mask_chunk):
-                chunk = logits[i:i + self.mask_chunk, None]
-                r["masks"][i:i + len(chunk)] = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)[:, 0] > 0
+            r["masks"] = model.masks_at_size(r["masks"], (int(h), int(w)), self.mask_chunk)
         return results
 
 

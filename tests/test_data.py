@@ -13,6 +13,7 @@ from PIL import Image
 from torchvision import tv_tensors
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import predict  # noqa: E402
 import train_det as td  # noqa: E402
 
 # pycocotools' mask decoder trips numpy 2's __array__ copy-keyword deprecation on every mask
@@ -380,5 +381,5 @@ def test_draw_predictions(coco_root, tmp_path):
     with_boxes = [(tile, res) for tile, res in zip(tiles, results) if len(res["labels"])]
     assert with_boxes
     for tile, res in with_boxes:
-        colour = np.array(td._PALETTE[res["labels"][0].item()])
+        colour = np.array(predict.PALETTE[res["labels"][0].item()])
         assert (tile.reshape(-1, 3) == colour).all(1).sum() > 10

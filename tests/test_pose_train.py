@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import model
+import predict
 import train_det as td
 import train_pose as tp
 
@@ -220,7 +222,7 @@ def test_pictures_draw_each_persons_skeleton(tmp_path):
     path = tp.POSE.draw(torch.zeros(1, 3, 64, 64), [{"orig_size": torch.tensor([64, 64])}], [result], ["", "person"],
                         str(tmp_path / "p.png"))
     picture = np.asarray(Image.open(path)).astype(int)
-    assert tuple(picture[30, 20]) == td._PALETTE[0]  # the first person's elbow-wrist bone
+    assert tuple(picture[30, 20]) == predict.PALETTE[0]  # the first person's elbow-wrist bone
     assert abs(picture[30, 40] - picture[30, 55]).sum() == 0  # the second scores under the threshold
 
 
@@ -285,12 +287,14 @@ def test_cli_is_train_dets_with_ecpose_defaults():
 def test_demo_trains_ecpose_with_its_settings(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(td, "run", lambda args, task: seen.update(vars(args), task=task) or {"epoch": 1, "coco_keypoints": [0.0] * 10})
-    task = dataclasses.replace(tp.POSE, make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
+    task = dataclasses.replace(tp.POSE, make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"),
+                               dataset=lambda images, ann: types.SimpleNamespace(names=["", "person"]))
     td.demo(td.parse_args(["--demo", "--output-dir", str(tmp_path)], task), task)
     assert seen["recipe"] == "demo" and seen["img_size"] == [128, 128] and seen["batch_size"] == 8
     assert seen["task"].recipes["demo"]["mixup_prob"] == 0.0 and seen["num_train"] == td.DEMO["num_train"]
     config = json.loads((tmp_path / "demo_model.json").read_text())
     assert config["model"] == "ECPose" and config["DETRTransformer"]["num_queries"] == 20
+    assert config["num_classes"] == 2 and config["eval_spatial_size"] == [128, 128]  # what the run builds
 
 
 def test_script_runs_with_train_dets_options():

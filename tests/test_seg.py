@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -402,12 +403,14 @@ def test_cli_is_train_dets_with_ecseg_defaults():
 def test_demo_trains_ecseg_with_its_settings(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(td, "run", lambda args, task: seen.update(vars(args)) or {"epoch": 1, "coco_segm": [0.0] * 12})
-    task = ts.SegTask(make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
+    task = ts.SegTask(make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"),
+                      dataset=lambda images, ann: types.SimpleNamespace(names=["a", "b", "c"]))
     td.demo(td.parse_args(["--demo", "--output-dir", str(tmp_path)], task), task)
     assert seen["lr"] == seen["backbone_lr"] == 2e-3 and seen["recipe"] == "demo" and seen["epochs"] is None
     assert seen["num_train"] == td.DEMO["num_train"] and seen["img_size"] == [td.DEMO["img_size"]] * 2
     config = json.loads((tmp_path / "demo_model.json").read_text())
     assert config["model"] == "ECSeg" and config["ECTransformer"]["mask_downsample_ratio"] == 4
+    assert config["num_classes"] == 3 and config["eval_spatial_size"] == [td.DEMO["img_size"]] * 2  # what the run builds
 
 
 def test_script_runs_with_train_dets_options():

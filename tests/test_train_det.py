@@ -99,6 +99,7 @@ def test_run_writes_checkpoints_and_resume_repeats_the_next_epoch(data_root, tin
     assert (tmp_path / "full" / "predictions.png").exists() and (tmp_path / "full" / "best.pth").exists()
     ckpt = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["ema"]["updates"] == 8 and "optimizer" in ckpt and "scaler" in ckpt
+    assert ckpt["names"] == ["circle", "square", "triangle"] and ckpt["category_ids"] == [1, 3, 7]  # for predict.py
 
     # Stop after the first epoch, then resume: the second epoch must repeat exactly.
     td.run(args_for(data_root, tiny_config, tmp_path / "cut", "--epochs", "2", "--stop-after", "1"), td.Task())

@@ -1,0 +1,742 @@
+"""Run ECDet, ECSeg or ECPose on images, folders and videos, from a checkpoint or an exported model,
+and score it on labelled data.
+
+    python predict.py --weights outputs/detection/best.pth --source photo.jpg
+    python predict.py --weights ecdet_s.pth --model ecdet_s --source photos/ --conf 0.5
+    python predict.py --weights ecdet_s.onnx --source clip.mp4
+    python predict.py --weights best.pth --source /coco/val2017 --coco-ann /coco/annotations/instances_val2017.json
+
+The runtime follows from the file: checkpoints (.pth: this project's carry their config, a released
+one needs --model) run in PyTorch, .onnx files from export.py in ONNX Runtime (INT8 ones too),
+TensorRT engines (.engine, .plan) on a CUDA GPU, OpenVINO IR (.xml) with OpenVINO. Every image is
+stretched to the network's square input size and normalised exactly as the training's validation
+transform does, so any image size works; results are in the pixels of the original image.
+
+Under --output-dir it writes each image with its detections drawn, each video re-encoded with them
+(same name, frame count and rate), and predictions.jsonl, one line per image or video frame:
+    {"source": path, "frame": i or null, "width": w, "height": h, "detections": [{"box": [x1, y1, x2, y2],
+     "score": s, "label": l, "name": "...", "category_id": c, "keypoints": [x, y, s] * 17 (ECPose),
+     "mask": COCO RLE (ECSeg)}]}
+Each line is written whole and each picture renamed into place once complete, so an interrupted run
+leaves complete files only. With --coco-ann it also writes COCO results files and prints COCO AP,
+computed by the evaluator that training uses.
+
+The file reads as the data flows: sources, images into the network's input, the runtimes, the
+Predictor (the Python API), drawing, COCO results and AP, and the command line.
+"""
+import argparse
+import contextlib
+import fractions
+import glob
+import io
+import itertools
+import json
+import os
+import pathlib
+import sys
+import time
+
+import av
+import numpy as np
+import onnx
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+import export
+import model
+
+# ---------------------------------------------------------------------------------------------
+# Sources: images, folders, globs, videos
+# ---------------------------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Each video is re-encoded into its own container, with a codec that container takes.
+VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi": "mpeg4", ".webm": "libvpx-vp9"}
+
+
+def is_video(path):
+    return path.lower().endswith(tuple(VIDEO_CODECS))
+
+
+def find_sources(source):
+    """(root, sorted paths) of the images and videos that `source` names: a file, a folder (searched
+    recursively) or a glob pattern. Outputs keep their paths relative to `root`."""
+    if os.path.isdir(source):
+        root = source
+        paths = [os.path.join(folder, name) for folder, _, names in os.walk(source, followlinks=True) for name in names]
+    elif os.path.isfile(source):
+        root, paths = os.path.dirname(source), [source]
+    else:
+        paths = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        if not paths:
+            raise FileNotFoundError(f"--source {source}: no such file or folder, and no file matches it as a pattern")
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    media = sorted(p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS) or is_video(p))
+    if not media:
+        raise FileNotFoundError(f"--source {source}: no image ({' '.join(IMAGE_EXTENSIONS)}) or video "
+                                f"({' '.join(VIDEO_CODECS)}) there")
+    return root, media
+
+
+def read_video(path):
+    """(frame rate, number of frames or None, (w, h), generator of RGB PIL frames) of a video file."""
+    try:
+        container = av.open(path)
+        stream = container.streams.video[0]
+    except (av.FFmpegError, IndexError) as e:
+        raise ValueError(f"--source {path}: cannot decode it as a video: {e}") from None
+    rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
+
+    def frames():
+        with container:
+            try:
+                for frame in container.decode(stream):
+                    yield frame.to_image()
+            except av.FFmpegError as e:
+                raise ValueError(f"--source {path}: the video stops decoding: {e}") from None
+
+    return rate, stream.frames or None, (stream.codec_context.width, stream.codec_context.height), frames()
+
+
+# ---------------------------------------------------------------------------------------------
+# Images into the network: any PIL mode to RGB, stretched and normalised as in validation
+# ---------------------------------------------------------------------------------------------
+def to_rgb(image):
+    """An RGB PIL image from one in any mode. 16- and 32-bit integer greys (16-bit PNGs, modes I;16*
+    and I) are scaled from 16 to 8 bits, which PIL's convert does not do (it clips them at 255, so
+    most pixels turn white); every other mode is PIL's conversion (alpha dropped, palettes looked up)."""
+    if image.mode.startswith("I"):
+        grey = np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(image):
+    """A path, a PIL image or an (H, W, 3) uint8 RGB array -> an RGB PIL image. A file that PIL cannot
+    decode raises OSError (or ValueError for a mode it cannot convert)."""
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            return to_rgb(im)  # converting decodes the whole file, so a truncated one fails here
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
+        return Image.fromarray(image)
+    raise ValueError(f"expected an image path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
+                     + (f" {image.dtype} {image.shape}" if isinstance(image, np.ndarray) else ""))
+
+
+def normalize(image):
+    """An RGB PIL image -> float (3, H, W): [0, 1], then normalised with the ImageNet mean and std
+    (model.IMAGENET_MEAN, model.IMAGENET_STD), the networks' input convention."""
+    tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+    return TF.normalize(tensor, model.IMAGENET_MEAN, model.IMAGENET_STD).as_subclass(torch.Tensor)
+
+
+def preprocess(image, size):
+    """An RGB PIL image -> the network's input (3, H, W) for `size` (H, W): stretched bilinearly
+    (antialiased, as torchvision's Resize does for training's validation) and normalised."""
+    return normalize(TF.resize(image, list(size)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes: (images (B, 3, H, W), original sizes (B, 2) as (w, h)) -> model.select_top's outputs
+# ---------------------------------------------------------------------------------------------
+# Each runtime has `size` (H, W) of its input (a PyTorch network takes any multiple of 32),
+# `batch` (the largest batch it takes; None: any), `names` and `category_ids` (by label).
+RUNTIMES = {"torch": (".pth", ".pt"), "onnxruntime": (".onnx",), "tensorrt": (".engine", ".plan"),
+            "openvino": (".xml",)}
+
+
+def classes_from(props, what, pose):
+    """(names, category ids) from an exported file's metadata (export.metadata's keys), else COCO's."""
+    if "names" in props and "category_ids" in props:
+        return json.loads(props["names"]), json.loads(props["category_ids"])
+    tqdm.write(f"warning: {what} carries no class names; taking COCO's", file=sys.stderr)
+    return model.default_classes(2 if pose else 80, pose)
+
+
+class TorchRuntime:
+    """A checkpoint in PyTorch, deployed (export.Deployed: the network and model.select_top)."""
+
+    def __init__(self, weights, config, device):
+        net, cfg, _, (self.names, self.category_ids) = export.load_network(config, weights)
+        self.device = torch.device(device)
+        self.deployed = export.Deployed(net.deploy(), model.num_top_queries(cfg)).to(self.device)
+        self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
+
+    @torch.inference_mode()
+    def __call__(self, images, sizes):
+        return {k: v.cpu() for k, v in self.deployed(images.to(self.device), sizes.to(self.device)).items()}
+
+
+class OnnxRuntime:
+    """An ONNX file of export.py's in ONNX Runtime, on the CPU."""
+
+    def __init__(self, path):
+        try:
+            self.session = export.ort_session(path)
+        except Exception as e:  # ONNX Runtime's own exception types
+            raise ValueError(f"--weights {path}: ONNX Runtime cannot load it: {e}") from None
+        inputs = self.session.get_inputs()
+        if [i.name for i in inputs] != ["images", "orig_target_sizes"]:
+            raise ValueError(f"--weights {path}: expected the inputs images and orig_target_sizes of an export.py "
+                             f"file, found {[i.name for i in inputs]}")
+        batch, _, *self.size = inputs[0].shape
+        self.batch, self.resizable = batch if isinstance(batch, int) else None, False
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.names, self.category_ids = classes_from(props, path, "keypoints" in self.outputs)
+
+    def __call__(self, images, sizes):
+        values = self.session.run(self.outputs, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
+        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)}
+
+
+class TensorRTRuntime:
+    """A TensorRT engine (export.TensorRTRunner) on a CUDA GPU. An engine carries no metadata: the
+    class names are read from the ONNX file of the same name beside it, which export.py builds it from."""
+
+    def __init__(self, path):
+        reason = export.tensorrt_missing()
+        if reason:
+            raise ValueError(f"--weights {path}: a TensorRT engine needs the tensorrt package and a CUDA GPU; "
+                             f"here {reason}")
+        self.runner = export.TensorRTRunner(path)
+        engine = self.runner.engine
+        batch, _, *self.size = engine.get_tensor_shape("images")
+        # A dynamic batch (-1) is bounded by the engine's optimisation profile: (min, opt, max) shapes.
+        self.batch = batch if batch > 0 else engine.get_tensor_profile_shape("images", 0)[2][0]
+        self.resizable = False
+        onnx_path = pathlib.Path(path).with_suffix(".onnx")
+        props = {p.key: p.value for p in onnx.load(onnx_path).metadata_props} if onnx_path.is_file() else {}
+        self.names, self.category_ids = classes_from(props, f"{path} (and {onnx_path})", "keypoints" in self.runner.outputs)
+
+    def __call__(self, images, sizes):
+        return {k: v.cpu() for k, v in self.runner(images, sizes).items()}
+
+
+class OpenVINORuntime:
+    """An OpenVINO IR (.xml with its .bin) on the CPU; converted from export.py's ONNX file it keeps
+    that file's metadata in rt_info under "framework"."""
+
+    def __init__(self, path):
+        import openvino as ov  # only this runtime needs it
+        core = ov.Core()
+        try:
+            net = core.read_model(path)
+            # On CPUs with bf16 units (this one) OpenVINO computes in bf16 unless told: on the network
+            # of tests/test_predict.py its scores came out 2-4e-3 from the ONNX file's, 2e-5 in f32.
+            self.compiled = core.compile_model(net, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        except RuntimeError as e:
+            raise ValueError(f"--weights {path}: OpenVINO cannot load it: {e}") from None
+        shape = net.input("images").get_partial_shape()
+        self.size = [shape[2].get_length(), shape[3].get_length()]
+        self.batch, self.resizable = shape[0].get_length() if shape[0].is_static else None, False
+        self.outputs = [o.get_any_name() for o in net.outputs]
+        props = {k: net.get_rt_info(["framework", k]).astype(str) for k in ("names", "category_ids")
+                 if net.has_rt_info(["framework", k])}
+        self.names, self.category_ids = classes_from(props, path, "keypoints" in self.outputs)
+
+    def __call__(self, images, sizes):
+        values = self.compiled({"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
+        return {k: torch.from_numpy(values[k]) for k in self.outputs}
+
+
+def open_runtime(weights, runtime=None, config=None, device="cpu"):
+    """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given."""
+    if runtime is None:
+        runtime = next((r for r, ext in RUNTIMES.items() if str(weights).lower().endswith(ext)), None)
+        if runtime is None:
+            kinds = "; ".join(f"{' '.join(ext)} ({r})" for r, ext in RUNTIMES.items())
+            raise ValueError(f"--weights {weights}: unknown kind of file {pathlib.Path(weights).suffix!r}; "
+                             f"expected {kinds}, or give --runtime")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"--runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    if runtime != "torch" and not os.path.isfile(weights):
+        raise FileNotFoundError(f"--weights {weights}: no such file")
+    if config is not None and runtime != "torch":
+        raise ValueError(f"--model describes a checkpoint's network; {weights} ({runtime}) carries its own")
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    if runtime in ("onnxruntime", "openvino") and on_gpu:
+        raise ValueError(f"--device {device}: {runtime} runs on the CPU here; on a GPU use the .pth or a TensorRT engine")
+    if runtime == "tensorrt":
+        return TensorRTRuntime(weights)
+    if runtime == "onnxruntime":
+        return OnnxRuntime(weights)
+    if runtime == "openvino":
+        return OpenVINORuntime(weights)
+    return TorchRuntime(weights, config, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API
+# ---------------------------------------------------------------------------------------------
+def keypoint_boxes(keypoints):
+    """(n, 3K) keypoints (pixel x, y, score) -> (n, 4) the extent of each person's keypoints, x1, y1,
+    x2, y2: ECPose's box, as COCO's keypoint evaluation takes it."""
+    xy = keypoints.unflatten(-1, (-1, 3))[..., :2]
+    return torch.cat([xy.amin(1), xy.amax(1)], -1)
+
+
+def select(result, keep):
+    """The detections of one result dict where the (n,) bool `keep` is set."""
+    return {k: v[keep] if torch.is_tensor(v) else [x for x, kept in zip(v, keep.tolist()) if kept]
+            for k, v in result.items()}
+
+
+class Predictor:
+    """ECDet, ECSeg or ECPose from any weights file (module docstring), on images of any size.
+
+        p = predict.Predictor("outputs/detection/best.pth", device="cpu", conf=0.4)
+        results = p(["a.jpg", pil_image, rgb_array])
+
+    p(images): a path, a PIL image (any mode), an (H, W, 3) uint8 RGB array, or a list of them -> a
+    list with one dict per image of its detections scoring at least `conf`, highest first:
+        boxes (n, 4) float pixel x1, y1, x2, y2 in the original image (ECPose: the keypoints' extent)
+        scores (n,), labels (n,) int64, names [n str], category_ids [n int] (the COCO ids)
+        masks (n, H, W) bool at the original size (ECSeg)
+        keypoints (n, 51): per keypoint (model.KEYPOINT_NAMES) pixel x, y and a score (ECPose)
+    config: a preset or JSON config for a released checkpoint (which carries none); img_size (H, W):
+    the input size of a checkpoint's network (default: its eval_spatial_size); runtime: a RUNTIMES
+    key, to override the file's extension. The steps prepare, infer and finish are p(images) in parts.
+    """
+
+    def __init__(self, weights, device="cpu", conf=0.4, config=None, img_size=None, runtime=None, batch_size=1):
+        self.runtime = open_runtime(weights, runtime, config, device)
+        self.conf, self.batch_size = conf, batch_size
+        self.names, self.category_ids = self.runtime.names, self.runtime.category_ids
+        size = list(img_size) if img_size else list(self.runtime.size)
+        if len(size) != 2 or min(size) <= 0 or size[0] % 32 or size[1] % 32:
+            raise ValueError(f"--img-size {' '.join(map(str, size))}: expected H [W], positive multiples of 32")
+        if size != list(self.runtime.size) and not self.runtime.resizable:
+            raise ValueError(f"--img-size {' '.join(map(str, size))}: {weights} was exported for "
+                             f"{self.runtime.size[0]}x{self.runtime.size[1]} input")
+        self.size = size
+
+    def __call__(self, images):
+        images = images if isinstance(images, list) else [images]
+        results = []
+        for i in range(0, len(images), self.batch_size):
+            batch, sizes = self.prepare([load_image(image) for image in images[i:i + self.batch_size]])
+            results += self.finish(self.infer(batch, sizes), sizes)
+        return results
+
+    def prepare(self, images):
+        """RGB PIL images -> (the network's input (B, 3, H, W), original sizes (B, 2) as (w, h))."""
+        return torch.stack([preprocess(im, self.size) for im in images]), torch.tensor([im.size for im in images])
+
+    def infer(self, batch, sizes):
+        """The network and its top-K selection on a batch -> model.select_top's outputs, on the CPU."""
+        step = self.runtime.batch or len(batch)
+        parts = [self.runtime(batch[i:i + step], sizes[i:i + step]) for i in range(0, len(batch), step)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def finish(self, top, sizes, conf=None):
+        """select_top's outputs -> the per-image dicts of p(images), of the detections scoring at
+        least `conf` (default: the Predictor's); masks are resized only for those."""
+        results = []
+        for r, (w, h) in zip(model.per_image(top, sizes, resize_masks=False), sizes.tolist()):
+            r = select(r, r["scores"] >= (self.conf if conf is None else conf))
+            if "masks" in r:
+                r["masks"] = model.masks_at_size(r["masks"], (h, w))
+            if "keypoints" in r:
+                r["boxes"] = keypoint_boxes(r["keypoints"])
+            labels = r["labels"].tolist()
+            # A file without class names gets COCO's: labels beyond them keep their number.
+            r["names"] = [self.names[i] if i < len(self.names) else str(i) for i in labels]
+            r["category_ids"] = [self.category_ids[i] if i < len(self.category_ids) else i for i in labels]
+            results.append(r)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing: boxes with class name and score, ECSeg masks, ECPose skeletons
+# ---------------------------------------------------------------------------------------------
+PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 178, 29), (207, 210, 49),
+           (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
+
+
+def draw(image, result, names, conf=0.0, skeleton=model.SKELETON):
+    """A copy of RGB PIL `image` with the detections of `result` scoring at least `conf` drawn.
+
+    result: labels (n,), scores (n,) and boxes (n, 4) pixel x1, y1, x2, y2 in `image`, each drawn
+    in its class colour with its class name (`names` by label) and score; optionally masks (n, h, w)
+    (resized to the image when of another size; ECSeg), blended in at half strength in the class
+    colour, and keypoints (n, 3K) (pixel x, y, score) joined by the `skeleton`'s (i, j) pairs of
+    keypoint indices, one colour per person (ECPose's persons are all of one class).
+    Lines, points and text grow with the image so that they read alike at any size.
+    """
+    keep = result["scores"].detach().cpu() >= conf
+    res = {k: v.detach().float().cpu()[keep] for k, v in result.items() if k in ("boxes", "scores", "masks", "keypoints")}
+    labels = result["labels"].detach().cpu()[keep].tolist()
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).float()
+    if "masks" in res and len(labels):
+        masks = F.interpolate(res["masks"][:, None], size=pixels.shape[:2], mode="nearest")[:, 0].bool()
+        for mask, label in zip(masks, labels):
+            pixels[mask] = 0.5 * pixels[mask] + 0.5 * torch.tensor(PALETTE[label % len(PALETTE)], dtype=torch.float32)
+    picture = Image.fromarray(pixels.round().byte().numpy())
+    canvas = ImageDraw.Draw(picture)
+    side = max(picture.size)
+    width, font = max(2, round(side / 320)), ImageFont.load_default(max(10, round(side / 64)))
+    # Lowest score first, so that where one query is reported with two classes the better one shows.
+    for box, label, score in reversed(list(zip(res["boxes"].tolist(), labels, res["scores"].tolist()))):
+        colour = PALETTE[label % len(PALETTE)]
+        canvas.rectangle(box, outline=colour, width=width)
+        text = f"{names[label] if label < len(names) else label} {score:.2f}"
+        _, _, right, bottom = canvas.textbbox((0, 0), text, font=font)
+        x = max(min(box[0], picture.width - right - 3), 0)  # the label inside the picture, above the box if it fits
+        y = box[1] - (bottom + 2) if box[1] >= bottom + 2 else max(box[1], 0)
+        canvas.rectangle([x, y, x + right + 3, y + bottom + 2], fill=colour)
+        canvas.text((x + 2, y + 1), text, fill=(255, 255, 255), font=font)
+    if "keypoints" in res:
+        radius = 1.5 * width / 2
+        for i, xy in enumerate(res["keypoints"].unflatten(-1, (-1, 3))[..., :2].tolist()):
+            colour = PALETTE[i % len(PALETTE)]
+            for a, b in skeleton:
+                canvas.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=width)
+            for x, y in xy:
+                canvas.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    return picture
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO results and AP (pycocotools), for --coco-ann and the training's evaluation
+# ---------------------------------------------------------------------------------------------
+def load_coco(ann_file):
+    """Parse a COCO-format annotation file into a pycocotools COCO, with errors that name the file."""
+    if not os.path.isfile(ann_file):
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"COCO annotation file {ann_file} is not valid JSON: {e}") from e
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise ValueError(f"COCO annotation file {ann_file} lacks the top-level keys {missing}")
+    coco = COCO()
+    coco.dataset = data
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+            coco.createIndex()
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"COCO annotation file {ann_file} has an entry without {e!r}") from e
+    return coco
+
+
+def encode_masks(masks):
+    """(n, H, W) masks (bool, or probabilities cut at 0.5) -> n COCO RLEs with str counts (bytes don't
+    survive JSON, or pickling to other tools)."""
+    masks = masks.detach().cpu().reshape(-1, *masks.shape[-2:])
+    masks = masks > 0.5 if masks.is_floating_point() else masks.bool()
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+class CocoEvaluator:
+    """COCO AP (pycocotools) of postprocessed predictions, for iou_types "bbox", "segm", "keypoints".
+
+    update(image_ids, results): results[i] belongs to image image_ids[i] and holds labels (n,)
+    (mapped to category ids by label_to_cat, a dict or list by label), scores (n,), and per iou_type:
+    "bbox" boxes (n, 4) pixel x1, y1, x2, y2 in the original image; "segm" masks (n, H, W) or
+    (n, 1, H, W) at the original size (bool, or probabilities cut at 0.5); "keypoints" keypoints
+    (n, 3K), per keypoint pixel x, y in the original image and a score (COCO's result format).
+    summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
+    rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
+    every rank. `results` holds the COCO result dicts: {image_id: {iou_type: [...]}}.
+    An image passed to update() without detections counts as all-missed; images never passed are
+    not evaluated (as the original). Use one evaluator per evaluation pass.
+    """
+
+    def __init__(self, coco_gt, label_to_cat, iou_types=("bbox",)):
+        unknown = set(iou_types) - {"bbox", "segm", "keypoints"}
+        if unknown:
+            raise ValueError(f"iou_types must be among 'bbox', 'segm', 'keypoints'; got {sorted(unknown)}")
+        self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
+        self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
+
+    def update(self, image_ids, results):
+        for image_id, res in zip(image_ids, results):
+            image_id = int(image_id)
+            cats = [self.label_to_cat[label] for label in res["labels"].tolist()]
+            scores = res["scores"].float().tolist()
+            entry = {}
+            if "bbox" in self.iou_types:
+                x1, y1, x2, y2 = res["boxes"].float().cpu().unbind(-1)
+                xywh = torch.stack([x1, y1, x2 - x1, y2 - y1], -1).tolist()
+                entry["bbox"] = [dict(image_id=image_id, category_id=c, bbox=b, score=s) for c, b, s in zip(cats, xywh, scores)]
+            if "segm" in self.iou_types:
+                entry["segm"] = [dict(image_id=image_id, category_id=c, segmentation=rle, score=s)
+                                 for c, rle, s in zip(cats, encode_masks(res["masks"]), scores)]
+            if "keypoints" in self.iou_types:
+                entry["keypoints"] = [dict(image_id=image_id, category_id=c, keypoints=k, score=s)
+                                      for c, k, s in zip(cats, res["keypoints"].float().cpu().tolist(), scores)]
+            self.results[image_id] = entry
+
+    def summarize(self):
+        results = self.results
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, results)
+            # DistributedSampler repeats images to even out ranks; keying by image id drops the repeats
+            results = {image_id: entry for part in gathered for image_id, entry in part.items()}
+        stats = None
+        if not distributed or dist.get_rank() == 0:
+            if not results:
+                raise RuntimeError("CocoEvaluator.summarize() called before any update()")
+            stats = {iou_type: self._evaluate(iou_type, results) for iou_type in self.iou_types}
+        if distributed:
+            box = [stats]
+            dist.broadcast_object_list(box, src=0)
+            stats = box[0]
+        return stats
+
+    def _evaluate(self, iou_type, results):
+        detections = [d for entry in results.values() for d in entry[iou_type]]
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress lines
+            # loadRes fails on an empty list; an empty COCO makes every object a miss, AP 0
+            coco_dt = self.coco_gt.loadRes(detections) if detections else COCO()
+            coco_eval = COCOeval(self.coco_gt, coco_dt, iou_type)
+            coco_eval.params.imgIds = sorted(results)
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        print(f"IoU metric: {iou_type}")
+        coco_eval.summarize()
+        return [float(s) for s in coco_eval.stats]
+
+
+def iou_types(top):
+    """The COCO evaluations that a network's outputs (select_top's keys) take part in."""
+    if "keypoints" in top:
+        return ("keypoints",)
+    return ("bbox", "segm") if "masks" in top else ("bbox",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: outputs written whole, a timing summary, COCO AP
+# ---------------------------------------------------------------------------------------------
+def detections_json(result):
+    """One image's results -> predictions.jsonl's list of detections."""
+    out = [dict(box=b, score=s, label=l, name=n, category_id=c) for b, s, l, n, c in
+           zip(result["boxes"].tolist(), result["scores"].tolist(), result["labels"].tolist(), result["names"],
+               result["category_ids"])]
+    for d, k in zip(out, result["keypoints"].tolist() if "keypoints" in result else ()):
+        d["keypoints"] = k
+    for d, rle in zip(out, encode_masks(result["masks"]) if "masks" in result else ()):
+        d["mask"] = rle
+    return out
+
+
+def save_picture(picture, path):
+    """Write atomically (export.atomic_output): a killed run leaves the old file or the new one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with export.atomic_output(path, "--output-dir") as tmp:
+        picture.save(tmp, quality=95) if path.lower().endswith((".jpg", ".jpeg")) else picture.save(tmp)
+
+
+class VideoWriter:
+    """A context that encodes drawn frames of `size` (w, h) into the video file `path` at `rate`
+    (frames per second), with its container's codec of VIDEO_CODECS. 4:2:0 chroma needs even sides:
+    an odd last row or column is left out."""
+
+    def __init__(self, path, rate, size):
+        codec = VIDEO_CODECS[os.path.splitext(path)[1].lower()]
+        if codec not in av.codecs_available:  # a PyAV built without x264 still has FFmpeg's own mpeg4
+            codec = "mpeg4"
+        self.container = av.open(path, "w")
+        self.stream = self.container.add_stream(codec, rate=rate)
+        self.stream.pix_fmt, self.stream.width, self.stream.height = "yuv420p", size[0] // 2 * 2, size[1] // 2 * 2
+
+    def write(self, picture):
+        pixels = np.asarray(picture)[:self.stream.height, :self.stream.width]
+        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error, *_):
+        if error is None:
+            self.container.mux(self.stream.encode())  # the encoder's delayed frames
+        self.container.close()
+
+
+def coco_images(ann_file, folder):
+    """(COCO ground truth, {path: (image id, (w, h))}) for the images of `ann_file` found in `folder`."""
+    coco = load_coco(ann_file)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--source {folder}: with --coco-ann it must be the folder of the annotated images")
+    try:
+        listed = {os.path.join(folder, info["file_name"]): (image_id, (info["width"], info["height"]))
+                  for image_id, info in sorted(coco.imgs.items())}
+    except KeyError as e:
+        raise ValueError(f"COCO annotation file {ann_file} has an image without {e!r}") from None
+    found = {path: v for path, v in listed.items() if os.path.isfile(path)}
+    if not found:
+        raise FileNotFoundError(f"--source {folder}: none of the {len(listed)} images of {ann_file} is there")
+    if len(found) < len(listed):
+        tqdm.write(f"warning: {len(listed) - len(found)} images of {ann_file} are not in {folder}; left out",
+                   file=sys.stderr)
+    return coco, found
+
+
+def run(args):
+    """Predict on every image and video frame of args.source; returns {"images": images and frames
+    done, "skipped": images skipped, and with --coco-ann "coco": {iou_type: the COCO stats}}."""
+    predictor = Predictor(args.weights, args.device, args.conf, args.model, args.img_size, args.runtime, args.batch_size)
+    if args.coco_ann:
+        coco, annotated = coco_images(args.coco_ann, args.source)
+        root, paths = args.source, list(annotated)
+    else:
+        root, paths = find_sources(args.source)
+    output = lambda path: os.path.join(args.output_dir, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
+    for path in paths:
+        if os.path.abspath(output(path)) == os.path.abspath(path):
+            raise ValueError(f"--output-dir {args.output_dir}: the drawn pictures would replace {path}; choose another folder")
+    os.makedirs(args.output_dir, exist_ok=True)
+    summary, evaluator = {"images": 0, "skipped": 0}, None
+    times = dict.fromkeys(("decode+preprocess", "network", "postprocess+draw"), 0.0)
+
+    @contextlib.contextmanager
+    def timed(step):
+        start = time.perf_counter()
+        yield
+        times[step] += time.perf_counter() - start
+
+    def skip(path, why):
+        summary["skipped"] += 1
+        bar.update()
+        tqdm.write(f"warning: skipping {path}: {why}; {summary['skipped']} skipped so far", file=sys.stderr)
+
+    def read_image(path):
+        """The RGB image at `path`, or None (skipped with a warning) when it can't be used."""
+        try:
+            image = load_image(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return skip(path, f"not a readable image ({e})")
+        if args.coco_ann and image.size != annotated[path][1]:  # as training's data set, which leaves it out
+            return skip(path, f"{image.width}x{image.height} pixels, {'x'.join(map(str, annotated[path][1]))} "
+                              f"in {args.coco_ann}")
+        return image
+
+    def predict_batch(items, keep):
+        """items: (path, frame index or None, RGB image); keep(path, picture) stores each drawn picture."""
+        nonlocal evaluator
+        with timed("decode+preprocess"):
+            inputs, sizes = predictor.prepare([image for _, _, image in items])
+        with timed("network"):
+            top = predictor.infer(inputs, sizes)
+        with timed("postprocess+draw"):
+            results = predictor.finish(top, sizes, 0.0 if args.coco_ann else None)
+            if args.coco_ann:  # AP over every detection, as training's evaluation; the rest shows those over --conf
+                evaluator = evaluator or CocoEvaluator(coco, predictor.category_ids, iou_types(top))
+                evaluator.update([annotated[path][0] for path, _, _ in items], results)
+                results = [select(r, r["scores"] >= args.conf) for r in results]
+            for (path, frame, image), result in zip(items, results):
+                keep(path, draw(image, result, predictor.names))
+                line = dict(source=path, frame=frame, width=image.width, height=image.height,
+                            detections=detections_json(result))
+                jsonl.write((json.dumps(line) + "\n").encode())
+        summary["images"] += len(items)
+        bar.update(len(items))
+
+    save = lambda path, picture: save_picture(picture, output(path))
+    bar = tqdm(total=len(paths), unit="image", dynamic_ncols=True)
+    # Unbuffered: each line goes to the file in one write, so an interrupted run leaves whole lines.
+    with open(os.path.join(args.output_dir, "predictions.jsonl"), "wb", buffering=0) as jsonl, bar:
+        images = []
+        for path in paths:
+            if not is_video(path):
+                with timed("decode+preprocess"):
+                    image = read_image(path)
+                images += [(path, None, image)] if image is not None else []
+                if len(images) == args.batch_size:
+                    predict_batch(images, save)
+                    images = []
+                continue
+            if images:  # in order of the sources
+                predict_batch(images, save)
+                images = []
+            with timed("decode+preprocess"):
+                rate, count, size, frames = read_video(path)
+            bar.total = bar.total - 1 + count if bar.total is not None and count else None
+            os.makedirs(os.path.dirname(output(path)), exist_ok=True)
+            with export.atomic_output(output(path), "--output-dir") as tmp, VideoWriter(tmp, rate, size) as video:
+                for first in itertools.count(0, args.batch_size):
+                    with timed("decode+preprocess"):
+                        chunk = list(itertools.islice(frames, args.batch_size))
+                    if not chunk:
+                        break
+                    predict_batch([(path, first + i, frame) for i, frame in enumerate(chunk)],
+                                  lambda _, picture: video.write(picture))
+        if images:
+            predict_batch(images, save)
+    if not summary["images"]:
+        raise ValueError(f"--source {args.source}: none of its {len(paths)} images could be read")
+    n, total = summary["images"], sum(times.values())
+    print(f"{n} images and frames in {total:.1f} s, {n / total:.2f} per second; per image: "
+          + ", ".join(f"{step} {t / n * 1e3:.1f} ms" for step, t in times.items())
+          + (f"; {summary['skipped']} skipped" if summary["skipped"] else "") + f"; written to {args.output_dir}")
+    if evaluator is not None:
+        summary["coco"] = evaluator.summarize()
+        for iou_type in evaluator.iou_types:
+            path = os.path.join(args.output_dir, f"coco_results_{iou_type}.json")
+            pathlib.Path(path).write_text(json.dumps([d for entry in evaluator.results.values() for d in entry[iou_type]]))
+            print(f"COCO results ({iou_type}): {path}")
+    return summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", required=True, help="a checkpoint (.pth; a released one needs --model), an ONNX "
+                        "file, a TensorRT engine (.engine, .plan) or an OpenVINO IR (.xml)")
+    parser.add_argument("--source", required=True, help="an image, a folder (searched recursively), a glob pattern "
+                        "or a video (.mp4 .avi .mov .mkv .webm)")
+    parser.add_argument("--model", help="preset or JSON config of a released checkpoint's network (this project's "
+                        "checkpoints and exported files carry theirs)")
+    parser.add_argument("--output-dir", default="outputs/predict")
+    parser.add_argument("--conf", type=float, default=0.4, help="lowest score of a detection drawn and listed")
+    parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="network input H [W], multiples of 32 "
+                        "(default: the network's eval_spatial_size; an exported file has its own)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch; TensorRT always runs on CUDA)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images or frames per network call")
+    parser.add_argument("--runtime", choices=list(RUNTIMES), help="default: from the --weights file's extension")
+    parser.add_argument("--coco-ann", help="a COCO annotation file of the images in --source: also write the COCO "
+                        "results (every detection, whatever --conf) and print COCO AP")
+    args = parser.parse_args(argv)
+    if args.img_size and len(args.img_size) > 2:
+        parser.error(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
+    if args.img_size:
+        args.img_size = [args.img_size[0], args.img_size[-1]]
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: expected 1 or more")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        print(f"predict.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"predict.py: interrupted; the pictures and the lines of predictions.jsonl in {args.output_dir} "
+              f"are complete", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
