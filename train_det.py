@@ -785,6 +785,8 @@ class ECCriterion(nn.Module):
         target = (q[..., None] * onehot).pow(self.gamma)
         weight = logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + onehot
         loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction='none')
+        if not logits.shape[1]:  # denoising queries of a batch without objects: the mean below would be 0/0
+            return {'loss_mal': loss.sum()}
         return {'loss_mal': loss.mean(1).sum() * logits.shape[1] / num_boxes}
 
     def loss_boxes(self, out, targets, indices, num_boxes, shared):
@@ -871,8 +873,7 @@ class ECCriterion(nn.Module):
                          ('_dn_pre', outputs['dn_pre_outputs'])]
             for suffix, out in dn_groups:
                 losses.update(self.weighted_terms(out, targets, dn, dn, shared, suffix))
-        # An empty denoising batch has empty means; the original zeroes NaN terms likewise.
-        return {k: v.nan_to_num(nan=0.0) for k, v in losses.items()}
+        return losses
 
 
 def _require(section, keys, where):
