@@ -1506,7 +1506,9 @@ def load_weights(net, source):
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint {source} does not exist") from None
         except Exception as e:
-            raise ValueError(f"cannot read checkpoint {source}: {e}") from None
+            raise ValueError(f"cannot read checkpoint {source}: {str(e).strip().splitlines()[0]}") from None
+        if not isinstance(source, dict):
+            raise ValueError(f"the checkpoint holds a {type(source).__name__}, not a dict of tensors")
     sd = checkpoint_state_dict(source)
     check_state_dict(net.state_dict(), sd)
     net.load_state_dict(sd, strict=True)

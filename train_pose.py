@@ -585,7 +585,7 @@ class PoseTask(Task):
 
 # The demo (train_det.DEMO with these changes) trains on 256 images of 128 x 128 pixels at most, with
 # the "demo" recipe's schedule and strong augmentation from the first epoch.
-POSE = PoseTask(name="pose", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
+POSE = PoseTask(name="pose", script="train_pose.py", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
                 recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
                 make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),
                 draw=functools.partial(td.draw_predictions, skeleton=SKELETON, score_threshold=0.3))
