@@ -97,6 +97,8 @@ def test_evaluation_refuses_non_finite_predictions(data, tmp_path, capsys):
         evaluator.update([1], [nan])
 
     td.main(argv(data, tmp_path, "--epochs", "1"))
+    tuned = td.main(argv(data, tmp_path / "eval", "--tune", str(tmp_path / "last.pth"), "--eval-only"))
+    assert tuned["coco_bbox"] == checkpoint(tmp_path / "last.pth")["log"][0]["coco_bbox"]  # every tensor fits
     ckpt = checkpoint(tmp_path / "last.pth")
     ckpt["ema"]["module"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
                              for k, v in ckpt["ema"]["module"].items()}
