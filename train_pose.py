@@ -452,7 +452,9 @@ class DETRPoseHungarianMatcher(nn.Module):
         cost_oks = 1 - keypoint_oks(z, z_hat, v, area)
         C = self.cost_class * (cost_pos - cost_neg) + self.cost_keypoints * cost_l1 + self.cost_oks * cost_oks
         sizes = [len(t["labels"]) for t in targets]
-        C = C.view(B, Q, sum(sizes)).cpu()
+        # A diverged network's NaN costs still get matched (as in ECDet's matcher), so that the loss,
+        # not scipy, reports them.
+        C = C.view(B, Q, sum(sizes)).cpu().nan_to_num(nan=1.0)
         return [tuple(torch.as_tensor(x, dtype=torch.int64) for x in linear_sum_assignment(c[b]))
                 for b, c in enumerate(C.split(sizes, -1))]
 

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import load_fixture
 from PIL import Image
 
 import distill
@@ -87,6 +88,15 @@ def test_a_nan_in_the_criterion_stops_the_run_and_keeps_every_file(data, tmp_pat
     line = error_line(capsys, td.main, resume + ["--lr", "1e6", "--backbone-lr", "1e6"])
     assert re.match(r"train_det.py: error: non-finite (loss|gradient norm) at epoch 2, step \d: loss_mal ", line)
     assert files_of(tmp_path) == before
+
+
+def test_the_pose_criterion_reports_nan_keypoints_as_nan_losses():
+    fx = load_fixture("pose_tiny")
+    net = model.load_weights(model.build_model(fx["config"]), fx["state_dict"]).train()
+    outputs = net(fx["images"])
+    losses = train_pose.build_criterion(fx["config"])({**outputs, "pred_keypoints": outputs["pred_keypoints"] * np.nan},
+                                                      fx["train"]["targets"])
+    assert not torch.isfinite(losses["loss_keypoints"]) and not torch.isfinite(sum(losses.values()))
 
 
 def test_evaluation_refuses_non_finite_predictions(data, tmp_path, capsys):
