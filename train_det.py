@@ -1477,7 +1477,9 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
                         "deleting its last.pth, best.pth and log.jsonl")
     parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
-    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay)")
+    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay "
+                        "as initialised; refused when less than half the network's numbers fit, and with --eval-only "
+                        "when any tensor does not)")
     parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="default: cuda when available")
