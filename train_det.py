@@ -1305,7 +1305,7 @@ def resume_checkpoint(args):
         raise ValueError(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
     last = os.path.join(args.output_dir, "last.pth")
     if not args.eval_only and os.path.exists(last) and not os.path.samefile(last, args.resume):
-        newer = load_checkpoint(last, "the run's", mmap=True).get("epoch", 0)
+        newer = checkpoint_epoch(last)
         if newer > ckpt["epoch"]:
             raise ValueError(f"--resume {args.resume} is epoch {ckpt['epoch']}, but {last} is epoch {newer}, which "
                              f"resuming would roll back: resume from {last}, or continue epoch {ckpt['epoch']} "
@@ -1322,18 +1322,26 @@ def resume_checkpoint(args):
     return ckpt
 
 
+def checkpoint_epoch(path):
+    """The epoch of a checkpoint file, without reading its tensors."""
+    return load_checkpoint(path, "checkpoint", mmap=True).get("epoch", 0)
+
+
 def restore_run_files(args, ckpt):
     """Bring the output folder in line with the checkpoint a run resumes from, whatever instant a kill
-    came at: log.jsonl holds exactly its epochs' lines, and best.pth is written again when its last
-    epoch is its best (a kill between writing last.pth and best.pth). Returns the log lines."""
+    came at: log.jsonl holds exactly its epochs' lines, and best.pth its best epoch: the resumed one
+    when that was the best (a kill between writing last.pth and best.pth), else the best.pth beside
+    --resume (a run continued in another folder). Returns the log lines."""
     log, best = os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "best.pth")
     history = ckpt["log"] if "log" in ckpt else read_log(  # from before the log moved into checkpoints
         log, lambda line: line["epoch"] <= ckpt["epoch"])
     if int(os.environ.get("RANK", 0)) == 0:
         write_log(history, log)
-        if ckpt.get("best_epoch") == ckpt["epoch"] and not (
-                os.path.exists(best) and load_checkpoint(best, "the run's", mmap=True).get("epoch") == ckpt["epoch"]):
-            save_checkpoint(ckpt, best)
+        resumed_is_best = ckpt.get("best_epoch") == ckpt["epoch"]
+        source = args.resume if resumed_is_best else os.path.join(os.path.dirname(args.resume), "best.pth")
+        if (not os.path.exists(best) or checkpoint_epoch(best) != ckpt.get("best_epoch")) and \
+                os.path.exists(source) and checkpoint_epoch(source) == ckpt.get("best_epoch"):
+            save_checkpoint(ckpt if resumed_is_best else load_checkpoint(source), best)
     return list(history)
 
 

@@ -170,7 +170,7 @@ def test_a_failed_write_keeps_the_old_file_and_names_a_full_disk(tmp_path):
 # ---- output folders and resuming ----
 
 def test_a_used_output_folder_is_refused_unless_resumed_or_overwritten(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(td, "evaluate", fake_evaluate([0.3, 0.1, 0.2, 0.4]))
+    monkeypatch.setattr(td, "evaluate", fake_evaluate([0.3, 0.1, 0.2, 0.15, 0.5]))
     td.main(argv(data, tmp_path, "--epochs", "3", "--stop-after", "2"))  # best.pth: epoch 1, last.pth: epoch 2
     before = files_of(tmp_path)
     line = error_line(capsys, td.main, argv(data, tmp_path, "--epochs", "3"))
@@ -190,6 +190,12 @@ def test_a_used_output_folder_is_refused_unless_resumed_or_overwritten(data, tmp
     last = checkpoint(tmp_path / "last.pth")
     assert last["epoch"] == 3 and last["args"]["epochs"] == 3 and last["args"]["lr"] == 2e-3
     assert {g["initial_lr"] for g in last["optimizer"]["param_groups"]} == {2e-3, 2.5e-5}
+
+    # Continued in another folder, the run keeps its lines and its best epoch there.
+    td.main(argv(data, tmp_path, "--resume", str(tmp_path / "last.pth"), "--epochs", "4", "--output-dir",
+                 str(tmp_path / "branch")))
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "branch" / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert checkpoint(tmp_path / "branch" / "best.pth")["epoch"] == 1 and files_of(tmp_path)["best.pth"] == before["best.pth"]
 
     td.main(argv(data, tmp_path, "--epochs", "1", "--overwrite"))
     assert [json.loads(line)["epoch"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
