@@ -410,6 +410,9 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         if val_loader is not None:
             metrics["held_out_cosine"] = held_out_cosine(distiller, teachers, val_loader, args)
         metrics["time"] = round(time.time() - t0, 1)
+        # The last step's update may still have broken the weights: a checkpoint never holds NaN.
+        if not all(torch.isfinite(p).all() for p in distiller.parameters()):
+            raise train_det.diverged(f"{name} weights", epoch, steps - 1, terms, path)
         history = history + [metrics]
         if rank == 0:
             train_det.save_checkpoint({"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,6 +1,7 @@
 """distill.py: distillation into ECViT on generated images, resume, several teachers, the proxy route,
 and clear errors for bad input."""
 import json
+import os
 import re
 
 import pytest
@@ -146,3 +147,12 @@ def test_bad_input_gets_one_clear_error(files, tmp_path, capsys):
     assert re.match(r"distill.py: error: --teacher .*dinov3.pth is not a dinov3_vitb16 checkpoint: .*wrong shape",
                     error("--teacher-arch", "dinov3_vitb16", teachers=[files["dinov3"]]))
     assert re.match(r"distill.py: error: --resume: no student_last.pth in", error("--resume", out=tmp_path / "fresh"))
+
+
+def test_a_diverging_distillation_stops_before_writing_anything(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(files, tmp_path, "--lr", "1e6", "--epochs", "2")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and re.match(r"distill.py: error: non-finite student (loss|gradient norm) at epoch 1, "
+                                                  r"step \d: loss \S+, cosine_0 \S+.*Stopped; no checkpoint was written", line)
+    assert os.listdir(tmp_path) == []
