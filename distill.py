@@ -53,19 +53,34 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # clipping and the scale range of its global crops.
 TRAINING = dict(betas=(0.9, 0.999), weight_decay=0.04, min_lr_ratio=0.01, clip_max_norm=3.0, crop_scale=(0.32, 1.0))
 LOSS_WEIGHTS = dict(cosine=0.9, smooth_l1=0.1)  # AM-RADIO's feature-matching weights
+DEFAULTS = dict(epochs=30, lr=5e-4)  # of a new run; a resumed one keeps its own
+# What a run writes to --output-dir, besides its temporary files.
+RUN_FILES = ("proxy_last.pth", "proxy.pth", "student_last.pth", "student.pth", "log.jsonl")
 
 # ---------------------------------------------------------------------------------------------
 # Data: a folder of unlabeled images, one view for teacher and student
 # ---------------------------------------------------------------------------------------------
 def find_images(root, option):
-    """Sorted paths of every image below `root`, recursively; SystemExit when there is none."""
+    """Sorted paths of every image below `root`, recursively; an error when there is none, or none of
+    them can be read."""
     if not os.path.isdir(root):
-        raise SystemExit(f"{option} {root}: no such folder")
+        raise FileNotFoundError(f"{option} {root}: no such folder")
     paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
                    for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
-        raise SystemExit(f"{option} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
+        raise ValueError(f"{option} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
+    if not any(read_image(path) for path in paths):  # stops at the first readable one
+        raise ValueError(f"{option} {root}: none of its {len(paths)} image files can be read")
     return paths
+
+
+def read_image(path):
+    """The RGB image in file `path`, or None when it can't be read."""
+    try:
+        with Image.open(path) as file:
+            return train_det.to_rgb(file)
+    except Exception:  # PIL raises many kinds on broken files; none should stop a run
+        return None
 
 
 class Views:
@@ -107,14 +122,11 @@ class UnlabeledImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         skipped = []
         for j in (k % len(self.paths) for k in range(i, i + min(len(self.paths), 100))):
-            try:
-                with Image.open(self.paths[j]) as file:
-                    image = file.convert("RGB")  # any mode (L, P, RGBA, CMYK, I;16 ...) -> RGB
-            except Exception:  # PIL raises many kinds on broken files; none should stop a run
-                skipped.append(j)
-                continue
-            return (*self.views(image), skipped)
-        raise RuntimeError(f"100 unreadable images in a row from {self.paths[i]}; is this an image folder?")
+            image = read_image(self.paths[j])
+            if image is not None:
+                return (*self.views(image), skipped)
+            skipped.append(j)
+        raise RuntimeError(f"{len(skipped)} unreadable images in a row from {self.paths[i]}; is this an image folder?")
 
 
 def collate(batch):
@@ -137,7 +149,7 @@ def from_adapter(adapter, what):
     try:
         vit = model.build_vit(adapter)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"{what}: {e}") from None
+        raise ValueError(f"{what}: {e}") from None
     return vit, list(adapter.get("interaction_indexes", [len(vit.blocks) - 2, len(vit.blocks) - 1]))
 
 
@@ -157,10 +169,10 @@ def build_backbone(spec, what, hub=False):
                 with open(spec) as f:
                     cfg = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"{what} {spec}: cannot read the JSON config: {e}") from None
+            raise ValueError(f"{what} {spec}: cannot read the JSON config: {e}") from None
         return from_adapter(cfg.get("ViTAdapter", cfg), what)
     names = list(model.ECVIT) + (list(teacher.DINOV3_HUB) if hub else [])
-    raise SystemExit(f"{what} {spec!r}: unknown preset; expected one of {', '.join(names)}, "
+    raise ValueError(f"{what} {spec!r}: unknown preset; expected one of {', '.join(names)}, "
                      f"or a JSON model config with a ViTAdapter section")
 
 
@@ -169,9 +181,7 @@ def load_teacher(path, arch):
     train_det.py (its ECDet's `backbone.backbone.*`, EMA weights when present), or, with `arch`, of
     a DINOv3 checkpoint (its last two blocks)."""
     what = f"--teacher {path}"
-    ckpt = train_det.load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f"{what}: expected a checkpoint dict, found a {type(ckpt).__name__}")
+    ckpt = model.read_checkpoint(path, "--teacher")
     config = ckpt.get("config")
     if isinstance(config, dict) and "ViTAdapter" in config and ("model" in ckpt or "ema" in ckpt):
         vit, layers = from_adapter(config["ViTAdapter"], what)
@@ -180,13 +190,13 @@ def load_teacher(path, arch):
         try:
             model.load_weights(vit, sd)
         except ValueError as e:
-            raise SystemExit(f"{what}: its backbone does not fit its own config: {e}") from None
+            raise ValueError(f"{what}: its backbone does not fit its own config: {e}") from None
     elif arch:
         vit = teacher.load_dinov3(ckpt, arch, what)
         layers = [len(vit.blocks) - 2, len(vit.blocks) - 1]
     else:
         hint = " (it looks like a DINOv3 checkpoint: add --teacher-arch)" if "storage_tokens" in ckpt else ""
-        raise SystemExit(f"{what} is not a teacher checkpoint{hint}: expected one written by teacher.py or "
+        raise ValueError(f"{what} is not a teacher checkpoint{hint}: expected one written by teacher.py or "
                          f"train_det.py ('config' with a ViTAdapter section, and 'model' or 'ema' weights), "
                          f"or a DINOv3 state dict with --teacher-arch; found the keys {sorted(ckpt)[:8]}")
     return vit.eval().requires_grad_(False), layers
@@ -304,30 +314,44 @@ def make_loader(paths, train, args, rank, world):
                                        pin_memory=args.device.type == "cuda")
 
 
-def distill(teachers, student, layers, name, epochs, args, rank, world):
+def distill(teachers, student, layers, name, epochs, args, rank, world, history):
     """Train `student` to match the frozen `teachers` ([(ViT, blocks)]) for `epochs` epochs,
-    checkpointing {name}_last.pth each epoch; at the end write {name}.pth (the bare ViT state dict).
-    Returns (student, whether all epochs are done)."""
+    checkpointing {name}_last.pth each epoch, then rewriting log.jsonl from `history` (the earlier
+    stages' log lines) and this stage's lines, which the checkpoint carries; at the end write
+    {name}.pth (the bare ViT state dict). Returns (student, whether all epochs are done, the log)."""
     if len(layers) != len(teachers[0][1]) or any(len(t) != len(layers) for _, t in teachers):
-        raise SystemExit(f"{name} aligns {len(layers)} blocks but the teachers {[len(t) for _, t in teachers]}")
+        raise ValueError(f"{name} aligns {len(layers)} blocks but the teachers {[len(t) for _, t in teachers]}")
     distiller = Distiller(student, layers, [vit.embed_dim for vit, _ in teachers]).to(args.device)
     train_loader = make_loader(args.paths, True, args, rank, world)
     if len(train_loader) == 0:
-        raise SystemExit(f"--images {args.images}: {len(args.paths)} images, fewer than one batch of {args.batch_size}")
+        raise ValueError(f"--images {args.images}: {len(args.paths)} images, fewer than one batch of {args.batch_size}")
     val_loader = make_loader(args.val_paths, False, args, rank, world) if args.val_paths else None
     optimizer = torch.optim.AdamW(train_det.param_groups(distiller, args.lr, args.lr, args.weight_decay),
                                   lr=args.lr, betas=TRAINING["betas"])
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
     path, start = os.path.join(args.output_dir, f"{name}_last.pth"), 0
+    log = os.path.join(args.output_dir, "log.jsonl")
     if args.resume and os.path.exists(path):
-        ckpt = train_det.load_checkpoint(path)
+        ckpt = model.read_checkpoint(path, "--resume")
         try:
             model.load_weights(distiller, ckpt["distiller"])
         except (KeyError, ValueError) as e:
-            raise SystemExit(f"--resume: {path} does not fit this run's {name} and teachers: {e}") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+            raise ValueError(f"--resume: {path} does not fit this run's {name} and teachers: {e}") from None
         start = ckpt["epoch"]
+        if epochs < start:
+            raise ValueError(f"--resume: {path} has done {start} epochs, more than the {epochs} asked for")
+        initial = [group["initial_lr"] for group in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, lr in zip(optimizer.param_groups, initial):  # this run's --lr applies from here
+            group["initial_lr"] = lr
+        scaler.load_state_dict(ckpt["scaler"])
+        for what, now, before in (("epochs", epochs, ckpt.get("epochs")), ("lr", args.lr, ckpt.get("lr"))):
+            if before is not None and now != before and rank == 0:
+                print(f"--resume: {name} {what} {now} (so far {before}) applies from epoch {start + 1} on")
+        history = ckpt["log"] if "log" in ckpt else train_det.read_log(  # from before the log moved into it
+            log, lambda line: line.get("stage") != name or line["epoch"] <= start)
+        if rank == 0:  # its lines, exactly, whenever the run was killed
+            train_det.write_log(history, log)
     net = distiller
     if world > 1:
         if args.device.type == "cuda":
@@ -356,14 +380,19 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
             teacher_images = None if teacher_images is None else teacher_images.to(args.device, non_blocking=True)
             with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
                 loss, cosines = net(images, teacher_targets(teachers, images, teacher_images))
+            terms = {"loss": loss, **{f"cosine_{t}": c for t, c in enumerate(cosines)}}
+            finite = torch.isfinite(loss.detach()).float()
+            if dist.is_initialized():
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                raise train_det.diverged(f"{name} loss", epoch, i, terms, path)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), TRAINING["clip_max_norm"])
             # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
             if not scaler.is_enabled() and not torch.isfinite(norm):
-                raise SystemExit(f"{name}: non-finite gradients at epoch {epoch + 1}, step {i} "
-                                 f"(loss {loss.item():.4g}); {path} is intact")
+                raise train_det.diverged(f"{name} gradient norm", epoch, i, {**terms, "gradient_norm": norm}, path)
             scaler.step(optimizer)
             scaler.update()
             sums += torch.cat([loss.detach()[None], cosines])
@@ -381,11 +410,15 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
         if val_loader is not None:
             metrics["held_out_cosine"] = held_out_cosine(distiller, teachers, val_loader, args)
         metrics["time"] = round(time.time() - t0, 1)
+        # The last step's update may still have broken the weights: a checkpoint never holds NaN.
+        if not all(torch.isfinite(p).all() for p in distiller.parameters()):
+            raise train_det.diverged(f"{name} weights", epoch, steps - 1, terms, path)
+        history = history + [metrics]
         if rank == 0:
             train_det.save_checkpoint({"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
-                                       "scaler": scaler.state_dict(), "epoch": epoch + 1, "stage": name}, path)
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                                       "scaler": scaler.state_dict(), "epoch": epoch + 1, "stage": name,
+                                       "epochs": epochs, "lr": args.lr, "log": history}, path)
+            train_det.write_log(history, log)
             print(f"{name} epoch {epoch + 1}: loss {metrics['loss']:.4f}, cosine {metrics['cosine']}"
                   + (f", held-out cosine {metrics['held_out_cosine']}" if val_loader else ""))
             if skipped:
@@ -396,11 +429,11 @@ def distill(teachers, student, layers, name, epochs, args, rank, world):
         train_det.save_checkpoint(student.state_dict(), os.path.join(args.output_dir, f"{name}.pth"))
     elif rank == 0:
         print(f"{name}: stopped after epoch {stop} of {epochs}; continue with --resume")
-    return student, done
+    return student, done, history
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Distil teacher backbones into a compact ECViT.")
+    parser = argparse.ArgumentParser(prog="distill.py", description="Distil teacher backbones into a compact ECViT.")
     parser.add_argument("--teacher", action="append", required=True, help="a checkpoint of teacher.py or "
                         "train_det.py, or a DINOv3 checkpoint with --teacher-arch; repeat for several teachers")
     parser.add_argument("--teacher-arch", action="append", help="the DINOv3 model (hub name or JSON kwargs) of "
@@ -410,47 +443,77 @@ def parse_args(argv=None):
     parser.add_argument("--student", default="ecvitt", help=f"{', '.join(model.ECVIT)}, or a JSON model config")
     parser.add_argument("--proxy", help="EUPE: distil the teachers into this large ViT first, then it into the "
                         "student (a DINOv3 hub name, an ECViT preset, or a JSON model config)")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, help=f"default: {DEFAULTS['epochs']}")
     parser.add_argument("--proxy-epochs", type=int, help="default: --epochs")
     parser.add_argument("--warmup-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128, help="total over all processes")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, help=f"default: {DEFAULTS['lr']}")
     parser.add_argument("--weight-decay", type=float, default=TRAINING["weight_decay"])
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="the student's input H [W]")
     parser.add_argument("--teacher-size", type=int, nargs="+", help="the teachers' input H [W] (default: --img-size)")
-    parser.add_argument("--output-dir", default="outputs/distill")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its *_last.pth")
+    parser.add_argument("--output-dir", default="outputs/distill", help=f"refused when it holds a run "
+                        f"({', '.join(RUN_FILES)}), unless --resume or --overwrite")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its *_last.pth; "
+                        "--epochs, --proxy-epochs and --lr default to the run's and, given, apply from the next epoch")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
+                        "deleting its files")
     parser.add_argument("--stop-after", type=int, help="stop a stage after this many epochs (continue with --resume)")
     parser.add_argument("--amp", action="store_true", help="bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for option, value, least in (("--epochs", args.epochs, 1), ("--proxy-epochs", args.proxy_epochs, 1),
+                                 ("--warmup-epochs", args.warmup_epochs, 0), ("--stop-after", args.stop_after, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            parser.error(f"{option} must be at least {least}, got {value}")
+    for option, size in (("--img-size", args.img_size), ("--teacher-size", args.teacher_size or [16])):
+        if len(size) > 2 or any(s <= 0 or s % 16 for s in size):
+            parser.error(f"{option} {' '.join(map(str, size))}: expected H [W], positive multiples of 16 (the patch size)")
     args.img_size = tuple(args.img_size * 2 if len(args.img_size) == 1 else args.img_size)
     args.teacher_size = tuple(args.teacher_size * 2 if len(args.teacher_size) == 1 else args.teacher_size) \
         if args.teacher_size else args.img_size
-    if any(s % 16 for s in args.img_size + args.teacher_size):
-        parser.error(f"--img-size {args.img_size}, --teacher-size {args.teacher_size}: multiples of 16, the patch size")
     if args.teacher_arch and len(args.teacher_arch) not in (1, len(args.teacher)):
         parser.error(f"--teacher-arch: give it once, or once per --teacher ({len(args.teacher)})")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        run(args)
+    except train_det.USER_ERRORS as e:
+        train_det.exit_with_error("distill.py", e)
+
+
+def run(args):
     rank, world, device = train_det.setup_distributed(args.device)
     args.device = device
     args.amp_dtype = None
     if args.amp:
         args.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    train_det.check_output_dir(args, RUN_FILES)
+    stages = ["proxy", "student"] if args.proxy else ["student"]
+    if args.resume:
+        found = [s for s in reversed(stages) if os.path.exists(os.path.join(args.output_dir, f"{s}_last.pth"))]
+        if not found:
+            raise ValueError(f"--resume: no {' or '.join(s + '_last.pth' for s in stages)} in {args.output_dir}")
+        for stage in found:  # the options not given again are the run's
+            saved = model.read_checkpoint(os.path.join(args.output_dir, f"{stage}_last.pth"), "--resume", mmap=True)
+            option = "proxy_epochs" if stage == "proxy" else "epochs"
+            for key, value in ((option, saved.get("epochs")), ("lr", saved.get("lr"))):
+                if getattr(args, key) is None:
+                    setattr(args, key, value)
+    for key, value in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.paths = find_images(args.images, "--images")
     args.val_paths = find_images(args.val_images, "--val-images") if args.val_images else None
-    stages = ["proxy", "student"] if args.proxy else ["student"]
-    if args.resume and not any(os.path.exists(os.path.join(args.output_dir, f"{s}_last.pth")) for s in stages):
-        raise SystemExit(f"--resume: no {' or '.join(s + '_last.pth' for s in stages)} in {args.output_dir}")
-    os.makedirs(args.output_dir, exist_ok=True)
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     student, student_layers = build_backbone(args.student, "--student")
     if args.proxy:
@@ -459,13 +522,14 @@ def main(argv=None):
     arches = arches * len(args.teacher) if len(arches) == 1 else arches
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
     teachers = [(vit.to(device), layers) for vit, layers in teachers]
+    history = []
     if args.proxy:
         epochs = args.proxy_epochs or args.epochs
-        proxy, done = distill(teachers, proxy, proxy_layers, "proxy", epochs, args, rank, world)
+        proxy, done, history = distill(teachers, proxy, proxy_layers, "proxy", epochs, args, rank, world, history)
         if not done:
             return
         teachers = [(proxy.eval().requires_grad_(False), proxy_layers)]
-    student, done = distill(teachers, student, student_layers, "student", args.epochs, args, rank, world)
+    student, done, _ = distill(teachers, student, student_layers, "student", args.epochs, args, rank, world, history)
     if done and rank == 0:
         print(f"wrote {os.path.join(args.output_dir, 'student.pth')}: the student ViT in the released ecvit*.pth "
               f"format, for train_det.py --backbone-weights")

@@ -321,7 +321,7 @@ def print_table(times, title):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="preset (ecdet_s ... ecpose_x) or a JSON config file in the original's "
                                         "vocabulary (default: the config inside a --weights of this project)")
     parser.add_argument("--weights", help="checkpoint: one of this project's, a released one (with --model), or a "
@@ -340,14 +340,18 @@ def main(argv=None):
     parser.add_argument("--reference", metavar="DIR", help="--benchmark the original implementation too (ECDet, ECSeg): "
                         "the ecdetseg/ folder of a checkout of Intellindust-AI-Lab/EdgeCrafter")
     args = parser.parse_args(argv)
+    for option, value in (("--threads", args.threads), ("--runs", args.runs), ("--max-batch", args.max_batch)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
     if args.img_size and len(args.img_size) > 2:
         parser.error(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
     if args.fp16 and not args.trt:
         parser.error("--fp16 sets the precision of the TensorRT engine: give --trt too")
     try:
         run(args)
-    except (ValueError, RuntimeError, onnx.checker.ValidationError) as e:
-        sys.exit(f"export.py: error: {e}")
+    except (ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as e:
+        print(f"export.py: error: {e}", file=sys.stderr)  # argparse's format and exit code
+        raise SystemExit(2) from None
 
 
 def run(args):

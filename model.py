@@ -1529,14 +1529,19 @@ def checkpoint_state_dict(ckpt):
     return ckpt
 
 
-def read_checkpoint(path):
-    """A checkpoint file as torch.load reads it, tensors only (weights_only), with errors naming it."""
+def read_checkpoint(path, what="checkpoint", mmap=False):
+    """The dict in checkpoint file `path`, as torch.load reads it with weights_only (tensors only);
+    `what` names it in errors. With mmap, tensors are read only when used (to look at a large
+    checkpoint's epoch)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except Exception as e:  # torch raises many kinds for files that are not checkpoints
+        raise ValueError(f"cannot read {what} {path}: {str(e).strip().splitlines()[0]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
+    return ckpt
 
 
 def load_weights(net, source):

@@ -108,11 +108,13 @@ def read_video(path):
 # Images into the network: any PIL mode to RGB, stretched and normalised as in validation
 # ---------------------------------------------------------------------------------------------
 def to_rgb(image):
-    """An RGB PIL image from one in any mode. 16- and 32-bit integer greys (16-bit PNGs, modes I;16*
-    and I) are scaled from 16 to 8 bits, which PIL's convert does not do (it clips them at 255, so
-    most pixels turn white); every other mode is PIL's conversion (alpha dropped, palettes looked up)."""
-    if image.mode.startswith("I"):
-        grey = np.clip(np.asarray(image, dtype=np.float64) / 257, 0, 255).round().astype(np.uint8)
+    """An RGB PIL image from one in any mode. Greys of more than 8 bits are scaled to 8 bits first:
+    integer ones (16-bit PNGs, modes I;16* and I) from the 16-bit range, float ones (F) from [0, 1];
+    PIL's own convert clips them at 255, which turns most pixels white. Every other mode is PIL's
+    conversion (alpha dropped, palettes looked up)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        scale = 255.0 if image.mode == "F" else 255 / 65535
+        grey = np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")
 
@@ -457,7 +459,8 @@ class CocoEvaluator:
     rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
     every rank. `results` holds the COCO result dicts: {image_id: {iou_type: [...]}}.
     An image passed to update() without detections counts as all-missed; images never passed are
-    not evaluated (as the original). Use one evaluator per evaluation pass.
+    not evaluated (as the original). Use one evaluator per evaluation pass. Non-finite scores, boxes
+    or keypoints are refused (FloatingPointError): COCOeval would count a NaN box as a match.
     """
 
     def __init__(self, coco_gt, label_to_cat, iou_types=("bbox",)):
@@ -470,6 +473,9 @@ class CocoEvaluator:
     def update(self, image_ids, results):
         for image_id, res in zip(image_ids, results):
             image_id = int(image_id)
+            if not all(torch.isfinite(res[k]).all() for k in ("scores", "boxes", "keypoints") if k in res):
+                raise FloatingPointError(f"non-finite predictions (NaN or inf) for image {image_id}: the network "
+                                         f"has diverged, and its predictions are not scored")
             cats = [self.label_to_cat[label] for label in res["labels"].tolist()]
             scores = res["scores"].float().tolist()
             entry = {}

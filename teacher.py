@@ -101,12 +101,12 @@ def dinov3_shapes(cfg):
 
 
 def check_dinov3(sd, arch, what):
-    """SystemExit unless state dict `sd` is one of DINOv3 `arch` (names and shapes), naming the hub
+    """ValueError unless state dict `sd` is one of DINOv3 `arch` (names and shapes), naming the hub
     model it does match when there is one."""
     try:
         expected = dinov3_shapes(arch)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"{what}: {e}") from None
+        raise ValueError(f"{what}: {e}") from None
     try:
         model.check_state_dict(expected, sd)
     except ValueError as e:
@@ -114,7 +114,7 @@ def check_dinov3(sd, arch, what):
                 == {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}]
         hint = f"; it matches {' / '.join(same)}" if same else ""
         expected = arch if isinstance(arch, str) else f"the DINOv3 kwargs {arch}"
-        raise SystemExit(f"{what} is not a {expected} checkpoint: {e}{hint}") from None
+        raise ValueError(f"{what} is not a {expected} checkpoint: {e}{hint}") from None
 
 
 def parse_arch(value, option):
@@ -125,14 +125,14 @@ def parse_arch(value, option):
         with open(value) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{option} {value}: cannot read the DINOv3 kwargs: {e}") from None
+        raise ValueError(f"{option} {value}: cannot read the DINOv3 kwargs: {e}") from None
 
 
 def load_dinov3(source, arch, what="DINOv3 checkpoint"):
     """DINOv3 ViT `arch` with the weights of a released checkpoint (a path or a bare state dict)."""
-    sd = train_det.load_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    sd = model.read_checkpoint(source, what) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(sd, dict):
-        raise SystemExit(f"{what}: expected a DINOv3 state dict, found a {type(sd).__name__}")
+        raise ValueError(f"{what}: expected a DINOv3 state dict, found a {type(sd).__name__}")
     check_dinov3(sd, arch, what)
     vit = build_dinov3(arch)
     vit.load_state_dict(sd, strict=True)
@@ -161,7 +161,7 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
 DEMO_DINOV3 = {**HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_ratio": 4, "ffn_layer": "mlp"}
 # The recipe (train_det.RECIPES) is ECDet-X's, the one for the largest released backbone; --epochs,
 # --lr and --backbone-lr override it.
-TASK = train_det.Task(name="teacher", default_model="ecdet_x")
+TASK = train_det.Task(name="teacher", script="teacher.py", default_model="ecdet_x")
 
 
 def demo_teacher_config():
@@ -172,7 +172,7 @@ def demo_teacher_config():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
+    parser = argparse.ArgumentParser(prog="teacher.py", add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
                                      "on a DINOv3 ViT); the other options are train_det.py's, --model excepted.")
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from")
     parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs")
@@ -180,21 +180,27 @@ def main(argv=None):
     if {"-h", "--help"} & set(rest):
         parser.print_help()  # then train_det's options, and exit
     args = train_det.parse_args(rest, TASK)
-    if args.demo:
-        return train_det.demo(args, TASK, demo_teacher_config())
-    if not own.arch:
+    if not (args.demo or own.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
+    try:
+        return train_det.demo(args, TASK, demo_teacher_config()) if args.demo else run(own, args)
+    except train_det.USER_ERRORS as e:
+        train_det.exit_with_error("teacher.py", e)
+
+
+def run(own, args):
+    """train_det.run on the teacher ECDet of --arch, its ViT starting from --dinov3."""
     arch = parse_arch(own.arch, "--arch")
     try:
         cfg = teacher_config(arch)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"--arch {own.arch}: {e}") from None
+        raise ValueError(f"--arch {own.arch}: {e}") from None
     if own.dinov3:
-        check_dinov3(train_det.load_checkpoint(own.dinov3), arch, f"--dinov3 {own.dinov3}")
+        check_dinov3(model.read_checkpoint(own.dinov3, "--dinov3"), arch, f"--dinov3 {own.dinov3}")
         args.backbone_weights = own.dinov3  # a bare ViT state dict, as train_det's --backbone-weights expects
     elif not (args.resume or args.tune):
         print("warning: no --dinov3 weights; the teacher's ViT starts from random weights", file=sys.stderr)
-    os.makedirs(args.output_dir, exist_ok=True)
+    train_det.check_output_dir(args)  # before the config goes in
     args.model = os.path.join(args.output_dir, "teacher_model.json")
     with open(args.model, "w") as f:
         json.dump(cfg, f, indent=1)

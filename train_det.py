@@ -13,12 +13,19 @@ normalised (cx, cy, w, h) in [0, 1]; the evaluator takes pixel (x1, y1, x2, y2) 
 original image.
 """
 import argparse
+import collections
+import contextlib
 import copy
 import dataclasses
+import errno
+import glob
+import io
 import json
 import math
 import os
 import random
+import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -40,7 +47,7 @@ from tqdm import tqdm
 import model
 import predict
 from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
-from predict import CocoEvaluator, load_coco
+from predict import CocoEvaluator, load_coco, to_rgb
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml and ecseg/ecseg_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
@@ -74,8 +81,10 @@ class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection / instance segmentation data set.
 
     Categories map to contiguous labels 0..K-1 in order of category id (`label_to_cat`,
-    `cat_to_label`, `names`). Crowd annotations are not training targets; boxes of zero or negative
-    size after clipping to the image are dropped and counted (`num_dropped_boxes`). Listed images
+    `cat_to_label`, `names`). Crowd annotations are not training targets. Boxes with a non-finite
+    coordinate, of zero or negative size after clipping to the image, or mostly (more than half)
+    outside it are dropped from training and from the evaluation's ground truth, and counted by
+    reason (`dropped_boxes`, in all `num_dropped_boxes`). Listed images
     missing from img_dir are left out at construction (`num_missing`); an image that fails to decode,
     or whose size differs from its annotation, is replaced by the next readable one at load time
     (`num_unreadable`, counted per process, so per DataLoader worker). Both warn.
@@ -94,45 +103,65 @@ class CocoDetection(torch.utils.data.Dataset):
         self.img_dir, self.ann_file = img_dir, ann_file
         self.transforms, self.return_masks = transforms, return_masks
         self.coco = load_coco(ann_file)
+        for c, cat in self.coco.cats.items():
+            if not isinstance(cat.get("name"), str):
+                raise ValueError(f"COCO annotation file {ann_file}: category {c} has no 'name'")
+        for image_id, info in self.coco.imgs.items():
+            for key in ("file_name", "width", "height"):
+                value = info.get(key)
+                if not (isinstance(value, str) if key == "file_name" else isinstance(value, (int, float)) and value > 0):
+                    raise ValueError(f"COCO annotation file {ann_file}: image {image_id} has no valid '{key}' "
+                                     f"(found {value!r})")
         cat_ids = sorted(self.coco.cats)
         self.label_to_cat = dict(enumerate(cat_ids))
         self.cat_to_label = {c: label for label, c in self.label_to_cat.items()}
         self.names = [self.coco.cats[c]["name"] for c in cat_ids]
-        self.instances, self.num_dropped_boxes = self._select_instances()
-        try:
-            self.ids = [i for i in sorted(self.coco.imgs) if os.path.isfile(self._path(i))]
-        except KeyError as e:
-            raise ValueError(f"COCO annotation file {ann_file} has an image without {e!r}") from e
+        self.instances, self.dropped_boxes = self._select_instances()
+        self.num_dropped_boxes = sum(self.dropped_boxes.values())
+        self.ids = [i for i in sorted(self.coco.imgs) if os.path.isfile(self._path(i))]
         self.num_missing = len(self.coco.imgs) - len(self.ids)
         self.num_unreadable = 0
         if not self.ids:
             raise FileNotFoundError(f"none of the {len(self.coco.imgs)} images listed in {ann_file} is in {img_dir}")
+        if not any(self.load(i) is not None for i in range(len(self.ids))):  # stops at the first readable one
+            raise ValueError(f"none of the {len(self.ids)} images of {ann_file} in {img_dir} can be used: each fails to "
+                             f"decode or differs in size from its entry (see the warnings)")
         if self.num_missing:
             warnings.warn(f"{self.num_missing} images listed in {ann_file} are missing from {img_dir}; skipped")
-        if self.num_dropped_boxes:
-            warnings.warn(f"{self.num_dropped_boxes} boxes of zero or negative size in {ann_file}; dropped")
+        for reason, n in sorted(self.dropped_boxes.items()):
+            warnings.warn(f"{n} boxes {reason} in {ann_file}; dropped from training and evaluation")
 
     def _select_instances(self):
-        """{image_id: [(annotation, label, [x1, y1, x2, y2] clipped to the image)]}, number dropped."""
-        instances, dropped = {}, 0
+        """{image_id: [(annotation, label, [x1, y1, x2, y2] clipped to the image)]}, and the number of
+        dropped boxes per reason (a Counter)."""
+        instances, dropped, kept = {}, collections.Counter(), []
         for ann in self.coco.dataset["annotations"]:
             try:
-                if ann.get("iscrowd", 0):
-                    continue
-                if ann["category_id"] not in self.cat_to_label:
+                crowd = ann.get("iscrowd", 0)
+                if not crowd and ann["category_id"] not in self.cat_to_label:
                     raise ValueError(f"unknown category_id {ann['category_id']}")
                 info = self.coco.imgs[ann["image_id"]]
-                x, y, w, h = ann["bbox"]
-                x1, y1 = max(x, 0.0), max(y, 0.0)
-                x2, y2 = min(x + w, info["width"]), min(y + h, info["height"])
+                x, y, w, h = (float(v) for v in ann["bbox"])
             except (AttributeError, KeyError, TypeError, ValueError) as e:
                 ident = ann.get("id") if isinstance(ann, dict) else ann
                 raise ValueError(f"COCO annotation file {self.ann_file}: annotation {ident} is malformed: {e!r}") from e
-            if x2 <= x1 or y2 <= y1:
-                dropped += 1
-                continue
-            label = self.cat_to_label[ann["category_id"]]
-            instances.setdefault(ann["image_id"], []).append((ann, label, [x1, y1, x2, y2]))
+            x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, info["width"]), min(y + h, info["height"])
+            if not all(map(math.isfinite, (x, y, w, h))):
+                dropped["with a non-finite coordinate"] += 1
+            elif crowd:
+                kept.append(ann)
+            elif x2 <= x1 or y2 <= y1:
+                dropped["of zero or negative size"] += 1
+            elif (x2 - x1) * (y2 - y1) < 0.5 * w * h:
+                dropped["mostly outside their image"] += 1
+            else:
+                kept.append(ann)
+                label = self.cat_to_label[ann["category_id"]]
+                instances.setdefault(ann["image_id"], []).append((ann, label, [x1, y1, x2, y2]))
+        if dropped:  # out of the ground truth too: COCOeval matches any detection to a NaN box
+            self.coco.dataset["annotations"] = kept
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco.createIndex()
         return instances, dropped
 
     def _path(self, image_id):
@@ -153,7 +182,7 @@ class CocoDetection(torch.utils.data.Dataset):
         info, path = self.coco.imgs[image_id], self._path(image_id)
         try:
             with Image.open(path) as im:
-                im = im.convert("RGB")  # also forces the decode, so broken files fail here
+                im = to_rgb(im)  # also forces the decode, so broken files fail here
         except OSError as e:
             return self._skip(path, repr(e))
         w, h = im.size
@@ -644,6 +673,8 @@ class ECCriterion(nn.Module):
         target = (q[..., None] * onehot).pow(self.gamma)
         weight = logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + onehot
         loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction='none')
+        if not logits.shape[1]:  # denoising queries of a batch without objects: the mean below would be 0/0
+            return {'loss_mal': loss.sum()}
         return {'loss_mal': loss.mean(1).sum() * logits.shape[1] / num_boxes}
 
     def loss_boxes(self, out, targets, indices, num_boxes, shared):
@@ -730,8 +761,7 @@ class ECCriterion(nn.Module):
                          ('_dn_pre', outputs['dn_pre_outputs'])]
             for suffix, out in dn_groups:
                 losses.update(self.weighted_terms(out, targets, dn, dn, shared, suffix))
-        # An empty denoising batch has empty means; the original zeroes NaN terms likewise.
-        return {k: v.nan_to_num(nan=0.0) for k, v in losses.items()}
+        return losses
 
 
 def _require(section, keys, where):
@@ -822,7 +852,14 @@ def setup_distributed(device):
     """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here")
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -831,30 +868,99 @@ def setup_distributed(device):
     return rank, world, device
 
 
-def save_checkpoint(obj, path):
-    """Write atomically: a killed run leaves either the old file or the new one, never half of one."""
+def write_atomically(path, write):
+    """Call write(file) on a temporary file that then replaces `path`, so that a killed run leaves the
+    old file or the new one, never half of one. A failed write leaves no temporary file behind and
+    names the file, and a full disk as the cause."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
     try:
-        return model.read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+        with open(tmp, "wb") as f:  # a Python file: a failed write raises OSError with its errno
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        reason = "disk full (no space left on device)" if e.errno == errno.ENOSPC else e.strerror or str(e)
+        raise OSError(f"cannot write {path}: {reason}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def load_matching(net, state, what):
-    """Load the entries of `state` whose names and shapes fit `net` (fine-tuning on other classes)."""
+def save_checkpoint(obj, path):
+    write_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_log(lines, path):
+    """A run's log.jsonl: one JSON line per entry of `lines`, written whole and atomically."""
+    write_atomically(path, lambda f: f.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
+
+
+def read_log(path, keep):
+    """The lines of the log.jsonl at `path` for which keep(line) holds; [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in map(json.loads, filter(str.strip, f)) if keep(line)]
+
+
+def load_matching(net, state, what, require_all=False):
+    """Load the entries of `state` whose names and shapes fit `net` (fine-tuning on other classes).
+    Refused (ValueError) when they hold less than half of the network's numbers, as then `state` is
+    of another model, and with require_all when any tensor stays at its initial value."""
     own = net.state_dict()
-    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not fits:
-        raise SystemExit(f"{what}: no parameter matches the model; is it a checkpoint of this kind of model?")
-    net.load_state_dict(fits, strict=False)
+    items = state.items() if isinstance(state, Mapping) else []
+    fits = {k: v for k, v in items if k in own and torch.is_tensor(v) and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(fits))
+    share = sum(v.numel() for v in fits.values()) / sum(v.numel() for v in own.values())
+    if share < 0.5 or (require_all and skipped):
+        why = "--eval-only evaluates the network as it is" if require_all else "is it a checkpoint of this model?"
+        raise ValueError(f"{what} fits {len(fits)} of the model's {len(own)} tensors ({share:.0%} of its numbers; "
+                         f"not e.g. {', '.join(skipped[:3])}): {why}")
+    net.load_state_dict(fits, strict=False)
     print(f"{what}: loaded {len(fits)} of {len(own)} tensors" + (f"; kept initial values of {len(skipped)}, "
           f"e.g. {', '.join(skipped[:3])}" if skipped else ""))
+
+
+def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
+    """Make args.output_dir ready before any work: a folder that takes files, not holding `run_files`
+    of an earlier run unless args.resume continues it (or --eval-only only reads) or args.overwrite
+    replaces it (they are deleted); temporary files of killed runs are removed."""
+    folder = args.output_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output-dir {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OSError(f"--output-dir {folder}: cannot write there ({e.strerror or e})") from None
+    found = [name for name in run_files if os.path.exists(os.path.join(folder, name))]
+    reads_only = getattr(args, "eval_only", False)
+    if found and not (args.resume or args.overwrite or reads_only):
+        raise ValueError(f"--output-dir {folder} already holds a run ({', '.join(found)}): continue it with "
+                         f"--resume, or replace it with --overwrite")
+    if int(os.environ.get("RANK", 0)) == 0:
+        for path in [os.path.join(folder, name) for name in found if args.overwrite and not reads_only] + \
+                glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):  # write_atomically's
+            os.remove(path)
+
+
+# The exceptions that mean bad input (or a diverged run) rather than a bug: main() reports them in one line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def exit_with_error(script, error):
+    """argparse's way out: one line `SCRIPT: error: ...` on stderr, exit code 2."""
+    print(f"{script}: error: {error}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def diverged(what, epoch, step, terms, checkpoint):
+    """The error that stops a run at its first non-finite loss or gradient: where, each loss term,
+    and what is on disk (nothing of the current epoch has been written)."""
+    kept = f"{checkpoint} is unchanged" if os.path.exists(checkpoint) else "no checkpoint was written"
+    values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+    return FloatingPointError(f"non-finite {what} at epoch {epoch + 1}, step {step}: {values}. Stopped; {kept}")
 
 
 def to_device(targets, device):
@@ -878,6 +984,7 @@ def to_float(outputs):
 class Task:
     """What a stage changes in the shared loop: ECSeg and ECPose pass their own."""
     name: str = "detection"
+    script: str = "train_det.py"         # the command line's name, in its error lines
     default_model: str = "ecdet_s"
     ann_prefix: str = "instances"        # annotations/{ann_prefix}_{train,val}2017.json
     iou_types: tuple = ("bbox",)
@@ -900,6 +1007,10 @@ def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):
     transforms = task.transforms(train, args.img_size, mosaic_prob=recipe["mosaic_prob"],
                                  mosaic_epoch=recipe["mosaic_epoch"], stop_epoch=recipe["stop_epoch"])
     data = task.dataset(img_dir, ann_file, transforms, **task.dataset_kwargs)
+    if not data.instances:
+        raise ValueError(f"COCO annotation file {ann_file} has no object to {'train' if train else 'evaluate'} on (of "
+                         f"{len(data.coco.anns)} annotations, none a usable box; crowd regions don't count)"
+                         + ("" if train else ": COCO AP is undefined without ground truth"))
     if train:
         sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=args.seed, drop_last=True)
         collate = BatchImageCollate(recipe.get("mixup_prob", recipe["mosaic_prob"]), recipe["mosaic_epoch"])
@@ -907,7 +1018,7 @@ def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):
         sampler, collate = list(range(rank, len(data), world)), BatchImageCollate()
     batch = args.batch_size // world
     if train and len(data) < batch * world:
-        raise SystemExit(f"{ann_file}: {len(data)} usable images, fewer than one batch of {args.batch_size}")
+        raise ValueError(f"{ann_file}: {len(data)} usable images, fewer than one batch of {args.batch_size}")
     return torch.utils.data.DataLoader(data, batch, sampler=sampler, collate_fn=collate, num_workers=args.workers,
                                        drop_last=train, pin_memory=args.device_type == "cuda")
 
@@ -941,15 +1052,16 @@ def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, ep
         finite = torch.isfinite(loss.detach()).float()
         if dist.is_initialized():
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        checkpoint = os.path.join(args.output_dir, "last.pth")
         if not finite.item():
-            terms = ", ".join(f"{k} {v.item():.4g}" for k, v in losses.items())
-            raise SystemExit(f"non-finite loss at epoch {epoch + 1}, step {i} (global {step}): {terms}. "
-                             f"Stopping; the last checkpoint in {args.output_dir} is intact.")
+            raise diverged("loss", epoch, i, losses, checkpoint)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if args.clip_max_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_max_norm)
+        scaler.unscale_(optimizer)  # a no-op without fp16
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_max_norm if args.clip_max_norm > 0 else math.inf)
+        # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
+        if not scaler.is_enabled() and not torch.isfinite(norm):
+            raise diverged("gradient norm", epoch, i, {**losses, "gradient_norm": norm}, checkpoint)
         scaler.step(optimizer)
         scaler.update()
         ema.update(net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net)
@@ -992,7 +1104,7 @@ def dataset_paths(args, task):
                    os.path.join(args.data, "val2017"), ann.format(task.ann_prefix, "val")]
         return [e or d for e, d in zip(explicit, default)]
     if not all(explicit[2:]) or (not args.eval_only and not all(explicit[:2])):
-        raise SystemExit("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
+        raise ValueError("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
     return explicit
 
 
@@ -1008,15 +1120,66 @@ def model_config(args, task, num_classes):
             with open(args.model) as f:
                 cfg = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"--model {args.model}: cannot read the JSON config: {e}") from None
+            raise ValueError(f"--model {args.model}: cannot read the JSON config: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"--model {args.model}: expected a JSON object (a model config), found a {type(cfg).__name__}")
     else:
         try:
             cfg = model.preset_config(args.model)
         except ValueError as e:
-            raise SystemExit(f"--model: {e}") from None
+            raise ValueError(f"--model: {e}") from None
     cfg = copy.deepcopy(cfg)
     cfg["num_classes"], cfg["eval_spatial_size"] = num_classes, list(args.img_size)
     return cfg
+
+
+def resume_checkpoint(args):
+    """The training checkpoint of --resume, refused when it would roll back the output folder's
+    last.pth (DIR/best.pth of an earlier epoch, say). --epochs, --lr and --backbone-lr not given
+    take the run's values; given, they apply from the next epoch, and the change is reported."""
+    ckpt = model.read_checkpoint(args.resume, "--resume")
+    if not {"model", "ema", "optimizer", "scaler", "epoch", "best"} <= set(ckpt):
+        raise ValueError(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
+    last = os.path.join(args.output_dir, "last.pth")
+    if not args.eval_only and os.path.exists(last) and not os.path.samefile(last, args.resume):
+        newer = checkpoint_epoch(last)
+        if newer > ckpt["epoch"]:
+            raise ValueError(f"--resume {args.resume} is epoch {ckpt['epoch']}, but {last} is epoch {newer}, which "
+                             f"resuming would roll back: resume from {last}, or continue epoch {ckpt['epoch']} "
+                             f"in another --output-dir")
+    for key, before in ((k, ckpt.get("args", {}).get(k)) for k in ("epochs", "lr", "backbone_lr")):
+        if getattr(args, key) is None:
+            setattr(args, key, before)
+        elif before is not None and getattr(args, key) != before and not args.eval_only:
+            print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} (so far {before}) applies from epoch "
+                  f"{ckpt['epoch'] + 1} on")
+    if args.epochs is not None and args.epochs <= ckpt["epoch"] and not args.eval_only:
+        raise ValueError(f"--resume {args.resume} has done {ckpt['epoch']} epochs already; give --epochs above that "
+                         f"to train on")
+    return ckpt
+
+
+def checkpoint_epoch(path):
+    """The epoch of a checkpoint file, without reading its tensors."""
+    return model.read_checkpoint(path, "checkpoint", mmap=True).get("epoch", 0)
+
+
+def restore_run_files(args, ckpt):
+    """Bring the output folder in line with the checkpoint a run resumes from, whatever instant a kill
+    came at: log.jsonl holds exactly its epochs' lines, and best.pth its best epoch: the resumed one
+    when that was the best (a kill between writing last.pth and best.pth), else the best.pth beside
+    --resume (a run continued in another folder). Returns the log lines."""
+    log, best = os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "best.pth")
+    history = ckpt["log"] if "log" in ckpt else read_log(  # from before the log moved into checkpoints
+        log, lambda line: line["epoch"] <= ckpt["epoch"])
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_log(history, log)
+        resumed_is_best = ckpt.get("best_epoch") == ckpt["epoch"]
+        source = args.resume if resumed_is_best else os.path.join(os.path.dirname(args.resume), "best.pth")
+        if (not os.path.exists(best) or checkpoint_epoch(best) != ckpt.get("best_epoch")) and \
+                os.path.exists(source) and checkpoint_epoch(source) == ckpt.get("best_epoch"):
+            save_checkpoint(ckpt if resumed_is_best else model.read_checkpoint(source), best)
+    return list(history)
 
 
 def run(args, task):
@@ -1024,16 +1187,16 @@ def run(args, task):
     rank, world, device = setup_distributed(args.device)
     args.device, args.device_type = device, device.type
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
-    if any(s % 32 for s in args.img_size):
-        raise SystemExit(f"--img-size {args.img_size}: each side must be a multiple of 32")
+        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    check_output_dir(args)
+    ckpt = resume_checkpoint(args) if args.resume else None
     amp_dtype = None
     if args.amp:
         amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     args.amp_dtype = amp_dtype
     name = args.recipe or (args.model if args.model in task.recipes else task.default_model)
     if name not in task.recipes:
-        raise SystemExit(f"--recipe {name!r} is unknown; expected one of {', '.join(task.recipes)}")
+        raise ValueError(f"--recipe {name!r} is unknown; expected one of {', '.join(task.recipes)}")
     base = task.recipes[name]
     recipe = dict(base)
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
@@ -1042,29 +1205,38 @@ def run(args, task):
     recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
     recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
     training = {k: recipe.get(k, v) for k, v in TRAINING.items()}
-    args.epochs = recipe["epochs"]
+    args.epochs, args.lr, args.backbone_lr = recipe["epochs"], recipe["lr"], recipe["backbone_lr"]  # saved with the run
     args.clip_max_norm = training["clip_max_norm"]
-    os.makedirs(args.output_dir, exist_ok=True)
 
     train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
     val_loader = make_loader(task, val_dir, val_ann, False, args, recipe, rank, world)
     cfg = model_config(args, task, len(val_loader.dataset.names))
+    try:
+        criterion = task.build_criterion(cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--model {args.model} is not a {task.name} model: {e.args[0] if e.args else e}") from None
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
-    net = model.build_model(cfg)
+    try:
+        net = model.build_model(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--model {args.model}: {e}") from None
     if args.backbone_weights:
+        vit, weights = net.backbone.backbone, model.read_checkpoint(args.backbone_weights, "--backbone-weights")
         try:
-            net.backbone.backbone.load_state_dict(load_checkpoint(args.backbone_weights))
-        except RuntimeError as e:
-            raise SystemExit(f"--backbone-weights {args.backbone_weights} does not fit {args.model}'s ViT: {e}") from None
-    start_epoch, best, ckpt = 0, -1.0, None
+            model.check_state_dict(vit.state_dict(), weights)
+        except ValueError as e:
+            raise ValueError(f"--backbone-weights {args.backbone_weights} does not fit {args.model}'s ViT: {e}") from None
+        vit.load_state_dict(weights)
+    start_epoch, best, best_epoch, history = 0, -1.0, 0, []
     if args.tune:
-        load_matching(net, model.checkpoint_state_dict(load_checkpoint(args.tune)), f"--tune {args.tune}")
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        if "optimizer" not in ckpt:
-            raise SystemExit(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
-        model.load_weights(net, ckpt["model"])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
+        load_matching(net, model.checkpoint_state_dict(model.read_checkpoint(args.tune, "--tune")), f"--tune {args.tune}",
+                      require_all=args.eval_only)
+    if ckpt is not None:
+        try:
+            model.load_weights(net, ckpt["model"])
+        except ValueError as e:
+            raise ValueError(f"--resume {args.resume}: {e}") from None
+        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", 0)
     net.to(device)
     ema = ModelEMA(net, training["ema_decay"], training["ema_warmups"])
     if ckpt is not None:
@@ -1076,8 +1248,7 @@ def run(args, task):
 
     train_loader = make_loader(task, train_dir, train_ann, True, args, recipe, rank, world)
     if len(train_loader.dataset.names) != cfg["num_classes"] or train_loader.dataset.names != val_loader.dataset.names:
-        raise SystemExit(f"{train_ann} and {val_ann} have different categories")
-    criterion = task.build_criterion(cfg)
+        raise ValueError(f"{train_ann} and {val_ann} have different categories")
     train_net = net
     if world > 1:
         if device.type == "cuda":
@@ -1087,8 +1258,12 @@ def run(args, task):
                                   lr=recipe["lr"], betas=training["betas"], weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if ckpt is not None:
+        initial = [group["initial_lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, lr in zip(optimizer.param_groups, initial):  # this run's --lr, --backbone-lr apply from here
+            group["initial_lr"] = lr
         scaler.load_state_dict(ckpt["scaler"])
+        history = restore_run_files(args, ckpt)
     steps = len(train_loader)
     total, no_aug = args.epochs * steps, (args.epochs - recipe["stop_epoch"]) * steps
     warmup, flat = min(training["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
@@ -1108,23 +1283,28 @@ def run(args, task):
         ap = stats[task.iou_types[-1]][0]
         metrics = {"epoch": epoch + 1, "loss": sum(losses.values()), "losses": losses,
                    **{f"coco_{k}": v for k, v in stats.items()}, "time": round(time.time() - t0, 1)}
+        history.append(metrics)
+        if ap > best:
+            best, best_epoch = ap, epoch + 1
         if rank == 0:
+            # The checkpoint carries the log and the best epoch, so that a resume after a kill between
+            # these three writes restores the other two (restore_run_files).
             state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": max(best, ap), "config": cfg,
-                     "names": val_loader.dataset.names, "category_ids": category_ids(val_loader.dataset),
+                     "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
+                     "log": history, "config": cfg, "names": val_loader.dataset.names,
+                     "category_ids": category_ids(val_loader.dataset),
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
             save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
-            if ap > best:
+            if best_epoch == epoch + 1:
                 save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {max(best, ap):.4f})")
-        best = max(best, ap)
+            write_log(history, os.path.join(args.output_dir, "log.jsonl"))
+            print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {best:.4f})")
     return metrics
 
 
 def parse_args(argv=None, task=Task()):
-    parser = argparse.ArgumentParser(description=f"Train {task.default_model.split('_')[0].upper()} ({task.name}) on a COCO-format data set.")
+    parser = argparse.ArgumentParser(prog=task.script, description=f"Train {task.default_model.split('_')[0].upper()} "
+                                     f"({task.name}) on a COCO-format data set.")
     parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's vocabulary")
     parser.add_argument("--data", help="COCO root: annotations/, train2017/, val2017/")
     parser.add_argument("--train-images"), parser.add_argument("--train-ann")
@@ -1135,10 +1315,17 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="total over all processes")
     parser.add_argument("--lr", type=float), parser.add_argument("--backbone-lr", type=float)
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
-    parser.add_argument("--output-dir", default=f"outputs/{task.name}")
-    parser.add_argument("--resume", help="continue a run from its last.pth")
+    parser.add_argument("--output-dir", default=f"outputs/{task.name}", help="refused when it holds a run (last.pth, "
+                        "best.pth, log.jsonl), unless --resume or --overwrite")
+    parser.add_argument("--resume", help="continue a run from its last.pth (or from a checkpoint that is not older "
+                        "than --output-dir's last.pth); --epochs, --lr and --backbone-lr default to the run's and, "
+                        "given, apply from the next epoch")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
+                        "deleting its last.pth, best.pth and log.jsonl")
     parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
-    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay)")
+    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay "
+                        "as initialised; refused when less than half the network's numbers fit, and with --eval-only "
+                        "when any tensor does not)")
     parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="default: cuda when available")
@@ -1147,9 +1334,22 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
     parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
     args = parser.parse_args(argv)
+    for option, value, least in (("--epochs", args.epochs, 1), ("--stop-after", args.stop_after, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            parser.error(f"{option} must be at least {least}, got {value}")
+    if len(args.img_size) > 2 or any(s <= 0 or s % 32 for s in args.img_size):
+        parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected H [W], positive multiples of 32 (the "
+                     f"stride of the coarsest feature map)")
     args.img_size = args.img_size * 2 if len(args.img_size) == 1 else args.img_size
+    family = task.default_model.split("_")[0]
+    if args.model in model.PRESETS and not args.model.startswith(family + "_"):
+        parser.error(f"--model {args.model} is not a {task.name} model; {task.script} trains "
+                     f"{', '.join(p for p in model.PRESETS if p.startswith(family + '_'))} (or a JSON config of one)")
     if args.eval_only and not (args.resume or args.tune):
         parser.error("--eval-only needs weights: --resume or --tune")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
     return args
 
 
@@ -1174,11 +1374,11 @@ def demo(args, task, cfg=None):
     picture of predictions, all under --output-dir. `cfg`: the network (default: demo_config(task));
     the task's `demo` entries override DEMO."""
     settings = {**DEMO, **task.demo}
+    check_output_dir(args)
     root = os.path.join(args.output_dir, "demo_data")
     if not os.path.exists(os.path.join(root, "annotations")):
         task.make_synthetic(root, num_train=settings["num_train"], num_val=settings["num_val"],
                             img_size=settings["img_size"])
-    os.makedirs(args.output_dir, exist_ok=True)
     config = os.path.join(args.output_dir, "demo_model.json")
     args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
     args.img_size, args.batch_size = [settings["img_size"]] * 2, settings["batch_size"]
@@ -1205,9 +1405,10 @@ DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16)
 def main(argv=None, task=None):
     task = task or Task()
     args = parse_args(argv, task)
-    if args.demo:
-        return demo(args, task)
-    return run(args, task)
+    try:
+        return demo(args, task) if args.demo else run(args, task)
+    except USER_ERRORS as e:
+        exit_with_error(task.script, e)
 
 
 if __name__ == "__main__":

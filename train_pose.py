@@ -447,7 +447,9 @@ class DETRPoseHungarianMatcher(nn.Module):
         cost_oks = 1 - keypoint_oks(z, z_hat, v, area)
         C = self.cost_class * (cost_pos - cost_neg) + self.cost_keypoints * cost_l1 + self.cost_oks * cost_oks
         sizes = [len(t["labels"]) for t in targets]
-        C = C.view(B, Q, sum(sizes)).cpu()
+        # A diverged network's NaN costs still get matched (as in ECDet's matcher), so that the loss,
+        # not scipy, reports them.
+        C = C.view(B, Q, sum(sizes)).cpu().nan_to_num(nan=1.0)
         return [tuple(torch.as_tensor(x, dtype=torch.int64) for x in linear_sum_assignment(c[b]))
                 for b, c in enumerate(C.split(sizes, -1))]
 
@@ -579,7 +581,7 @@ class PoseTask(Task):
 
 # The demo (train_det.DEMO with these changes) trains on 256 images of 128 x 128 pixels at most, with
 # the "demo" recipe's schedule and strong augmentation from the first epoch.
-POSE = PoseTask(name="pose", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
+POSE = PoseTask(name="pose", script="train_pose.py", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
                 recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
                 make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),
                 draw=functools.partial(td.draw_predictions, score_threshold=0.3))

@@ -30,19 +30,44 @@ from train_det import ECCriterion, HungarianMatcher, batch_index, matched
 
 # ---- Data: COCO masks, checked and repaired ----
 
+def rle_counts(counts):
+    """The run lengths of a COCO RLE's `counts`: an uncompressed list as it is; a compressed string
+    decoded from pycocotools' format (per run, 5-bit groups in characters from '0', the sixth bit
+    saying that another group follows and the fifth bit of the last one the sign; from the third run
+    on, the difference to the run two before), or None when the string is not of that format."""
+    if isinstance(counts, list):
+        return counts
+    runs, value, shift = [], 0, 0
+    for c in (ord(ch) - 48 for ch in counts):
+        if not 0 <= c < 64:
+            return None
+        value |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value -= 1 << shift
+        runs.append(value + (runs[-2] if len(runs) > 2 else 0))
+        value = shift = 0
+    return None if shift else runs
+
 
 def check_segmentation(segmentation, height, width):
     """A COCO segmentation, repaired where possible: (segmentation or None, repairs, why unusable).
 
     Polygons: a part with an odd number of coordinates loses the last one; a part with fewer than 3
     points or a non-numeric coordinate is dropped (pycocotools would even read a 4-number part as a
-    box). RLE (compressed or not) must be of the image's size. Unusable: no segmentation, no valid
+    box). RLE (compressed or not) must be of the image's size, with runs that add up to it
+    (pycocotools decodes others into memory it never wrote). Unusable: no segmentation, no valid
     part, a mask wholly outside the image, a malformed or empty RLE.
     """
     if isinstance(segmentation, dict):
         try:
             if list(segmentation["size"]) != [height, width]:
                 return None, set(), "RLE of another size than its image"
+            runs = rle_counts(segmentation["counts"])
+            if runs is None or not all(isinstance(r, int) and r >= 0 for r in runs) or sum(runs) != height * width:
+                return None, set(), "malformed RLE"
             rle = mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list) \
                 else segmentation
             empty = mask_utils.area(rle) == 0
@@ -92,11 +117,14 @@ class CocoSegmentation(train_det.CocoDetection):
     def _select_instances(self):
         instances, dropped = super()._select_instances()  # also checks every annotation's fields
         self.mask_repairs, self.mask_skipped = collections.Counter(), collections.Counter()
+        example = {}  # the first annotation id per reason, for the warnings
         for ann in self.coco.dataset["annotations"]:
             if ann.get("iscrowd", 0):
                 continue
             info = self.coco.imgs[ann["image_id"]]
             segmentation, repairs, unusable = check_segmentation(ann.get("segmentation"), info["height"], info["width"])
+            for reason in repairs | {unusable} - {None}:
+                example.setdefault(reason, ann.get("id"))
             if unusable:
                 self.mask_skipped[unusable] += 1
                 x, y, w, h = ann["bbox"]
@@ -105,10 +133,10 @@ class CocoSegmentation(train_det.CocoDetection):
                 ann["segmentation"] = segmentation
                 self.mask_repairs.update(repairs)
         for repair, n in sorted(self.mask_repairs.items()):
-            warnings.warn(f"{self.ann_file}: {n} objects repaired: {repair}")
+            warnings.warn(f"{self.ann_file}: {n} objects repaired: {repair} (e.g. annotation {example[repair]})")
         for reason, n in sorted(self.mask_skipped.items()):
-            warnings.warn(f"{self.ann_file}: {n} objects without a usable mask ({reason}); skipped, and "
-                          f"evaluated as crowd regions")
+            warnings.warn(f"{self.ann_file}: {n} objects without a usable mask ({reason}, e.g. annotation "
+                          f"{example[reason]}); skipped, and evaluated as crowd regions")
         instances = {image_id: kept for image_id, objects in instances.items()
                      if (kept := [o for o in objects if not o[0].get("iscrowd")])}
         if not instances:
@@ -245,6 +273,7 @@ def build_criterion(cfg):
 class SegTask(train_det.Task):
     """What ECSeg changes in train_det's loop: data with masks, the criterion, `segm` AP."""
     name: str = "segmentation"
+    script: str = "train_seg.py"
     default_model: str = "ecseg_s"
     iou_types: tuple = ("bbox", "segm")
     dataset: type = CocoSegmentation

@@ -1,6 +1,8 @@
 """distill.py: distillation into ECViT on generated images, resume, several teachers, the proxy route,
 and clear errors for bad input."""
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -75,6 +77,7 @@ def test_resume_repeats_the_uninterrupted_run(files, tmp_path):
     run(files, tmp_path / "whole", "--epochs", "2")
     run(files, tmp_path / "parts", "--epochs", "2", "--stop-after", "1")
     assert not (tmp_path / "parts" / "student.pth").exists()
+    (tmp_path / "parts" / "log.jsonl").write_text("")  # as a kill between the checkpoint and its log line leaves it
     log = run(files, tmp_path / "parts", "--epochs", "2", "--resume")
     assert [m["epoch"] for m in log] == [1, 2]
     whole = torch.load(tmp_path / "whole" / "student.pth", weights_only=True)
@@ -122,21 +125,34 @@ def test_token_grids_resize_bilinearly():
     assert distill.resize_tokens(tokens, (2, 2), (2, 2)) is tokens
 
 
-def test_bad_input_gets_one_clear_error(files, tmp_path):
-    with pytest.raises(SystemExit, match="--images .*nowhere: no such folder"):
-        run(files, tmp_path, "--images", str(tmp_path / "nowhere"))
+def test_bad_input_gets_one_clear_error(files, tmp_path, capsys):
+    def error(*extra, out=tmp_path, teachers=None):
+        with pytest.raises(SystemExit) as exit_info:
+            run(files, out, *extra, teachers=teachers)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip()
+
+    assert re.fullmatch(r"distill.py: error: --images .*nowhere: no such folder", error("--images", str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no pictures")
-    with pytest.raises(SystemExit, match=r"--images .*empty: no images \(.jpg, .jpeg, .png, .webp, .bmp\)"):
-        run(files, tmp_path, "--images", str(tmp_path / "empty"))
-    with pytest.raises(SystemExit, match="--student 'ecvitq': unknown preset; expected one of ecvitt, ecvittplus"):
-        run(files, tmp_path, "--student", "ecvitq")
+    assert re.fullmatch(r"distill.py: error: --images .*empty: no images \(.jpg, .jpeg, .png, .webp, .bmp\) in it or "
+                        r"its subfolders", error("--images", str(tmp_path / "empty")))
+    assert error("--student", "ecvitq").startswith("distill.py: error: --student 'ecvitq': unknown preset; expected "
+                                                   "one of ecvitt, ecvittplus")
     torch.save(model.ViT(embed_dim=64, depth=2, num_heads=2).state_dict(), tmp_path / "ecvit.pth")
-    with pytest.raises(SystemExit, match="ecvit.pth is not a teacher checkpoint: expected one written by teacher.py"):
-        run(files, tmp_path, teachers=[str(tmp_path / "ecvit.pth")])
-    with pytest.raises(SystemExit, match="dinov3.pth is not a teacher checkpoint .*add --teacher-arch"):
-        run(files, tmp_path, teachers=[files["dinov3"]])
-    with pytest.raises(SystemExit, match="dinov3.pth is not a dinov3_vitb16 checkpoint: .*wrong shape"):
-        run(files, tmp_path, "--teacher-arch", "dinov3_vitb16", teachers=[files["dinov3"]])
-    with pytest.raises(SystemExit, match="--resume: no student_last.pth in"):
-        run(files, tmp_path / "fresh", "--resume")
+    assert re.match(r"distill.py: error: --teacher .*ecvit.pth is not a teacher checkpoint: expected one written by "
+                    r"teacher.py", error(teachers=[str(tmp_path / "ecvit.pth")]))
+    assert re.match(r"distill.py: error: --teacher .*dinov3.pth is not a teacher checkpoint .*add --teacher-arch",
+                    error(teachers=[files["dinov3"]]))
+    assert re.match(r"distill.py: error: --teacher .*dinov3.pth is not a dinov3_vitb16 checkpoint: .*wrong shape",
+                    error("--teacher-arch", "dinov3_vitb16", teachers=[files["dinov3"]]))
+    assert re.match(r"distill.py: error: --resume: no student_last.pth in", error("--resume", out=tmp_path / "fresh"))
+
+
+def test_a_diverging_distillation_stops_before_writing_anything(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(files, tmp_path, "--lr", "1e6", "--epochs", "2")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and re.match(r"distill.py: error: non-finite student (loss|gradient norm) at epoch 1, "
+                                                  r"step \d: loss \S+, cosine_0 \S+.*Stopped; no checkpoint was written", line)
+    assert os.listdir(tmp_path) == []

@@ -24,6 +24,8 @@ def tiny(tmp_path_factory):
         torch.save({"ema": {"module": fx["state_dict"]}}, root / f"{name}.pth")
         files[name] = ["--model", str(root / f"{name}.json"), "--weights", str(root / f"{name}.pth"),
                        "--threads", "1"]
+    torch.save([torch.zeros(3)], root / "list.pth")
+    files["list"] = str(root / "list.pth")
     return files
 
 
@@ -89,35 +91,38 @@ def test_ecseg_exports_mask_logits_and_benchmarks(tiny, tmp_path, capsys):
     ("output directory missing", ["--onnx", "{tmp}/missing/det.onnx"], "--onnx .*missing/det.onnx: cannot write"),
     ("output path is a directory", ["--onnx", "{tmp}"], "is a directory"),
     ("unknown preset", ["--model", "ecdet_xxl"], "neither a preset"),
+    ("a list saved as the checkpoint", ["--weights", "{list}"], "--weights .*list.pth: the checkpoint holds a list"),
+    ("no timed runs", ["--runs", "0"], "--runs must be at least 1, got 0"),
 ])
-def test_bad_arguments_fail_with_a_clear_error(tiny, tmp_path, case, args, message):
+def test_bad_arguments_fail_with_a_clear_error(tiny, tmp_path, capsys, case, args, message):
     seg_weights = tiny["seg_tiny"][3]
-    args = [a.format(seg_weights=seg_weights, tmp=tmp_path) for a in args]
+    args = [a.format(seg_weights=seg_weights, tmp=tmp_path, list=tiny["list"]) for a in args]
     base = tiny["det_tiny"] + ["--onnx", str(tmp_path / "det.onnx")]
     with pytest.raises(SystemExit) as error:
         export.main(base + args)
-    assert re.search(message, str(error.value)), str(error.value)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line, where it prints one
+    assert error.value.code == 2 and err.startswith("export.py: error: ") and re.search(message, err), err
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(export.tensorrt_missing() is None, reason="TensorRT is usable on this machine")
-def test_tensorrt_request_without_tensorrt_names_the_trtexec_command(tiny, tmp_path):
+def test_tensorrt_request_without_tensorrt_names_the_trtexec_command(tiny, tmp_path, capsys):
     onnx_path, engine = tmp_path / "det.onnx", tmp_path / "det.engine"
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(SystemExit):
         export.main(tiny["det_tiny"] + ["--onnx", str(onnx_path), "--trt", str(engine), "--fp16", "--dynamic-batch"])
-    message = str(error.value)
+    message = capsys.readouterr().err
     assert f"trtexec --onnx={onnx_path} --saveEngine={engine}" in message
     assert "--maxShapes=images:16x3x320x320,orig_target_sizes:16x2 --fp16" in message
     assert onnx_path.exists() and not engine.exists()  # the verified ONNX file is what trtexec needs
 
 
-def test_failed_verification_leaves_no_file(tiny, tmp_path, monkeypatch):
+def test_failed_verification_leaves_no_file(tiny, tmp_path, monkeypatch, capsys):
     path = tmp_path / "det.onnx"
     path.write_bytes(b"an earlier export")
     monkeypatch.setattr(export, "TOLERANCE", -1.0)  # any difference, even 0, is now too large
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(SystemExit):
         export.main(tiny["det_tiny"] + ["--onnx", str(path)])
-    message = str(error.value)
+    message = capsys.readouterr().err
     assert "ONNX Runtime differs from PyTorch" in message
     assert "scores: max |diff|" in message and "px on the 640-pixel side" in message
     assert path.read_bytes() == b"an earlier export"

@@ -1,5 +1,6 @@
 """teacher.py: DINOv3 parity with the original, the released hub layouts, and the teacher ECDet stage."""
 import json
+import re
 
 import pytest
 import torch
@@ -64,10 +65,10 @@ def test_unsupported_dinov3_settings_are_refused():
 
 def test_a_dinov3_file_of_another_architecture_gets_one_clear_error(tmp_path):
     fx = load_fixture("dinov3_tiny")
-    with pytest.raises(SystemExit, match="x.pth is not a dinov3_vitb16 checkpoint: .*wrong shape: cls_token"):
+    with pytest.raises(ValueError, match="x.pth is not a dinov3_vitb16 checkpoint: .*wrong shape: cls_token"):
         teacher.load_dinov3(fx["state_dict"], "dinov3_vitb16", "x.pth")
     vits = {k: torch.empty(v.shape) for k, v in teacher.dinov3_shapes("dinov3_vits16").items()}
-    with pytest.raises(SystemExit, match="not a dinov3_vits16plus checkpoint: .*it matches dinov3_vits16$"):
+    with pytest.raises(ValueError, match="not a dinov3_vits16plus checkpoint: .*it matches dinov3_vits16$"):
         teacher.check_dinov3(vits, "dinov3_vits16plus", "y.pth")
     torch.save(fx["state_dict"], tmp_path / "tiny.pth")
     vit = teacher.load_dinov3(str(tmp_path / "tiny.pth"), fx["config"])
@@ -94,7 +95,7 @@ def test_teacher_ecdet_has_a_dinov3_backbone_and_trains_every_parameter():
     assert not vit.norm.weight.requires_grad and not vit.mask_token.requires_grad
 
 
-def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path):
+def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path, capsys):
     fx = load_fixture("dinov3_tiny")
     torch.save(fx["state_dict"], tmp_path / "dinov3_tiny.pth")
     (tmp_path / "arch.json").write_text(json.dumps(fx["config"]))
@@ -110,7 +111,9 @@ def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path):
     assert ckpt["config"]["ViTAdapter"]["dinov3"] == fx["config"] and ckpt["epoch"] == 1
     for k, v in fx["state_dict"].items():
         assert torch.equal(ckpt["model"][f"backbone.backbone.{k}"], v), k
-    with pytest.raises(SystemExit, match="dinov3_tiny.pth is not a dinov3_vits16 checkpoint"):
-        teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", "dinov3_vits16"] + common)
-    with pytest.raises(SystemExit, match="--arch dinov3_vitq16: unknown DINOv3 model"):
-        teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", "dinov3_vitq16"] + common)
+    for arch, message in (("dinov3_vits16", "--dinov3 .*dinov3_tiny.pth is not a dinov3_vits16 checkpoint"),
+                          ("dinov3_vitq16", "--arch dinov3_vitq16: unknown DINOv3 model")):
+        with pytest.raises(SystemExit) as exit_info:
+            teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", arch] + common)
+        error = capsys.readouterr().err.strip().splitlines()[-1]  # after the first run's progress bars
+        assert exit_info.value.code == 2 and re.match(f"teacher.py: error: {message}", error), error
