@@ -376,7 +376,10 @@ class BatchImageCollate:
 
 # Non-contiguous category ids, as in COCO, so the label remap is exercised.
 SYNTHETIC_CATEGORIES = {1: "circle", 3: "square", 7: "triangle"}
-_CORNERS = {"circle": 32, "square": 4, "triangle": 3}
+# Shapes the generator can draw: points and the inner radius as a fraction of the outer (1: a
+# regular polygon of that many corners; less: a star of that many points).
+SHAPES = {"circle": (32, 1.0), "square": (4, 1.0), "triangle": (3, 1.0), "hexagon": (6, 1.0), "star": (5, 0.45),
+          "sparkle": (4, 0.4)}
 
 
 def _background(rng, w, h):
@@ -386,9 +389,12 @@ def _background(rng, w, h):
     return np.clip(a + (b - a) * ramp + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
-    """Draw one image, save it, return its COCO image entry and annotations."""
-    w, h = (int(img_size * s) for s in rng.uniform(0.625, 1.0, size=2))
+def _synthetic_image(rng, img_size, image_id, ann_id, split_dir, shapes=SYNTHETIC_CATEGORIES, sizes=(0.625, 1.0),
+                     gray=0.0):
+    """Draw one image, save it, return its COCO image entry and annotations. shapes: category id ->
+    a SHAPES name; sizes: the range of each side as a fraction of img_size; gray: the fraction of
+    images saved as grayscale."""
+    w, h = (int(img_size * s) for s in rng.uniform(*sizes, size=2))
     canvas = Image.fromarray(_background(rng, w, h))
     draw = ImageDraw.Draw(canvas)
     placed, annotations = [], []
@@ -401,10 +407,12 @@ def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
         else:
             continue
         placed.append((cx, cy, r))
-        cat = int(rng.choice(list(SYNTHETIC_CATEGORIES)))
-        n = _CORNERS[SYNTHETIC_CATEGORIES[cat]]
-        angle = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(n) / n
-        poly = np.round(np.stack([cx + r * np.cos(angle), cy + r * np.sin(angle)], 1), 2)
+        cat = int(rng.choice(list(shapes)))
+        n, inner = SHAPES[shapes[cat]]
+        corners = n if inner == 1 else 2 * n  # a star alternates outer and inner corners
+        angle = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(corners) / corners
+        radius = r * np.where(np.arange(corners) % 2 == 1, inner, 1.0)
+        poly = np.round(np.stack([cx + radius * np.cos(angle), cy + radius * np.sin(angle)], 1), 2)
         colour = rng.integers(60, 256, size=3)
         colour[rng.integers(3)] = 255  # one saturated channel keeps shapes brighter than the background
         draw.polygon([tuple(p) for p in poly.tolist()], fill=tuple(colour.tolist()))
@@ -413,6 +421,8 @@ def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
         area = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))))
         annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=cat, iscrowd=0, area=area,
                                 bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)], segmentation=segmentation))
+    if gray and rng.random() < gray:
+        canvas = canvas.convert("L")
     file_name = f"{image_id:012d}.jpg"
     canvas.save(os.path.join(split_dir, file_name), quality=90)
     return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
