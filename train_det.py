@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -469,8 +470,8 @@ class CocoEvaluator:
     original size (bool, or probabilities cut at 0.5); "keypoints" keypoints (n, 3K), per keypoint
     pixel x, y in the original image and a score (COCO's result format).
     summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
-    rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
-    every rank.
+    rank 0, prints the standard table and the per-class table, and returns on every rank
+    {iou_type: the COCO stats (12; keypoints 10), iou_type + "_per_class": {name: [AP, AP50]}}.
     An image passed to update() without detections counts as all-missed; images never passed are
     not evaluated (as the original). Use one evaluator per evaluation pass.
     """
@@ -481,6 +482,7 @@ class CocoEvaluator:
             raise ValueError(f"iou_types must be among 'bbox', 'segm', 'keypoints'; got {sorted(unknown)}")
         self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
         self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
+        self.coco_eval = {}  # iou_type -> the evaluated COCOeval (rank 0)
 
     def update(self, image_ids, results):
         for image_id, res in zip(image_ids, results):
@@ -524,6 +526,8 @@ class CocoEvaluator:
             if not results:
                 raise RuntimeError("CocoEvaluator.summarize() called before any update()")
             stats = {iou_type: self._evaluate(iou_type, results) for iou_type in self.iou_types}
+            stats.update({f"{t}_per_class": per_class_ap(self.coco_eval[t]) for t in self.iou_types})
+            print(per_class_table(stats, self.iou_types))
         if distributed:
             box = [stats]
             dist.broadcast_object_list(box, src=0)
@@ -541,7 +545,33 @@ class CocoEvaluator:
             coco_eval.accumulate()
         print(f"IoU metric: {iou_type}")
         coco_eval.summarize()
+        self.coco_eval[iou_type] = coco_eval
         return [float(s) for s in coco_eval.stats]
+
+
+def per_class_ap(coco_eval):
+    """{category name: [AP, AP50]} of an evaluated and accumulated COCOeval, as the original's
+    evaluator computes its class-wise table: precision over all object sizes at the largest number
+    of detections, averaged over recall and IoU thresholds (AP) or at IoU 0.5 (AP50). A category
+    without objects gets -1, as in COCO's own summary."""
+    precision = coco_eval.eval["precision"][..., 0, -1]  # (IoU thresholds, recall thresholds, categories)
+    mean = lambda p: float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    return {coco_eval.cocoGt.cats[cat]["name"]: [mean(precision[:, :, k]), mean(precision[0, :, k])]
+            for k, cat in enumerate(coco_eval.params.catIds)}
+
+
+def per_class_table(stats, iou_types):
+    """The class-wise table as the original prints it: a row per class, AP and AP50 in percent for
+    each iou type (`stats` as CocoEvaluator.summarize returns it)."""
+    columns = [["class", *stats[f"{iou_types[0]}_per_class"]]]
+    for t in iou_types:
+        values = stats[f"{t}_per_class"].values()
+        columns += [[f"{t}-AP", *(f"{100 * ap:.2f}" for ap, _ in values)],
+                    [f"{t}-AP50", *(f"{100 * ap50:.2f}" for _, ap50 in values)]]
+    widths = [max(map(len, c)) + 2 for c in columns]
+    rule = "+" + "+".join("-" * w for w in widths) + "+"
+    rows = ["|" + "|".join(c[i].center(w) for c, w in zip(columns, widths)) + "|" for i in range(len(columns[0]))]
+    return "\n".join(["\n### Class-wise Evaluation Metrics ###", rule, rows[0], rule, *rows[1:], rule])
 
 
 # ---- Evaluation: pictures ----
@@ -602,6 +632,61 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
     return path
+
+
+def draw_curves(panels, path, size=(480, 320)):
+    """Save a PNG of line charts side by side, one per (title, {label: [value per epoch]}) in `panels`;
+    None values are gaps. Returns path."""
+    font = ImageFont.load_default(12)
+    w, h = size
+    left, right, top, bottom = 52, 12, 24, 28  # margins for the axes' labels and the title
+    image = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = p * w + left, top, (p + 1) * w - right, h - bottom
+        values = [v for ys in series.values() for v in ys if v is not None]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        epochs = max((len(ys) for ys in series.values()), default=1)
+        to_xy = lambda i, v: (x0 + (x1 - x0) * (i / max(epochs - 1, 1)), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text(((x0 + x1) / 2, 4), title, fill="black", font=font, anchor="ma")
+        for v in (lo, (lo + hi) / 2, hi):
+            draw.text((x0 - 4, to_xy(0, v)[1]), f"{v:.3g}", fill="black", font=font, anchor="rm")
+        for i in sorted({0, (epochs - 1) // 2, epochs - 1}):
+            draw.text((to_xy(i, lo)[0], y1 + 4), str(i + 1), fill="black", font=font, anchor="ma")
+        draw.text(((x0 + 3 * x1) / 4, h - 4), "epoch", fill="black", font=font, anchor="md")
+        for k, (label, ys) in enumerate(series.items()):
+            colour = _PALETTE[k % len(_PALETTE)]
+            points = [to_xy(i, v) if v is not None else None for i, v in enumerate(ys)]
+            for a, b in zip(points, points[1:]):
+                if a is not None and b is not None:
+                    draw.line([a, b], fill=colour, width=2)
+            for pt in points:
+                if pt is not None:
+                    draw.ellipse([pt[0] - 2, pt[1] - 2, pt[0] + 2, pt[1] + 2], fill=colour)
+            draw.text((x0 + 6, y0 + 4 + 14 * k), label, fill=colour, font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+    return path
+
+
+def draw_log(log_file, path):
+    """curves.png of a run from its log.jsonl: the loss terms (each summed over the decoder layers,
+    the encoder's and the denoising outputs, with their total) and every COCO AP and AP50 per epoch."""
+    with open(log_file) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    terms = {"total": [entry["loss"] for entry in log]}
+    for i, entry in enumerate(log):
+        for name, v in entry["losses"].items():
+            base = re.sub(r"(_(aux|enc|dn)_\d+|_dn_pre|_pre)$", "", name)
+            terms.setdefault(base, [0.0] * len(log))[i] += v
+    ap = {}
+    for key in log[-1]:
+        if key.startswith("coco_") and not key.endswith("_per_class"):
+            ap[f"{key[5:]} AP"] = [entry.get(key, [None])[0] for entry in log]
+            ap[f"{key[5:]} AP50"] = [entry.get(key, [None, None])[1] for entry in log]
+    return draw_curves([("loss", terms), ("COCO AP", ap)], path)
 
 
 # ---- Loss: matching and the ECDet criterion ----
@@ -1265,6 +1350,7 @@ def run(args, task):
                 save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            draw_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "curves.png"))
             print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {max(best, ap):.4f})")
         best = max(best, ap)
     return metrics
