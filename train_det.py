@@ -1074,13 +1074,48 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, released=False):
+    """torch.load a checkpoint file; with `released`, a preset name not found as a file ("ecdet_s")
+    is the released model of that name, downloaded into torch hub's cache."""
+    if released and path in model.PRESETS and not os.path.exists(path):
+        try:
+            return model.released_checkpoint(path)
+        except (ConnectionError, ValueError) as e:
+            raise SystemExit(str(e)) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SystemExit(f"checkpoint {path} does not exist") from None
     except Exception as e:
         raise SystemExit(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_backbone(net, cfg, args, rank):
+    """Start the ViT from --backbone-weights FILE or, without that option, from the released ECViT
+    the config names (downloaded by rank 0, as the original does when it builds the network).
+    Returns False, after saying so, when the ViT keeps its random weights: --backbone-weights none,
+    or a config that no released ECViT fits."""
+    url = model.released_backbone(cfg) if args.backbone_weights is None else None
+    if args.backbone_weights in (None, "none") and url is None:
+        why = "--backbone-weights none" if args.backbone_weights else f"no released ECViT fits {args.model}"
+        rate = f"--backbone-lr {args.backbone_lr}" if args.backbone_lr is not None else "the head's learning rate"
+        if rank == 0:
+            print(f"backbone: random initial weights ({why}), trained at {rate}")
+        return False
+    hint = "pass a local copy with --backbone-weights FILE, or --backbone-weights none to train the ViT from random weights"
+    wait = url is not None and dist.is_initialized()
+    try:
+        if wait and rank != 0:
+            dist.barrier()  # rank 0 fills the cache first
+        state = model.download(url, hint) if url else load_checkpoint(args.backbone_weights)
+        if wait and rank == 0:
+            dist.barrier()
+        model.load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}")
+    except (ConnectionError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    if rank == 0:
+        print(f"backbone: {url or args.backbone_weights}")
+    return True
 
 
 def load_matching(net, state, what):
@@ -1284,14 +1319,14 @@ def run(args, task):
     cfg = model_config(args, task, len(val_loader.dataset.names))
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     net = model.build_model(cfg)
-    if args.backbone_weights:
-        try:
-            net.backbone.backbone.load_state_dict(load_checkpoint(args.backbone_weights))
-        except RuntimeError as e:
-            raise SystemExit(f"--backbone-weights {args.backbone_weights} does not fit {args.model}'s ViT: {e}") from None
+    # --resume and --tune bring the ViT's weights (the original then skips its download too)
+    if not (args.resume or args.tune) or args.backbone_weights not in (None, "none"):
+        if not load_backbone(net, cfg, args, rank) and args.backbone_lr is None:
+            recipe["backbone_lr"] = recipe["lr"]  # a random ViT learns only at the head's rate
     start_epoch, best, ckpt = 0, -1.0, None
     if args.tune:
-        load_matching(net, model.checkpoint_state_dict(load_checkpoint(args.tune)), f"--tune {args.tune}")
+        tune = load_checkpoint(args.tune, released=True)
+        load_matching(net, model.checkpoint_state_dict(tune), f"--tune {args.tune}")
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         if "optimizer" not in ckpt:
@@ -1371,8 +1406,10 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--output-dir", default=f"outputs/{task.name}")
     parser.add_argument("--resume", help="continue a run from its last.pth")
     parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
-    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay)")
-    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format")
+    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint, or a preset name for "
+                        "the released model, downloaded; unmatched tensors stay)")
+    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format; default: "
+                        "the released ECViT the model names (downloaded); 'none': random weights, trained at --lr")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--workers", type=int, default=4)
