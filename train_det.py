@@ -1164,6 +1164,7 @@ class Task:
     make_synthetic: object = make_synthetic_coco
     draw: object = draw_predictions
     demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
+    restart_from_best: bool = True  # at stop_epoch, as the original's ECDet/ECSeg engine (not ECPose's)
 
     def postprocess(self, outputs, orig_sizes, cfg):
         return model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
@@ -1287,6 +1288,22 @@ def model_config(args, task, num_classes):
     return cfg
 
 
+def restart_from_best(path, net, ema, optimizer, scaler, rank):
+    """The original's last phase: when strong augmentation ends (stop_epoch), training goes on from
+    the best checkpoint so far (weights, EMA, optimiser and scaler), not from the last epoch's."""
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has written it
+    if not os.path.exists(path):  # no epoch had AP above 0 (the original stops with an error here)
+        return
+    ckpt = load_checkpoint(path)
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if rank == 0:
+        print(f"strong augmentation off: continuing from {path} (epoch {ckpt['epoch']}, AP {ckpt['best']:.4f})")
+
+
 def run(args, task):
     """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
     rank, world, device = setup_distributed(args.device)
@@ -1370,6 +1387,8 @@ def run(args, task):
     metrics = {}
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         t0 = time.time()
+        if task.restart_from_best and epoch == recipe["stop_epoch"] > 0:
+            restart_from_best(os.path.join(args.output_dir, "best.pth"), net, ema, optimizer, scaler, rank)
         set_epoch(train_loader, epoch, args.seed, rank)
         losses = train_one_epoch(train_net, criterion, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
         stats = evaluate(ema.module, val_loader, task, cfg, args, rank, os.path.join(args.output_dir, "predictions.png"))

@@ -1,5 +1,6 @@
 """Training that learns on a user's own data: released weights fetched as the original fetches them,
 a from-scratch recipe that learns on a data set unlike the demo's, and what a run reports."""
+import copy
 import functools
 import http.server
 import json
@@ -198,4 +199,32 @@ def test_curves_png_draws_each_loss_term_and_ap_per_epoch(tmp_path, monkeypatch)
     assert losses == {"total": [10.0, 9.0, 8.0], "loss_mal": [3.0] * 3, "loss_giou": [7.0, 6.0, 5.0]}
     assert ap == {"bbox AP": [0.0, 0.1, 0.2], "bbox AP50": [0.0, 0.2, 0.4]}
     image = Image.open(tmp_path / "curves.png")
-    assert image.size == (960, 320) and len(set(image.getdata())) > 3  # lines in colours, not a blank page
+    assert image.size == (960, 320) and len(image.getcolors(1 << 16)) > 3  # lines in colours, not a blank page
+
+
+# ---- Training on the user's set ----
+
+@pytest.fixture(scope="module")
+def small_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "small.json"
+    path.write_text(json.dumps(td.demo_config(td.Task())))
+    return str(path)
+
+
+def test_strong_augmentation_ends_by_restarting_from_the_best_epoch(tmp_path, small_config, monkeypatch, capsys):
+    root = make_user_set(str(tmp_path / "user"), num_train=8, num_val=2, img_size=64)
+    monkeypatch.setitem(td.RECIPES, "three", dict(zip(td._RECIPE, (3, 1e-3, 1e-3, 1e-4, 0.0, 0, 2))))
+    aps = iter([0.5, 0.1, 0.2])  # epoch 1 is the best when augmentation stops before epoch 3
+    monkeypatch.setattr(td, "evaluate", lambda *args: {"bbox": [next(aps)] + [0.0] * 11})
+    starts, train = [], td.train_one_epoch
+    monkeypatch.setattr(td, "train_one_epoch", lambda net, *args: starts.append(copy.deepcopy(net.state_dict()))
+                        or train(net, *args))
+    td.run(td.parse_args(["--data", root, "--model", small_config, "--recipe", "three", "--img-size", "64",
+                          "--batch-size", "4", "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")]),
+           td.Task())
+    best = torch.load(tmp_path / "out" / "best.pth", weights_only=True)
+    # epoch 3 starts where epoch 2 did (from epoch 1's weights), not where epoch 2 ended
+    assert best["epoch"] == 1 and all(torch.equal(starts[2][k], v) and torch.equal(starts[1][k], v)
+                                      for k, v in best["model"].items())
+    assert f"strong augmentation off: continuing from {tmp_path / 'out' / 'best.pth'} (epoch 1, AP 0.5000)" \
+        in capsys.readouterr().out
