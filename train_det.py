@@ -665,7 +665,9 @@ def draw_curves(panels, path, size=(480, 320)):
             for pt in points:
                 if pt is not None:
                     draw.ellipse([pt[0] - 2, pt[1] - 2, pt[0] + 2, pt[1] + 2], fill=colour)
-            draw.text((x0 + 6, y0 + 4 + 14 * k), label, fill=colour, font=font)
+        for k, label in enumerate(series):  # the legend over the lines
+            draw.rectangle(draw.textbbox((x1 - 6, y0 + 4 + 14 * k), label, font=font, anchor="ra"), fill="white")
+            draw.text((x1 - 6, y0 + 4 + 14 * k), label, fill=_PALETTE[k % len(_PALETTE)], font=font, anchor="ra")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     image.save(path)
     return path

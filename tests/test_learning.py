@@ -211,20 +211,32 @@ def small_config(tmp_path_factory):
     return str(path)
 
 
-def test_strong_augmentation_ends_by_restarting_from_the_best_epoch(tmp_path, small_config, monkeypatch, capsys):
-    root = make_user_set(str(tmp_path / "user"), num_train=8, num_val=2, img_size=64)
-    monkeypatch.setitem(td.RECIPES, "three", dict(zip(td._RECIPE, (3, 1e-3, 1e-3, 1e-4, 0.0, 0, 2))))
-    aps = iter([0.5, 0.1, 0.2])  # epoch 1 is the best when augmentation stops before epoch 3
-    monkeypatch.setattr(td, "evaluate", lambda *args: {"bbox": [next(aps)] + [0.0] * 11})
+def test_a_random_vit_trains_at_the_head_rate_and_restarts_from_the_best_epoch(tmp_path, small_config, monkeypatch,
+                                                                               capsys):
+    """A short run with --backbone-weights none on the user-like set and a recipe whose backbone rate
+    is a preset's (2.5e-5): the run raises it to the head's and says so, reports per-class AP every
+    epoch, and starts its last (unaugmented) epoch from the best one. That such a run learns is the
+    README's 24-epoch measurement (too long for the suite); test_train_det's short run fits."""
+    root = make_user_set(str(tmp_path / "user"), num_train=8, num_val=4, img_size=64, seed=3)
+    monkeypatch.setitem(td.RECIPES, "short", dict(zip(td._RECIPE, (3, 1e-3, 2.5e-5, 1e-4, 0.0, 0, 2))))
+    aps, evaluate = iter([0.5, 0.1, 0.2]), td.evaluate  # epoch 1 is the best when augmentation stops
+    monkeypatch.setattr(td, "evaluate", lambda *args: {**evaluate(*args), "bbox": [next(aps)] + [0.0] * 11})
     starts, train = [], td.train_one_epoch
     monkeypatch.setattr(td, "train_one_epoch", lambda net, *args: starts.append(copy.deepcopy(net.state_dict()))
                         or train(net, *args))
-    td.run(td.parse_args(["--data", root, "--model", small_config, "--recipe", "three", "--img-size", "64",
-                          "--batch-size", "4", "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")]),
-           td.Task())
-    best = torch.load(tmp_path / "out" / "best.pth", weights_only=True)
+    out = tmp_path / "out"
+    td.run(td.parse_args(["--data", root, "--model", small_config, "--recipe", "short", "--backbone-weights", "none",
+                          "--img-size", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                          "--output-dir", str(out)]), td.Task())
+    printed = capsys.readouterr().out
+    assert printed.startswith("backbone: random initial weights (--backbone-weights none), trained at the head's")
+    groups = torch.load(out / "last.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert {g["initial_lr"] for g in groups} == {1e-3}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [set(entry["coco_bbox_per_class"]) for entry in log] == [{"star", "sparkle", "hexagon"}] * 3
+    assert printed.count("### Class-wise Evaluation Metrics ###") == 3 and (out / "curves.png").is_file()
     # epoch 3 starts where epoch 2 did (from epoch 1's weights), not where epoch 2 ended
+    best = torch.load(out / "best.pth", weights_only=True)
     assert best["epoch"] == 1 and all(torch.equal(starts[2][k], v) and torch.equal(starts[1][k], v)
                                       for k, v in best["model"].items())
-    assert f"strong augmentation off: continuing from {tmp_path / 'out' / 'best.pth'} (epoch 1, AP 0.5000)" \
-        in capsys.readouterr().out
+    assert f"strong augmentation off: continuing from {out / 'best.pth'} (epoch 1, AP 0.5000)" in printed
