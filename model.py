@@ -9,9 +9,12 @@ parameter names equal the original implementation's, so the released checkpoints
 """
 import copy
 import functools
+import http.client
 import math
+import os
 import statistics
 import time
+import urllib.request
 
 import torch
 import torch.nn as nn
@@ -1566,6 +1569,100 @@ def check_state_dict(own, sd):
         problems = [f"{what}: {show(xs)}" for what, xs in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
         raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Released weights: the distilled ECViTs and the trained models, fetched into torch hub's cache
+# ---------------------------------------------------------------------------------------------
+RELEASE_URL = "https://github.com/capsule2077/edgecrafter/releases/download/edgecrafterv1/"
+
+
+def vit_size(sd):
+    """A ViT state dict's size in words: the ECViT preset it matches ("ecvitt (192 wide, 12 blocks)"),
+    else its width and depth; None if it is no ECViT."""
+    if "patch_embed.proj.weight" not in sd or "rope_embed.periods" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
+        return None
+    width, depth = sd["patch_embed.proj.weight"].shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads, ffn_ratio = width // (4 * len(sd["rope_embed.periods"])), sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    name = next((n for n, (d, h, r, _) in ECVIT.items() if (d, h, r, 12) == (width, heads, ffn_ratio, depth)), "a ViT")
+    return f"{name} ({width} wide, {depth} blocks)"
+
+
+def load_backbone(net, sd, source):
+    """Load a ViT state dict in the released ecvit*.pth format into `net`'s ViT, strictly; an ECViT
+    of another size is reported by the sizes held and needed."""
+    vit = net.backbone.backbone
+    try:
+        check_state_dict(vit.state_dict(), sd)
+    except ValueError as e:
+        held, needed = vit_size(sd), vit_size(vit.state_dict())
+        if held and held != needed:
+            raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
+        raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
+    vit.load_state_dict(sd)
+
+
+def released_backbone(cfg):
+    """The URL of the released ECViT that a config's ViTAdapter names ("ecvitt", "ecseg_vitt", ...),
+    as the original downloads it when it builds the network; None when the section sets
+    skip_load_backbone or describes a ViT of another width, depth or FFN (no released weights fit)."""
+    adapter = cfg["ViTAdapter"]
+    name = adapter.get("name", "")
+    preset = "ec" + name.rpartition("_")[2].removeprefix("ec")  # ecseg_vitt and ecpose_vitt are ecvitt's size
+    if adapter.get("skip_load_backbone") or "dinov3" in adapter or preset not in ECVIT:
+        return None
+    dim, heads, ffn_ratio, _ = ECVIT[preset]
+    if (adapter.get("embed_dim", 192), adapter.get("num_heads", 3), adapter.get("ffn_ratio", 4), adapter.get("depth", 12)) \
+            != (dim, heads, ffn_ratio, 12):
+        return None
+    return f"{RELEASE_URL}{name}.pth"
+
+
+def released_checkpoint(name):
+    """The released model `name` ("ecdet_s" ... "ecpose_x"), downloaded once into torch hub's cache:
+    the checkpoint as torch.load returns it (weights under ["ema"]["module"] or ["model"])."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown released model {name!r}; expected one of {', '.join(PRESETS)}")
+    return download(f"{RELEASE_URL}{name}.pth", f"download it elsewhere and pass the file instead of {name!r}")
+
+
+def download(url, hint):
+    """torch.load of the file at `url`, cached as torch hub caches checkpoints (TORCH_HOME/hub/
+    checkpoints). The file is written under a temporary name and renamed when complete, so a failed
+    download leaves nothing in the cache; a cached file that does not load is fetched again once.
+    `hint` ends the error raised when the URL cannot be reached: what the user can do instead."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    for attempt in range(2):
+        if not os.path.exists(path):
+            fetch(url, path, hint)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if attempt:
+                raise ValueError(f"{path}, downloaded again from {url}, does not load: {e}") from None
+            print(f"the cached {path} does not load ({e}); downloading it again")
+            os.remove(path)
+
+
+def fetch(url, path, hint):
+    """Download `url` to `path` through a temporary file in the same folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.partial"
+    print(f"downloading {url} to {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            expected = response.headers.get("Content-Length")
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+            got = f.tell()
+        if expected is not None and got != int(expected):
+            raise ConnectionError(f"the connection ended after {got} of {expected} bytes")
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts and cut connections alike
+        raise ConnectionError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -456,8 +456,8 @@ class CocoEvaluator:
     (n, 1, H, W) at the original size (bool, or probabilities cut at 0.5); "keypoints" keypoints
     (n, 3K), per keypoint pixel x, y in the original image and a score (COCO's result format).
     summarize(): gathers every rank's results (torch.distributed, when initialised), evaluates on
-    rank 0, prints the standard table and returns {iou_type: the COCO stats (12; keypoints 10)} on
-    every rank. `results` holds the COCO result dicts: {image_id: {iou_type: [...]}}.
+    rank 0, prints the standard table and the per-class table, and returns on every rank
+    {iou_type: the COCO stats (12; keypoints 10), iou_type + "_per_class": {name: [AP, AP50]}}. `results` holds the COCO result dicts: {image_id: {iou_type: [...]}}.
     An image passed to update() without detections counts as all-missed; images never passed are
     not evaluated (as the original). Use one evaluator per evaluation pass. Non-finite scores, boxes
     or keypoints are refused (FloatingPointError): COCOeval would count a NaN box as a match.
@@ -469,6 +469,7 @@ class CocoEvaluator:
             raise ValueError(f"iou_types must be among 'bbox', 'segm', 'keypoints'; got {sorted(unknown)}")
         self.coco_gt, self.label_to_cat, self.iou_types = coco_gt, label_to_cat, tuple(iou_types)
         self.results = {}  # image_id -> {iou_type: [COCO result dicts]}; a repeated image overwrites
+        self.coco_eval = {}  # iou_type -> the evaluated COCOeval (rank 0)
 
     def update(self, image_ids, results):
         for image_id, res in zip(image_ids, results):
@@ -504,6 +505,8 @@ class CocoEvaluator:
             if not results:
                 raise RuntimeError("CocoEvaluator.summarize() called before any update()")
             stats = {iou_type: self._evaluate(iou_type, results) for iou_type in self.iou_types}
+            stats.update({f"{t}_per_class": per_class_ap(self.coco_eval[t]) for t in self.iou_types})
+            print(per_class_table(stats, self.iou_types))
         if distributed:
             box = [stats]
             dist.broadcast_object_list(box, src=0)
@@ -521,7 +524,33 @@ class CocoEvaluator:
             coco_eval.accumulate()
         print(f"IoU metric: {iou_type}")
         coco_eval.summarize()
+        self.coco_eval[iou_type] = coco_eval
         return [float(s) for s in coco_eval.stats]
+
+
+def per_class_ap(coco_eval):
+    """{category name: [AP, AP50]} of an evaluated and accumulated COCOeval, as the original's
+    evaluator computes its class-wise table: precision over all object sizes at the largest number
+    of detections, averaged over recall and IoU thresholds (AP) or at IoU 0.5 (AP50). A category
+    without objects gets -1, as in COCO's own summary."""
+    precision = coco_eval.eval["precision"][..., 0, -1]  # (IoU thresholds, recall thresholds, categories)
+    mean = lambda p: float(p[p > -1].mean()) if (p > -1).any() else -1.0
+    return {coco_eval.cocoGt.cats[cat]["name"]: [mean(precision[:, :, k]), mean(precision[0, :, k])]
+            for k, cat in enumerate(coco_eval.params.catIds)}
+
+
+def per_class_table(stats, iou_types):
+    """The class-wise table as the original prints it: a row per class, AP and AP50 in percent for
+    each iou type (`stats` as CocoEvaluator.summarize returns it)."""
+    columns = [["class", *stats[f"{iou_types[0]}_per_class"]]]
+    for t in iou_types:
+        values = stats[f"{t}_per_class"].values()
+        columns += [[f"{t}-AP", *(f"{100 * ap:.2f}" for ap, _ in values)],
+                    [f"{t}-AP50", *(f"{100 * ap50:.2f}" for _, ap50 in values)]]
+    widths = [max(map(len, c)) + 2 for c in columns]
+    rule = "+" + "+".join("-" * w for w in widths) + "+"
+    rows = ["|" + "|".join(c[i].center(w) for c, w in zip(columns, widths)) + "|" for i in range(len(columns[0]))]
+    return "\n".join(["\n### Class-wise Evaluation Metrics ###", rule, rows[0], rule, *rows[1:], rule])
 
 
 def iou_types(top):

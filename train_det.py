@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
@@ -377,7 +378,10 @@ class BatchImageCollate:
 
 # Non-contiguous category ids, as in COCO, so the label remap is exercised.
 SYNTHETIC_CATEGORIES = {1: "circle", 3: "square", 7: "triangle"}
-_CORNERS = {"circle": 32, "square": 4, "triangle": 3}
+# Shapes the generator can draw: points and the inner radius as a fraction of the outer (1: a
+# regular polygon of that many corners; less: a star of that many points).
+SHAPES = {"circle": (32, 1.0), "square": (4, 1.0), "triangle": (3, 1.0), "hexagon": (6, 1.0), "star": (5, 0.45),
+          "sparkle": (4, 0.4)}
 
 
 def _background(rng, w, h):
@@ -387,9 +391,12 @@ def _background(rng, w, h):
     return np.clip(a + (b - a) * ramp + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
-    """Draw one image, save it, return its COCO image entry and annotations."""
-    w, h = (int(img_size * s) for s in rng.uniform(0.625, 1.0, size=2))
+def _synthetic_image(rng, img_size, image_id, ann_id, split_dir, shapes=SYNTHETIC_CATEGORIES, sizes=(0.625, 1.0),
+                     gray=0.0):
+    """Draw one image, save it, return its COCO image entry and annotations. shapes: category id ->
+    a SHAPES name; sizes: the range of each side as a fraction of img_size; gray: the fraction of
+    images saved as grayscale."""
+    w, h = (int(img_size * s) for s in rng.uniform(*sizes, size=2))
     canvas = Image.fromarray(_background(rng, w, h))
     draw = ImageDraw.Draw(canvas)
     placed, annotations = [], []
@@ -402,10 +409,12 @@ def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
         else:
             continue
         placed.append((cx, cy, r))
-        cat = int(rng.choice(list(SYNTHETIC_CATEGORIES)))
-        n = _CORNERS[SYNTHETIC_CATEGORIES[cat]]
-        angle = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(n) / n
-        poly = np.round(np.stack([cx + r * np.cos(angle), cy + r * np.sin(angle)], 1), 2)
+        cat = int(rng.choice(list(shapes)))
+        n, inner = SHAPES[shapes[cat]]
+        corners = n if inner == 1 else 2 * n  # a star alternates outer and inner corners
+        angle = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(corners) / corners
+        radius = r * np.where(np.arange(corners) % 2 == 1, inner, 1.0)
+        poly = np.round(np.stack([cx + radius * np.cos(angle), cy + radius * np.sin(angle)], 1), 2)
         colour = rng.integers(60, 256, size=3)
         colour[rng.integers(3)] = 255  # one saturated channel keeps shapes brighter than the background
         draw.polygon([tuple(p) for p in poly.tolist()], fill=tuple(colour.tolist()))
@@ -414,6 +423,8 @@ def _synthetic_image(rng, img_size, image_id, ann_id, split_dir):
         area = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))))
         annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=cat, iscrowd=0, area=area,
                                 bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)], segmentation=segmentation))
+    if gray and rng.random() < gray:
+        canvas = canvas.convert("L")
     file_name = f"{image_id:012d}.jpg"
     canvas.save(os.path.join(split_dir, file_name), quality=90)
     return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
@@ -480,6 +491,63 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
     return path
+
+
+def draw_curves(panels, path, size=(480, 320)):
+    """Save a PNG of line charts side by side, one per (title, {label: [value per epoch]}) in `panels`;
+    None values are gaps. Returns path."""
+    font = ImageFont.load_default(12)
+    w, h = size
+    left, right, top, bottom = 52, 12, 24, 28  # margins for the axes' labels and the title
+    image = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = p * w + left, top, (p + 1) * w - right, h - bottom
+        values = [v for ys in series.values() for v in ys if v is not None]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        epochs = max((len(ys) for ys in series.values()), default=1)
+        to_xy = lambda i, v: (x0 + (x1 - x0) * (i / max(epochs - 1, 1)), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text(((x0 + x1) / 2, 4), title, fill="black", font=font, anchor="ma")
+        for v in (lo, (lo + hi) / 2, hi):
+            draw.text((x0 - 4, to_xy(0, v)[1]), f"{v:.3g}", fill="black", font=font, anchor="rm")
+        for i in sorted({0, (epochs - 1) // 2, epochs - 1}):
+            draw.text((to_xy(i, lo)[0], y1 + 4), str(i + 1), fill="black", font=font, anchor="ma")
+        draw.text(((x0 + 3 * x1) / 4, h - 4), "epoch", fill="black", font=font, anchor="md")
+        for k, (label, ys) in enumerate(series.items()):
+            colour = predict.PALETTE[k % len(predict.PALETTE)]
+            points = [to_xy(i, v) if v is not None else None for i, v in enumerate(ys)]
+            for a, b in zip(points, points[1:]):
+                if a is not None and b is not None:
+                    draw.line([a, b], fill=colour, width=2)
+            for pt in points:
+                if pt is not None:
+                    draw.ellipse([pt[0] - 2, pt[1] - 2, pt[0] + 2, pt[1] + 2], fill=colour)
+        for k, label in enumerate(series):  # the legend over the lines
+            draw.rectangle(draw.textbbox((x1 - 6, y0 + 4 + 14 * k), label, font=font, anchor="ra"), fill="white")
+            draw.text((x1 - 6, y0 + 4 + 14 * k), label, fill=predict.PALETTE[k % len(predict.PALETTE)], font=font, anchor="ra")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    image.save(path)
+    return path
+
+
+def draw_log(log_file, path):
+    """curves.png of a run from its log.jsonl: the loss terms (each summed over the decoder layers,
+    the encoder's and the denoising outputs, with their total) and every COCO AP and AP50 per epoch."""
+    with open(log_file) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    terms = {"total": [entry["loss"] for entry in log]}
+    for i, entry in enumerate(log):
+        for name, v in entry["losses"].items():
+            base = re.sub(r"(_(aux|enc|dn)_\d+|_dn_pre|_pre)$", "", name)
+            terms.setdefault(base, [0.0] * len(log))[i] += v
+    ap = {}
+    for key in log[-1]:
+        if key.startswith("coco_") and not key.endswith("_per_class"):
+            ap[f"{key[5:]} AP"] = [entry.get(key, [None])[0] for entry in log]
+            ap[f"{key[5:]} AP50"] = [entry.get(key, [None, None])[1] for entry in log]
+    return draw_curves([("loss", terms), ("COCO AP", ap)], path)
 
 
 # ---- Loss: matching and the ECDet criterion ----
@@ -904,6 +972,31 @@ def read_log(path, keep):
         return [line for line in map(json.loads, filter(str.strip, f)) if keep(line)]
 
 
+def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
+    """Start the ViT from --backbone-weights FILE or, without that option, from the released ECViT
+    the config names (downloaded by rank 0, as the original does when it builds the network).
+    Returns False, after saying so, when the ViT keeps its random weights: --backbone-weights none,
+    or a config that no released ECViT fits."""
+    url = model.released_backbone(cfg) if args.backbone_weights is None else None
+    if args.backbone_weights in (None, "none") and url is None:
+        why = "--backbone-weights none" if args.backbone_weights else f"no released ECViT fits {args.model}"
+        rate = f"--backbone-lr {args.backbone_lr}" if backbone_lr_given else "the head's learning rate"
+        if rank == 0:
+            print(f"backbone: random initial weights ({why}), trained at {rate}")
+        return False
+    hint = "pass a local copy with --backbone-weights FILE, or --backbone-weights none to train the ViT from random weights"
+    wait = url is not None and dist.is_initialized()
+    if wait and rank != 0:
+        dist.barrier()  # rank 0 fills the cache first
+    state = model.download(url, hint) if url else model.read_checkpoint(args.backbone_weights, "--backbone-weights")
+    if wait and rank == 0:
+        dist.barrier()
+    model.load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}")
+    if rank == 0:
+        print(f"backbone: {url or args.backbone_weights}")
+    return True
+
+
 def load_matching(net, state, what, require_all=False):
     """Load the entries of `state` whose names and shapes fit `net` (fine-tuning on other classes).
     Refused (ValueError) when they hold less than half of the network's numbers, as then `state` is
@@ -998,6 +1091,7 @@ class Task:
     make_synthetic: object = make_synthetic_coco
     draw: object = draw_predictions
     demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
+    restart_from_best: bool = True  # at stop_epoch, as the original's ECDet/ECSeg engine (not ECPose's)
 
     def postprocess(self, outputs, orig_sizes, cfg):
         return model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
@@ -1182,6 +1276,22 @@ def restore_run_files(args, ckpt):
     return list(history)
 
 
+def restart_from_best(path, net, ema, optimizer, scaler, rank):
+    """The original's last phase: when strong augmentation ends (stop_epoch), training goes on from
+    the best checkpoint so far (weights, EMA, optimiser and scaler), not from the last epoch's."""
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has written it
+    if not os.path.exists(path):  # no epoch had AP above 0 (the original stops with an error here)
+        return
+    ckpt = model.read_checkpoint(path)
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if rank == 0:
+        print(f"strong augmentation off: continuing from {path} (epoch {ckpt['epoch']}, AP {ckpt['best']:.4f})")
+
+
 def run(args, task):
     """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
     rank, world, device = setup_distributed(args.device)
@@ -1198,6 +1308,7 @@ def run(args, task):
     if name not in task.recipes:
         raise ValueError(f"--recipe {name!r} is unknown; expected one of {', '.join(task.recipes)}")
     base = task.recipes[name]
+    backbone_lr_given = args.backbone_lr is not None
     recipe = dict(base)
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
     # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
@@ -1220,17 +1331,15 @@ def run(args, task):
         net = model.build_model(cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--model {args.model}: {e}") from None
-    if args.backbone_weights:
-        vit, weights = net.backbone.backbone, model.read_checkpoint(args.backbone_weights, "--backbone-weights")
-        try:
-            model.check_state_dict(vit.state_dict(), weights)
-        except ValueError as e:
-            raise ValueError(f"--backbone-weights {args.backbone_weights} does not fit {args.model}'s ViT: {e}") from None
-        vit.load_state_dict(weights)
+    # --resume and --tune bring the ViT's weights (the original then skips its download too)
+    if not (args.resume or args.tune) or args.backbone_weights not in (None, "none"):
+        if not load_backbone(net, cfg, args, rank, backbone_lr_given) and not backbone_lr_given:
+            recipe["backbone_lr"] = args.backbone_lr = recipe["lr"]  # a random ViT learns only at the head's rate
     start_epoch, best, best_epoch, history = 0, -1.0, 0, []
     if args.tune:
-        load_matching(net, model.checkpoint_state_dict(model.read_checkpoint(args.tune, "--tune")), f"--tune {args.tune}",
-                      require_all=args.eval_only)
+        released = args.tune in model.PRESETS and not os.path.exists(args.tune)
+        tune = model.released_checkpoint(args.tune) if released else model.read_checkpoint(args.tune, "--tune")
+        load_matching(net, model.checkpoint_state_dict(tune), f"--tune {args.tune}", require_all=args.eval_only)
     if ckpt is not None:
         try:
             model.load_weights(net, ckpt["model"])
@@ -1277,6 +1386,8 @@ def run(args, task):
     metrics = {}
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         t0 = time.time()
+        if task.restart_from_best and epoch == recipe["stop_epoch"] > 0:
+            restart_from_best(os.path.join(args.output_dir, "best.pth"), net, ema, optimizer, scaler, rank)
         set_epoch(train_loader, epoch, args.seed, rank)
         losses = train_one_epoch(train_net, criterion, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
         stats = evaluate(ema.module, val_loader, task, cfg, args, rank, os.path.join(args.output_dir, "predictions.png"))
@@ -1298,6 +1409,7 @@ def run(args, task):
             if best_epoch == epoch + 1:
                 save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
             write_log(history, os.path.join(args.output_dir, "log.jsonl"))
+            draw_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "curves.png"))
             print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {best:.4f})")
     return metrics
 
@@ -1323,10 +1435,11 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
                         "deleting its last.pth, best.pth and log.jsonl")
     parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
-    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint; unmatched tensors stay "
-                        "as initialised; refused when less than half the network's numbers fit, and with --eval-only "
-                        "when any tensor does not)")
-    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format")
+    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint, or a preset name for "
+                        "the released model, downloaded; unmatched tensors stay as initialised; refused when less than "
+                        "half the network's numbers fit, and with --eval-only when any tensor does not)")
+    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format; default: "
+                        "the released ECViT the model names (downloaded); 'none': random weights, trained at --lr")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="default: cuda when available")
     parser.add_argument("--workers", type=int, default=4)

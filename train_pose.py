@@ -584,7 +584,7 @@ class PoseTask(Task):
 POSE = PoseTask(name="pose", script="train_pose.py", default_model="ecpose_s", ann_prefix="person_keypoints", iou_types=("keypoints",),
                 recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms, build_criterion=build_criterion,
                 make_synthetic=make_synthetic_pose, demo=dict(img_size=128, batch_size=8),
-                draw=functools.partial(td.draw_predictions, score_threshold=0.3))
+                draw=functools.partial(td.draw_predictions, score_threshold=0.3), restart_from_best=False)
 
 if __name__ == "__main__":
     td.main(task=POSE)

@@ -311,7 +311,9 @@ def test_evaluator_perfect_and_empty_predictions(coco_root, capsys):
     for start in range(0, len(image_ids), 5):
         evaluator.update(image_ids[start:start + 5], results[start:start + 5])
     stats = evaluator.summarize()
-    assert set(stats) == {"bbox", "segm"} and all(len(s) == 12 for s in stats.values())
+    assert set(stats) == {"bbox", "segm", "bbox_per_class", "segm_per_class"}
+    assert len(stats["bbox"]) == len(stats["segm"]) == 12
+    assert stats["segm_per_class"] == {name: [pytest.approx(1.0)] * 2 for name in ds.names}
     assert stats["bbox"][0] == pytest.approx(1.0) and stats["segm"][0] == pytest.approx(1.0)
     assert stats["bbox"][1] == pytest.approx(1.0)
     assert "IoU metric: segm" in capsys.readouterr().out

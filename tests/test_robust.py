@@ -360,7 +360,7 @@ CASES = {  # name: (main, argv from the files above, the expected line)
     "--backbone-weights of a list": (td.main, lambda p: det(p, "--backbone-weights", f"{p['root']}/list.pth"),
                                      "--backbone-weights .*list.pth holds a list"),
     "--backbone-weights of a detector": (td.main, lambda p: det(p, "--backbone-weights", p["other"]),
-                                         "--backbone-weights .*other.pth does not fit .*tiny.json's ViT: checkpoint "
+                                         "--backbone-weights .*other.pth does not fit this model's ViT: checkpoint "
                                          "does not match the model; missing: "),
     "no annotation file": (td.main, lambda p: det(p, "--data", p["root"]),
                            "COCO annotation file not found: .*instances_val2017.json"),
