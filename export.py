@@ -32,6 +32,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import pathlib
 import statistics
@@ -73,11 +74,11 @@ CHECK_IMAGES = 32  # calibration images the agreement is checked on
 
 # INT8 quantises the convolutions and the matrix products with weights of the ViT and the encoder.
 # In FP32 stay (ONNX node names carry the module path): attention's products of activations, QK^T and
-# softmax(.)V, so that softmax runs in float between them (ONNX Runtime's quantised softmax alone took
-# longer than all FP32 attention, and quantised attention keeps OpenVINO from its fused kernel), and the
-# whole decoder (query selection, deformable sampling, box and score heads, the FDR integral): a few
-# per cent of the time, and the outputs. Quantising those too moved AP on labelled data by under 0.2
-# points either way (see the README), so the choice is speed's.
+# softmax(.)V, so that softmax runs in float between them (ONNX Runtime's quantised softmax took 2.8
+# times as long as the float one, and quantised attention longer than float attention), and the whole
+# decoder (query selection, deformable sampling, box and score heads, the FDR integral): a few per cent
+# of the time, and the outputs. Quantising those too moved AP on labelled data by under 0.2 points
+# (see the README), so the choice is speed's.
 KEEP_FP32 = ("attn/MatMul", "self_attn/MatMul_", "/net/decoder/")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 
@@ -350,13 +351,15 @@ def quantize_int8(fp32_path, int8_path, images, sizes, batch):
     `images`; the nodes KEEP_FP32 names stay in float."""
     graph = onnx.load(fp32_path).graph
     exclude = [n.name for n in graph.node if any(k in n.name for k in KEEP_FP32)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)  # its advice to pre-process: the graph is already optimised
+    try:
         quantization.quantize_static(
             fp32_path, int8_path, CalibrationBatches(images, sizes, batch), quant_format=quantization.QuantFormat.QDQ,
             op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=exclude, per_channel=True,
             activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
             calibrate_method=quantization.CalibrationMethod.MinMax)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def detection_boxes(outputs):
@@ -734,7 +737,8 @@ def benchmark_rows(deployments, times, medians, reference, ap):
             ratios = [a / b for a, b in zip(medians[d["name"]], medians[reference])]
             row["ratio_to_original"] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
         if d["path"]:
-            files = [d["path"]] + ([str(pathlib.Path(d["path"]).with_suffix(".bin"))] if d["runtime"] == "OpenVINO" else [])
+            weights = pathlib.Path(d["path"]).with_suffix(".bin")  # OpenVINO's, beside its .xml
+            files = [d["path"]] + ([weights] if d["runtime"] == "OpenVINO" else [])
             row["file_mb"] = sum(os.path.getsize(f) for f in files) / 1e6
         if d["name"] in ap:
             row["ap"] = ap[d["name"]]
@@ -787,12 +791,13 @@ def main(argv=None):
         f"those images: over each image's {AGREEMENT_TOP} highest-scored FP32 detections, the mean IoU with the "
         f"same-label detection that overlaps most must be at least {MIN_MEAN_IOU}, and the mean score difference at "
         f"most {MAX_MEAN_SCORE_DIFF} (reported, not enforced, for random weights)"))
-    parser.add_argument("--calib-images", metavar="DIR", help="folder of images like those the model will see "
+    parser.add_argument("--calib-images", metavar="DIR", help="folder of images like those the model will see, to "
+                        "calibrate INT8 and to check INT8 and BF16 against FP32 on "
                         "(every file that decodes as an image, by name)")
     parser.add_argument("--calib-count", type=int, default=256, help="calibration images used at most")
-    parser.add_argument("--openvino", metavar="DIR", help="also write OpenVINO IR there: <model>.xml/.bin (FP32; run "
-                        "it in BF16 with the inference precision hint) and, with --int8, <model>_int8.xml/.bin (checked "
-                        "and timed with the BF16 hint for what stays in float, where the CPU has BF16)")
+    parser.add_argument("--openvino", metavar="DIR", help="also write OpenVINO IR there: <model>.xml/.bin (FP32; "
+                        "run it in BF16 with the inference precision hint) and, with --int8, <model>_int8.xml/.bin "
+                        "(checked and timed with the BF16 hint for what stays in float, where the CPU has BF16)")
     parser.add_argument("--trt", help="also build a TensorRT engine here (needs tensorrt and a CUDA GPU; from the "
                                       "INT8 file with --int8)")
     parser.add_argument("--fp16", action="store_true", help="build the TensorRT engine in half precision")
@@ -819,6 +824,8 @@ def main(argv=None):
         fail("--fp16 sets the precision of the TensorRT engine: give --trt too")
     if args.int8 and not args.calib_images:
         fail("--int8 needs --calib-images DIR: a folder of images to calibrate the INT8 ranges on")
+    if args.calib_images and not (args.int8 or args.openvino):
+        fail("--calib-images serves --int8 and the BF16 check of --openvino: give one of them")
     if bool(args.val_images) != bool(args.val_ann):
         fail("--val-images and --val-ann go together")
     if (args.benchmark_json or args.profile) and not args.benchmark:
@@ -836,7 +843,7 @@ def main(argv=None):
 def run(args):
     torch.set_num_threads(args.threads)
     net, cfg, name = load_network(args.model, args.weights)
-    if args.weights is None:
+    if args.weights is None and not args.flops:
         print("warning: no --weights given: random weights (fine for benchmarking, useless for inference)",
               file=sys.stderr)
     size = args.img_size or cfg.get("eval_spatial_size") or [640, 640]
@@ -863,11 +870,11 @@ def run(args):
             raise ValueError(f"--openvino {ov_dir}: its parent {ov_dir.parent}/ does not exist")
     batch = 2 if args.dynamic_batch else 1  # a dynamic graph is checked on a batch it was not traced with
     calib = None
-    if args.int8:
+    if args.calib_images:
         calib = read_images(args.calib_images, size, args.calib_count)
         if len(calib[0]) < batch:
-            raise ValueError(f"--calib-images {args.calib_images}: {len(calib[0])} readable image, fewer than the batch "
-                             f"of {batch} the dynamic-batch graph is calibrated and checked with")
+            raise ValueError(f"--calib-images {args.calib_images}: {len(calib[0])} readable image, fewer than the "
+                             f"batch of {batch} the dynamic-batch graph is calibrated and checked with")
     net_spec = dict(model=os.path.abspath(args.model) if os.path.isfile(args.model) else args.model,
                     weights=args.weights and os.path.abspath(args.weights), size=size,
                     reference=args.reference and os.path.abspath(args.reference))
@@ -894,6 +901,7 @@ def run(args):
         fp32_outputs = run_batches(OrtRunner(onnx_path), *check, batch)
         checked = lambda runner, what: check_agreement(fp32_outputs, run_batches(runner, *check, batch), what,
                                                        len(check[0]), enforce=args.weights is not None)
+    if args.int8:
         with atomic_output(int8_path, "--int8") as tmp:
             quantize_int8(onnx_path, tmp, *calib, batch)
             checked(OrtRunner(tmp), "ONNX Runtime int8")
@@ -906,18 +914,23 @@ def run(args):
         with atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
             export_openvino(onnx_path, tmp)
             verify(ref, OpenVINORunner(tmp)(images, sizes), sizes, TOLERANCE, "OpenVINO")
-            if calib and bf16_supported():
+            if not bf16_supported():
+                print("OpenVINO bf16: this CPU has no BF16; not checked, not timed")
+            elif calib:
                 checked(OpenVINORunner(tmp, precision="bf16"), "OpenVINO bf16")
+            else:
+                print("OpenVINO bf16: not checked against FP32 (give --calib-images to check it on real images)")
         print(f"wrote {xml} and its .bin")
         deployments.append(deployment("OpenVINO fp32", "OpenVINO", "fp32", xml))
         if bf16_supported():
             deployments.append(deployment("OpenVINO bf16", "OpenVINO", "bf16", xml))
-        if calib:  # what stays in float runs in BF16 where the CPU has it: the fastest deployment here
+        if args.int8:  # what stays in float runs in BF16 where the CPU has it: the fastest deployment here
             xml = ov_dir / f"{pathlib.Path(int8_path).stem}.xml"
             precision = "int8+bf16" if bf16_supported() else "int8"
             with atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
                 export_openvino(int8_path, tmp)
-                checked(OpenVINORunner(tmp, precision="bf16" if "bf16" in precision else "f32"), f"OpenVINO {precision}")
+                hint = "bf16" if "bf16" in precision else "f32"
+                checked(OpenVINORunner(tmp, precision=hint), f"OpenVINO {precision}")
             print(f"wrote {xml} and its .bin")
             deployments.append(deployment(f"OpenVINO {precision}", "OpenVINO", precision, xml))
 
