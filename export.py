@@ -29,7 +29,6 @@ in KEEP_FP32. OpenVINO and TensorRT are optional: imported only where used.
 """
 import argparse
 import contextlib
-import copy
 import io
 import json
 import logging
