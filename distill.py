@@ -91,8 +91,6 @@ class Views:
     def __init__(self, size, teacher_size, train):
         self.size, self.teacher_size, self.train = tuple(size), tuple(teacher_size), train
         self.jitter = T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8)
-        self.normalize = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                                    T.Normalize(train_det.IMAGENET_MEAN, train_det.IMAGENET_STD)])
 
     def __call__(self, image):
         big = max(self.size, self.teacher_size, key=lambda s: s[0] * s[1])
@@ -104,7 +102,7 @@ class Views:
             image = self.jitter(image)
         else:
             image = TF.resize(image, list(big), antialias=True)
-        view = lambda size: self.normalize(image if size == big else TF.resize(image, list(size), antialias=True))
+        view = lambda size: model.normalize(image if size == big else TF.resize(image, list(size), antialias=True))
         return view(self.size), None if self.teacher_size == self.size else view(self.teacher_size)
 
 

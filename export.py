@@ -1,11 +1,15 @@
-"""Export ECDet / ECSeg / ECPose to ONNX and TensorRT for edge devices, verify the result against
-PyTorch, and benchmark it.
+"""Export ECDet / ECSeg / ECPose for edge devices (ONNX in FP32 and INT8, OpenVINO IR, TensorRT),
+verify every file against PyTorch, measure its COCO AP on labelled data, and benchmark it.
 
     python export.py --model ecdet_s --weights ecdet_s.pth --onnx ecdet_s.onnx
     python export.py --weights outputs/detection/best.pth --onnx det.onnx   # the config inside the checkpoint
     python export.py --model ecseg_s --weights ecseg_s.pth --onnx ecseg_s.onnx --dynamic-batch
+    python export.py --model ecdet_s --weights ecdet_s.pth --int8 --calib-images coco/train2017 --openvino ov/
     python export.py --model ecdet_s --weights ecdet_s.pth --trt ecdet_s.engine --fp16
-    python export.py --model ecdet_s --benchmark            # random weights are fine for timing
+    python export.py --model ecdet_s --weights ecdet_s.pth --int8 --calib-images DIR --val-images coco/val2017 \\
+        --val-ann coco/annotations/instances_val2017.json        # COCO AP of every precision
+    python export.py --model ecdet_s --benchmark --reference EdgeCrafter/ecdetseg   # random weights time alike
+    python export.py --model ecdet_s --flops                 # parameters and GFLOPs
 
 The graph is the deployed network (`net.deploy()`: BatchNorms folded, RepVGG branches merged)
 followed by the postprocessing of `model.select_top`, the same code that `model.postprocess` runs:
@@ -17,17 +21,26 @@ followed by the postprocessing of `model.select_top`, the same code that `model.
            (h, w) bilinearly and threshold at 0, as `model.postprocess` does;
            ECPose has keypoints (B, K, 17, 2) float32 pixel x, y instead of boxes (K = num_select).
   metadata_props   config (JSON), names and category_ids (JSON lists by label), read by predict.py
-Every export is checked with onnx.checker and run by ONNX Runtime on the inputs PyTorch ran; only
-a file that matches within the tolerance lands under the requested name.
+Every FP32 file is checked (onnx.checker, then ONNX Runtime or OpenVINO on the inputs PyTorch ran,
+within 1e-3); INT8 files and BF16 inference are checked for agreement with FP32 on real images.
+Only a file that passes lands under the requested name.
+
+INT8 is ONNX Runtime's static post-training quantisation in QDQ form (weights per channel, activations
+calibrated on the user's images), which OpenVINO and TensorRT read as well; what it leaves in FP32 is
+in KEEP_FP32. OpenVINO and TensorRT are optional: imported only where used.
 """
 import argparse
 import contextlib
-import copy
+import io
 import json
+import logging
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -35,10 +48,14 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
+from onnxruntime import quantization
+from PIL import Image
+from torchvision.ops import box_iou
 
 import model
+import train_det
 
-# Largest difference allowed between PyTorch and an exported model, per output kind: scores and
+# Largest difference allowed between PyTorch and an exported FP32 model, per output kind: scores and
 # mask probabilities absolutely; boxes relative to the image size, so 1e-3 is the same error as
 # 1e-3 on the network's normalised coordinates (0.64 px on a 640-pixel side).
 TOLERANCE = 1e-3
@@ -47,6 +64,24 @@ TOLERANCE_FP16 = 2e-2  # twenty rounding steps of fp16 (2**-10), for errors that
 OUTPUT_KINDS = {"labels": "labels", "boxes": "pixels", "scores": "scores", "masks": "mask logits",
                 "keypoints": "pixels"}
 OPSETS = range(17, 21)  # torch's TorchScript exporter writes opsets up to 20
+
+# Agreement of an INT8 or BF16 deployment with FP32, on real images: over the AGREEMENT_TOP highest-
+# scored FP32 detections of each image, the mean IoU of each with the same-label detection of the
+# other run that overlaps it most (0 when there is none), and the mean difference of their scores.
+AGREEMENT_TOP = 10
+MIN_MEAN_IOU = 0.9
+MAX_MEAN_SCORE_DIFF = 0.05
+CHECK_IMAGES = 32  # calibration images the agreement is checked on
+
+# INT8 quantises the convolutions and the matrix products with weights of the ViT and the encoder.
+# In FP32 stay (ONNX node names carry the module path): attention's products of activations, QK^T and
+# softmax(.)V, so that softmax runs in float between them (ONNX Runtime's quantised softmax took 2.8
+# times as long as the float one, and quantised attention longer than float attention), and the whole
+# decoder (query selection, deformable sampling, box and score heads, the FDR integral): a few per cent
+# of the time, and the outputs. Quantising those too moved AP on labelled data by under 0.2 points
+# (see the README), so the choice is speed's.
+KEEP_FP32 = ("attn/MatMul", "self_attn/MatMul_", "/net/decoder/")
+QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 
 
 class Deployed(nn.Module):
@@ -65,16 +100,12 @@ def load_network(spec, weights):
 
     The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
     (and their class names), a released one does not, so it needs `spec`. classes: (names, category
-    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's).
+    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). Without
+    weights, seeded random ones, the same in every process.
     """
     ckpt = None
     if weights is not None:
-        try:
-            ckpt = model.read_checkpoint(weights)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"--weights: {e}") from None
-        if not isinstance(ckpt, dict):
-            raise ValueError(f"--weights {weights}: expected a checkpoint (a dict), got a {type(ckpt).__name__}")
+        ckpt = model.read_checkpoint(weights, "--weights")
     if spec is None:
         if ckpt is None:
             raise ValueError("give --model (a preset or a JSON config), --weights (a checkpoint of this project), or both")
@@ -92,14 +123,12 @@ def load_network(spec, weights):
         cfg, name = model.preset_config(spec), spec
     else:
         raise ValueError(f"--model {spec!r}: neither a preset ({', '.join(model.PRESETS)}) nor a JSON config file")
+    torch.manual_seed(0)
     try:
         net = model.build_model(cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"--model {spec or weights}: {e}") from None
-    if ckpt is None:
-        print("warning: no --weights given: random weights (fine for benchmarking, useless for inference)",
-              file=sys.stderr)
-    else:
+    if ckpt is not None:
         try:
             model.load_weights(net, ckpt)
         except ValueError as e:
@@ -129,17 +158,21 @@ def check_writable(path, flag):
 
 
 @contextlib.contextmanager
-def atomic_output(path, flag):
+def atomic_output(path, flag, companions=()):
     """A temporary file next to `path` that replaces `path` only when the block succeeds, so a failed
-    export never leaves a half-written or unverified file under the requested name."""
+    export never leaves a half-written or unverified file under the requested name. `companions`:
+    suffixes of files written beside it under the same stem (OpenVINO's .bin), moved with it."""
     path = check_writable(path, flag)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # ONNX Runtime goes by the suffix
+    pairs = [(tmp, path)] + [(tmp.with_suffix(s), path.with_suffix(s)) for s in companions]
     try:
         yield str(tmp)
-        os.replace(tmp, path)
+        for src, dst in reversed(pairs):  # the file that names the others last
+            os.replace(src, dst)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for src, _ in pairs:
+            if os.path.exists(src):
+                os.remove(src)
 
 
 def export_onnx(deployed, inputs, path, opset, dynamic_batch, names, props):
@@ -170,10 +203,15 @@ def export_onnx(deployed, inputs, path, opset, dynamic_batch, names, props):
     onnx.checker.check_model(path, full_check=True)
 
 
-def ort_session(path, threads=None):
+def ort_session(path, threads=None, profile_prefix=None):
+    """An ONNX Runtime CPU session whose threads sleep between runs: spinning ones slow down whatever
+    runs next on the same cores (PyTorch in the same process five- to seven-fold, measured)."""
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -233,6 +271,225 @@ def example_inputs(size, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Runners: every deployment as a function (images, orig_target_sizes) -> outputs, on numpy arrays
+# ---------------------------------------------------------------------------------------------
+class TorchRunner:
+    """A PyTorch network in eager mode followed by `model.select_top`. With bf16, the network runs under
+    CPU autocast and its outputs are cast back to float32 before the postprocessing."""
+
+    def __init__(self, net, num_top_queries, bf16=False):
+        self.net, self.num_top_queries, self.bf16 = net, num_top_queries, bf16
+
+    def __call__(self, images, sizes):
+        with torch.inference_mode():
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.bf16):
+                outputs = self.net(torch.from_numpy(images))
+            outputs = {k: v for k, v in outputs.items() if v is not None}  # the original's ECDet: pred_masks None
+            top = model.select_top(train_det.to_float(outputs), torch.from_numpy(sizes), self.num_top_queries)
+        return {k: v.numpy() for k, v in top.items()}
+
+    def profile(self, images, sizes, top):
+        with torch.inference_mode():
+            return operator_times(lambda: self(images, sizes), top)
+
+
+class OrtRunner:
+    """An ONNX file in ONNX Runtime on the CPU."""
+
+    def __init__(self, path, threads=None):
+        self.path, self.threads = path, threads
+        self.session = ort_session(path, threads)
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, images, sizes):
+        return dict(zip(self.names, self.session.run(self.names, {"images": images, "orig_target_sizes": sizes})))
+
+    def profile(self, images, sizes, top):
+        """ONNX Runtime's profiler over the second of two runs: kernel time per operator type."""
+        with tempfile.TemporaryDirectory() as tmp:
+            session = ort_session(self.path, self.threads, profile_prefix=os.path.join(tmp, "ort"))
+            for _ in range(2):
+                session.run(self.names, {"images": images, "orig_target_sizes": sizes})
+            events = json.loads(pathlib.Path(session.end_profiling()).read_text())
+        last = [e for e in events if e.get("name") == "model_run"][-1]
+        ops = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= last["ts"]:
+                calls, us = ops.get(e["args"]["op_name"], (0, 0))
+                ops[e["args"]["op_name"]] = calls + 1, us + e["dur"]
+        return top_operators(ops, last["dur"] / 1e6, top)
+
+
+def top_operators(ops, total, top):
+    """{name: (calls, microseconds)} -> the `top` names by time as (name, calls, seconds), and `total`."""
+    ranked = sorted(ops.items(), key=lambda item: -item[1][1])[:top]
+    return [(name, calls, us / 1e6) for name, (calls, us) in ranked], total
+
+
+def run_batches(runner, images, sizes, batch):
+    """The runner's outputs on all `images` (N, 3, H, W), `batch` at a time, concatenated."""
+    parts = [runner(images[i:i + batch], sizes[i:i + batch]) for i in range(0, len(images), batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# INT8: calibration images, static quantisation, agreement with FP32
+# ---------------------------------------------------------------------------------------------
+def read_images(folder, size, count):
+    """Up to `count` images of `folder` (by file name), resized to `size` (H, W) and normalised as the
+    validation transform does: (N, 3, H, W) float32 and their sizes (N, 2) int64 as (w, h). Files that
+    do not decode as images are skipped and counted."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--calib-images {folder}: not a directory")
+    images, sizes, skipped = [], [], []
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    for path in files:
+        if len(images) == count:
+            break
+        try:
+            with Image.open(path) as im:
+                im = train_det.to_rgb(im)  # decodes the whole file, so broken ones fail here
+        except OSError:
+            skipped.append(path.name)
+            continue
+        images.append(model.preprocess(im, size).numpy())
+        sizes.append(im.size)
+    named = f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"
+    if not images:
+        raise ValueError(f"--calib-images {folder}: no readable image among its {len(files)} files {named}")
+    if skipped:
+        print(f"--calib-images {folder}: skipped {len(skipped)} files that are not readable images {named}",
+              file=sys.stderr)
+    return np.stack(images), np.array(sizes, dtype=np.int64)
+
+
+class CalibrationBatches(quantization.CalibrationDataReader):
+    def __init__(self, images, sizes, batch):
+        self.feeds = iter([{"images": images[i:i + batch], "orig_target_sizes": sizes[i:i + batch]}
+                           for i in range(0, len(images), batch)])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def quantize_int8(fp32_path, int8_path, images, sizes, batch):
+    """Static INT8 quantisation of the ONNX file `fp32_path` into `int8_path`, in QDQ form: weights
+    per output channel (int8, symmetric), activations per tensor (uint8) with ranges calibrated on
+    `images`; the nodes KEEP_FP32 names stay in float."""
+    graph = onnx.load(fp32_path).graph
+    exclude = [n.name for n in graph.node if any(k in n.name for k in KEEP_FP32)]
+    logging.disable(logging.WARNING)  # its advice to pre-process: the graph is already optimised
+    try:
+        quantization.quantize_static(
+            fp32_path, int8_path, CalibrationBatches(images, sizes, batch), quant_format=quantization.QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=exclude, per_channel=True,
+            activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+            calibrate_method=quantization.CalibrationMethod.MinMax)
+    finally:
+        logging.disable(logging.NOTSET)
+    int8 = onnx.load(int8_path)  # the quantiser drops the metadata that predict.py reads
+    onnx.helper.set_model_props(int8, {p.key: p.value for p in onnx.load(fp32_path).metadata_props})
+    onnx.save(int8, int8_path)
+
+
+def detection_boxes(outputs):
+    """(B, K, 4) pixel boxes of the detections: ECPose's are its keypoints' extents."""
+    if "boxes" in outputs:
+        return outputs["boxes"]
+    return np.concatenate([outputs["keypoints"].min(-2), outputs["keypoints"].max(-2)], -1)
+
+
+def agreement(ref, got, top=AGREEMENT_TOP):
+    """(mean IoU, mean |score difference|) of `got` against `ref` (dicts of (B, K, ...) outputs): each of
+    the `top` highest-scored detections of `ref` per image is paired with the detection of `got` of
+    the same label that overlaps it most; one without a partner counts IoU 0 and its whole score."""
+    ious, diffs = [], []
+    for b in range(len(ref["scores"])):
+        order = np.argsort(-ref["scores"][b])[:top]
+        iou = box_iou(torch.from_numpy(detection_boxes(ref)[b, order]).double(),
+                      torch.from_numpy(detection_boxes(got)[b]).double()).numpy()
+        iou[ref["labels"][b, order][:, None] != got["labels"][b][None]] = -1
+        best = iou.argmax(1)
+        found = iou[np.arange(len(order)), best] >= 0
+        ious.append(np.where(found, iou[np.arange(len(order)), best], 0))
+        diffs.append(np.abs(ref["scores"][b, order] - np.where(found, got["scores"][b, best], 0)))
+    return float(np.concatenate(ious).mean()), float(np.concatenate(diffs).mean())
+
+
+def check_agreement(ref, got, what, count, enforce=True):
+    """Raise when `got` (outputs on `count` images) agrees with the FP32 `ref` less than the limits allow.
+    Not `enforce`d on random weights: their scores are nearly equal everywhere, and which detections
+    make the top is decided by differences smaller than INT8's rounding (the files still time alike)."""
+    iou, diff = agreement(ref, got)
+    line = (f"{what} against FP32 on {count} images, top {AGREEMENT_TOP} detections each: mean IoU {iou:.3f} "
+            f"(limit >= {MIN_MEAN_IOU}), mean score difference {diff:.4f} (limit <= {MAX_MEAN_SCORE_DIFF})")
+    if iou < MIN_MEAN_IOU or diff > MAX_MEAN_SCORE_DIFF:
+        if enforce:
+            raise RuntimeError(f"{line}: disagrees too much")
+        line += ": not enforced on random weights"
+    print(line)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO: IR converted from the verified ONNX files, run on the CPU plugin
+# ---------------------------------------------------------------------------------------------
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise ValueError("--openvino needs the openvino package: pip install openvino") from None
+    return openvino
+
+
+def export_openvino(onnx_path, xml_path):
+    """OpenVINO IR (xml + bin, weights kept in float32) of an ONNX file; an INT8 QDQ file becomes INT8 IR."""
+    ov = import_openvino()
+    ov.save_model(ov.convert_model(onnx_path), xml_path, compress_to_fp16=False)
+
+
+class OpenVINORunner:
+    """An IR on OpenVINO's CPU plugin, at inference precision "f32" or "bf16" (where the CPU has it)."""
+
+    def __init__(self, path, threads=None, precision="f32"):
+        self.path, self.config = path, {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.request = self.compile()
+
+    def compile(self, **extra):
+        ov = import_openvino()
+        compiled = ov.Core().compile_model(self.path, "CPU", {**self.config, **extra})
+        self.names = [o.get_any_name() for o in compiled.outputs]
+        return compiled.create_infer_request()
+
+    def __call__(self, images, sizes):
+        outputs = self.request.infer({"images": images, "orig_target_sizes": sizes})
+        return {name: np.array(outputs[i]) for i, name in enumerate(self.names)}  # its buffers are reused
+
+    def profile(self, images, sizes, top):
+        """OpenVINO's performance counters over the second of two runs: time per layer type and the
+        kernel that ran it (ref_* kernels are its slow reference fallbacks)."""
+        request = self.compile(PERF_COUNT=True)
+        for _ in range(2):
+            start = time.perf_counter()
+            request.infer({"images": images, "orig_target_sizes": sizes})
+            total = time.perf_counter() - start
+        ops = {}
+        for info in request.get_profiling_info():
+            name = f"{info.node_type} ({info.exec_type})"
+            calls, us = ops.get(name, (0, 0))
+            ops[name] = calls + 1, us + info.real_time.total_seconds() * 1e6
+        return top_operators(ops, total, top)
+
+
+def bf16_supported():
+    """Whether OpenVINO's CPU plugin runs bfloat16 here (AVX-512 BF16 or AMX)."""
+    ov = import_openvino()
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+# ---------------------------------------------------------------------------------------------
 # TensorRT: built with its Python API where it is importable and a CUDA GPU is present
 # ---------------------------------------------------------------------------------------------
 def tensorrt_missing():
@@ -246,16 +503,17 @@ def tensorrt_missing():
     return None
 
 
-def trtexec_command(onnx_path, engine_path, fp16, size, max_batch):
+def trtexec_command(onnx_path, engine_path, fp16, int8, size, max_batch):
     """The trtexec command that builds the engine that `build_engine` would build."""
     cmd = f"trtexec --onnx={onnx_path} --saveEngine={engine_path}"
     if max_batch:
         shapes = lambda b: f"images:{b}x3x{size[0]}x{size[1]},orig_target_sizes:{b}x2"
         cmd += f" --minShapes={shapes(1)} --optShapes={shapes(1)} --maxShapes={shapes(max_batch)}"
+    cmd += " --int8" if int8 else ""  # the Q/DQ nodes of the file set the scales
     return cmd + (" --fp16    (TensorRT 10; TensorRT 11: ModelOpt AutoCast the ONNX file instead)" if fp16 else "")
 
 
-def build_engine(onnx_path, engine_path, fp16, size, max_batch):
+def build_engine(onnx_path, engine_path, fp16, int8, size, max_batch):
     import tensorrt as trt
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -270,6 +528,8 @@ def build_engine(onnx_path, engine_path, fp16, size, max_batch):
             raise RuntimeError(f"TensorRT {trt.__version__} has no fp16 builder flag: convert {onnx_path} to fp16 "
                                f"with ModelOpt AutoCast (python -m modelopt.onnx.autocast) and build that instead")
         config.set_flag(trt.BuilderFlag.FP16)
+    if int8 and hasattr(trt.BuilderFlag, "INT8"):  # explicit quantisation: the file's Q/DQ scales; 11 needs no flag
+        config.set_flag(trt.BuilderFlag.INT8)
     if max_batch:
         profile = builder.create_optimization_profile()
         profile.set_shape("images", (1, 3, *size), (1, 3, *size), (max_batch, 3, *size))
@@ -282,7 +542,7 @@ def build_engine(onnx_path, engine_path, fp16, size, max_batch):
 
 
 class TensorRTRunner:
-    """Runs a serialized engine on CUDA: (images, orig_target_sizes) -> dict of output tensors."""
+    """Runs a serialized engine on CUDA, from and to numpy arrays on the host."""
 
     def __init__(self, engine_path):
         import tensorrt as trt
@@ -294,8 +554,8 @@ class TensorRTRunner:
         self.outputs = {n: torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
                         for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT}
 
-    def __call__(self, images, orig_target_sizes):
-        tensors = {"images": images.cuda().contiguous(), "orig_target_sizes": orig_target_sizes.cuda().contiguous()}
+    def __call__(self, images, sizes):
+        tensors = {"images": torch.from_numpy(images).cuda(), "orig_target_sizes": torch.from_numpy(sizes).cuda()}
         for name, t in tensors.items():
             self.context.set_input_shape(name, tuple(t.shape))
         outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=dtype, device="cuda")
@@ -305,21 +565,247 @@ class TensorRTRunner:
         stream = torch.cuda.current_stream()
         self.context.execute_async_v3(stream.cuda_stream)
         stream.synchronize()
-        return outputs
+        return {n: t.cpu().numpy() for n, t in outputs.items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark
+# Deployments: what this run produced, each with the runner that runs it
 # ---------------------------------------------------------------------------------------------
-def print_table(times, title):
-    print(title)
-    print(f"  {'':36s} {'median':>7s} {'IQR':>15s} {'min':>7s} {'max':>7s}  (ms)")
-    for name, ts in times.items():
+def deployment(name, runtime, precision, path=None):
+    return dict(name=name, runtime=runtime, precision=precision, path=path and os.path.abspath(path))
+
+
+def make_runner(d, net_spec, threads):
+    """The runner of deployment `d`. `net_spec`: what builds the PyTorch networks, a dict of the
+    --model and --weights arguments, the input size and the --reference folder."""
+    if d["runtime"] == "ONNX Runtime":
+        return OrtRunner(d["path"], threads)
+    if d["runtime"] == "OpenVINO":
+        return OpenVINORunner(d["path"], threads, "bf16" if "bf16" in d["precision"] else "f32")
+    if d["runtime"] == "TensorRT":
+        return TensorRTRunner(d["path"])
+    net, cfg, _, _ = load_network(net_spec["model"], net_spec["weights"])
+    if d["runtime"] == "the original, PyTorch eager":
+        return TorchRunner(reference_model(net, cfg, net_spec["reference"], net_spec["size"]),
+                           model.num_top_queries(cfg))
+    return TorchRunner(net.deploy(), model.num_top_queries(cfg), bf16=d["precision"] == "bf16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy on labelled data: COCO AP of each deployment, with train_det's evaluator
+# ---------------------------------------------------------------------------------------------
+def coco_ap(runner, cfg, size, images_dir, ann_file):
+    """{iou_type: the 12 (keypoints: 10) COCO numbers} of `runner` on a COCO-format data set, its
+    images stretched to `size` as in validation."""
+    import train_pose
+    import train_seg
+    task = train_pose.POSE if "DETRTransformer" in cfg else train_seg.SegTask() if cfg.get("model") == "ECSeg" \
+        else train_det.Task()
+    loader_args = argparse.Namespace(img_size=list(size), batch_size=1, workers=0, device_type="cpu")
+    no_augmentation = dict(mosaic_prob=0.0, mosaic_epoch=0, stop_epoch=0)
+    try:
+        loader = train_det.make_loader(task, images_dir, ann_file, False, loader_args, no_augmentation, 0, 1)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--val-images/--val-ann: {e}") from None
+    data = loader.dataset
+    evaluator = train_det.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
+    for images, targets in loader:
+        sizes = torch.stack([t["orig_size"] for t in targets])
+        top = runner(images.numpy(), sizes.numpy())
+        evaluator.update([t["image_id"] for t in targets],
+                         model.per_image({k: torch.from_numpy(v) for k, v in top.items()}, sizes))
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' tables, one per deployment
+        stats = evaluator.summarize()
+    return {t: stats[t] for t in task.iou_types}
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: each deployment in a process of its own, taking turns
+# ---------------------------------------------------------------------------------------------
+def count_flops(net, size):
+    """FLOPs (two per multiply-add) of one eval forward on the CPU at `size`, via torch's counter:
+    (all of them, those of attention's softmax(QK^T)V). The paper's GFLOPs (calflops, which cannot
+    see the fused attention kernel) are the difference: ECDet-S 50.0 - 24.0 = 26.0 at 640x640."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # F.scaled_dot_product_attention here
+    formula = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping={fused: formula}) as counter:
+        net(torch.zeros(1, 3, *size))
+    return counter.get_total_flops(), counter.get_flop_counts()["Global"].get(fused, 0)
+
+
+def reference_model(net, cfg, root, size):
+    """The original implementation's ECDet or ECSeg for `cfg` at input `size` (H, W), with the weights
+    of `net` (built from `cfg` here), from a checkout of Intellindust-AI-Lab/EdgeCrafter (`root`: its
+    ecdetseg/ folder), to time against this project. Only its network code is imported: its `engine`
+    package is entered bare, with stand-ins for the registry and the distributed helpers, so that
+    its training dependencies are not needed."""
+    import importlib
+    import types
+    engine = os.path.join(root, "engine")
+    if not os.path.isfile(os.path.join(engine, "edgecrafter", "modeling.py")):
+        raise ValueError(f"--reference {root}: expected the original's ecdetseg/ folder, with engine/edgecrafter/")
+    if cfg.get("model") not in ("ECDet", "ECSeg"):
+        raise ValueError(f"--reference builds the original's ECDet and ECSeg, not {cfg.get('model')}")
+    for name, attrs in {"engine": dict(__path__=[engine]), "engine.core": dict(register=lambda *a, **k: lambda c: c),
+                        "engine.misc": dict(__path__=[]), "engine.misc.dist_utils": dict(
+                            get_world_size=lambda: 1, is_dist_available_and_initialized=lambda: False)}.items():
+        vars(sys.modules.setdefault(name, types.ModuleType(name))).update(attrs)
+    original = importlib.import_module("engine.edgecrafter")
+    size = dict(eval_spatial_size=list(size))  # it precomputes its encoder's position embedding for this size
+    backbone = original.ViTAdapter(**{k: v for k, v in cfg["ViTAdapter"].items() if k != "weights_path"},
+                                   skip_load_backbone=True)
+    encoder = original.HybridEncoder(**cfg["HybridEncoder"], **size)
+    decoder = original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size)
+    reference = getattr(original, cfg["model"])(backbone, encoder, decoder)
+    # The same names; the decoder's anchors stay those the original made for `size`.
+    own = {k: v for k, v in net.state_dict().items() if k not in ("decoder.anchors", "decoder.valid_mask")}
+    reference.load_state_dict({**reference.state_dict(), **own})
+    return reference.eval()
+
+
+def measure_latency(run, runs):
+    """Seconds of each of `runs` calls of `run` (a callable without arguments)."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def operator_times(run, top=5):
+    """Where one call of `run` spends its time: the `top` operators by self time as (name, calls,
+    seconds), and the total over all operators, from the PyTorch profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in events[:top]], \
+        sum(e.self_cpu_time_total for e in events) / 1e6
+
+
+def benchmark_child(d, net_spec, threads):
+    """The process of one deployment in --benchmark: builds its runner, then answers the parent's
+    commands on stdin, one JSON line each on stdout: "time N" (seconds of N runs), "profile N" (the
+    top N operators of one run). Whatever the libraries print goes to stderr."""
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    torch.set_num_threads(threads)
+    runner = make_runner(d, net_spec, threads)
+    images, sizes = (x.numpy() for x in example_inputs(net_spec["size"], 1))
+    print(json.dumps("ready"), file=protocol, flush=True)
+    for line in sys.stdin:
+        command, n = line.split()
+        if command == "time":
+            answer = measure_latency(lambda: runner(images, sizes), int(n))
+        else:
+            answer = runner.profile(images, sizes, int(n))
+        print(json.dumps(answer), file=protocol, flush=True)
+
+
+class Child:
+    """A benchmark_child process and the lines it answers."""
+
+    def __init__(self, d, net_spec, threads):
+        self.name, self.log = d["name"], tempfile.TemporaryFile("w+")
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = (f"import sys, json; sys.path.insert(0, {here!r}); import export; "
+                f"export.benchmark_child(*json.loads(sys.argv[1]))")
+        self.process = subprocess.Popen([sys.executable, "-c", code, json.dumps([d, net_spec, threads])],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.receive()
+
+    def ask(self, command):
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.receive()
+
+    def receive(self):
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.log.seek(0)
+            raise RuntimeError(f"--benchmark: the process of {self.name} ended (exit code {self.process.returncode}):"
+                               f"\n{self.log.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
+
+
+def benchmark(deployments, net_spec, threads, rounds, runs, warmup, profile):
+    """{name: seconds of every timed run}, {name: median of each round}, {name: profile}. Every
+    deployment runs in its own process; the processes take turns, `runs` calls each per round, so that
+    load from elsewhere falls on all of them alike, and only one computes at a time."""
+    children = []
+    try:
+        for d in deployments:  # one at a time: their set-up would compete with each other
+            children.append(Child(d, net_spec, threads))
+            children[-1].ask(f"time {warmup}")
+        times = {c.name: [] for c in children}
+        medians = {c.name: [] for c in children}
+        for _ in range(rounds):
+            for c in children:
+                ts = c.ask(f"time {runs}")
+                times[c.name] += ts
+                medians[c.name].append(statistics.median(ts))
+        profiles = {c.name: c.ask(f"profile {profile}") for c in children} if profile else {}
+    finally:
+        for c in children:
+            c.close()
+    return times, medians, profiles
+
+
+def benchmark_rows(deployments, times, medians, reference, ap):
+    """The table of the benchmark as dicts: times in ms, spread, ratio to the original, AP, file size."""
+    rows = []
+    for d in deployments:
+        ts = [t * 1e3 for t in times[d["name"]]]
         q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
-        median, q1, q3, lo, hi = (t * 1e3 for t in (statistics.median(ts), q1, q3, min(ts), max(ts)))
-        print(f"  {name:36s} {median:7.1f} {f'{q1:.1f}-{q3:.1f}':>15s} {lo:7.1f} {hi:7.1f}")
+        row = dict(d, times_ms=ts, median_ms=statistics.median(ts), q1_ms=q1, q3_ms=q3, min_ms=min(ts), max_ms=max(ts))
+        if reference:  # per round, as the deployments took turns
+            ratios = [a / b for a, b in zip(medians[d["name"]], medians[reference])]
+            row["ratio_to_original"] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
+        if d["path"]:
+            weights = pathlib.Path(d["path"]).with_suffix(".bin")  # OpenVINO's, beside its .xml
+            files = [d["path"]] + ([weights] if d["runtime"] == "OpenVINO" else [])
+            row["file_mb"] = sum(os.path.getsize(f) for f in files) / 1e6
+        if d["name"] in ap:
+            row["ap"] = ap[d["name"]]
+        rows.append(row)
+    return rows
 
 
+def print_table(rows, title):
+    print(title)
+    print(f"  {'':34s} {'median':>7s} {'IQR':>13s} {'min':>7s} {'max':>7s} (ms)  {'/ original':>17s} {'file MB':>8s}")
+    for r in rows:
+        ratio = r.get("ratio_to_original")
+        ratio = f"{ratio['median']:.3f} ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
+        size = f"{r['file_mb']:.1f}" if "file_mb" in r else ""
+        spread = f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f}"
+        print(f"  {r['name']:34s} {r['median_ms']:7.1f} {spread:>13s} {r['min_ms']:7.1f} "
+              f"{r['max_ms']:7.1f}       {ratio:>17s} {size:>8s}")
+
+
+def print_profile(name, ops, total):
+    print(f"{name}, one profiled run: {total * 1e3:.0f} ms, of which")
+    for op, calls, seconds in ops:
+        print(f"  {op:56s} {calls:4d} calls {seconds * 1e3:7.1f} ms  {seconds / total:4.0%}")
+
+
+def print_flops(net, name, size):
+    params = sum(p.numel() for p in net.parameters())
+    flops, attention = count_flops(net, size)
+    print(f"{name}: {params:,} parameters ({params / 1e6:.2f} M), {(flops - attention) / 1e9:.1f} GFLOPs at "
+          f"{size[0]}x{size[1]} as the paper counts them, {flops / 1e9:.1f} with attention's products")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="preset (ecdet_s ... ecpose_x) or a JSON config file in the original's "
@@ -331,93 +817,200 @@ def main(argv=None):
                         help="input size H [W], multiples of 32 (default: the config's eval_spatial_size)")
     parser.add_argument("--dynamic-batch", action="store_true", help="let the batch size vary at run time")
     parser.add_argument("--opset", type=int, default=17, choices=OPSETS, metavar="{17..20}")
-    parser.add_argument("--trt", help="also build a TensorRT engine here (needs tensorrt and a CUDA GPU)")
+    parser.add_argument("--int8", action="store_true", help=(
+        f"also write <onnx>_int8.onnx, static INT8 calibrated on --calib-images (and INT8 OpenVINO IR and TensorRT "
+        f"engines with --openvino and --trt). INT8 and BF16 deployments are checked against FP32 on {CHECK_IMAGES} of "
+        f"those images: over each image's {AGREEMENT_TOP} highest-scored FP32 detections, the mean IoU with the "
+        f"same-label detection that overlaps most must be at least {MIN_MEAN_IOU}, and the mean score difference at "
+        f"most {MAX_MEAN_SCORE_DIFF} (reported, not enforced, for random weights)"))
+    parser.add_argument("--calib-images", metavar="DIR", help="folder of images like those the model will see, to "
+                        "calibrate INT8 and to check INT8 and BF16 against FP32 on "
+                        "(every file that decodes as an image, by name)")
+    parser.add_argument("--calib-count", type=int, default=256, help="calibration images used at most")
+    parser.add_argument("--openvino", metavar="DIR", help="also write OpenVINO IR there: <model>.xml/.bin (FP32; "
+                        "run it in BF16 with the inference precision hint) and, with --int8, <model>_int8.xml/.bin "
+                        "(checked and timed with the BF16 hint for what stays in float, where the CPU has BF16)")
+    parser.add_argument("--trt", help="also build a TensorRT engine here (needs tensorrt and a CUDA GPU; from the "
+                                      "INT8 file with --int8)")
     parser.add_argument("--fp16", action="store_true", help="build the TensorRT engine in half precision")
     parser.add_argument("--max-batch", type=int, default=16, help="largest batch of a --dynamic-batch engine")
-    parser.add_argument("--benchmark", action="store_true", help="time PyTorch, ONNX Runtime (and TensorRT)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of PyTorch and ONNX Runtime")
-    parser.add_argument("--runs", type=int, default=20, help="timed runs per runtime in --benchmark")
+    parser.add_argument("--val-images", metavar="DIR", help="report the COCO AP of every deployment on these "
+                        "labelled images (with --val-ann)")
+    parser.add_argument("--val-ann", metavar="JSON", help="their COCO-format annotations")
+    parser.add_argument("--flops", action="store_true", help="print the parameters and GFLOPs, and export nothing")
+    parser.add_argument("--benchmark", action="store_true", help="time every deployment of this run, PyTorch eager "
+                        "FP32 and BF16 too, each in a process of its own, taking turns")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every runtime")
+    parser.add_argument("--rounds", type=int, default=5, help="turns of the benchmark")
+    parser.add_argument("--runs", type=int, default=4, help="timed runs per deployment and turn")
     parser.add_argument("--reference", metavar="DIR", help="--benchmark the original implementation too (ECDet, ECSeg): "
                         "the ecdetseg/ folder of a checkout of Intellindust-AI-Lab/EdgeCrafter")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="with --benchmark, print the N operators "
+                        "each deployment spends most time in (each runtime's own profiler)")
+    parser.add_argument("--benchmark-json", metavar="FILE", help="with --benchmark, write its table there")
     args = parser.parse_args(argv)
-    for option, value in (("--threads", args.threads), ("--runs", args.runs), ("--max-batch", args.max_batch)):
-        if value < 1:
-            parser.error(f"{option} must be at least 1, got {value}")
+    fail = lambda message: parser.exit(2, f"export.py: error: {message}\n")
     if args.img_size and len(args.img_size) > 2:
-        parser.error(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
+        fail(f"--img-size takes H or H W, got {len(args.img_size)} numbers")
     if args.fp16 and not args.trt:
-        parser.error("--fp16 sets the precision of the TensorRT engine: give --trt too")
+        fail("--fp16 sets the precision of the TensorRT engine: give --trt too")
+    if args.int8 and not args.calib_images:
+        fail("--int8 needs --calib-images DIR: a folder of images to calibrate the INT8 ranges on")
+    if args.calib_images and not (args.int8 or args.openvino):
+        fail("--calib-images serves --int8 and the BF16 check of --openvino: give one of them")
+    if bool(args.val_images) != bool(args.val_ann):
+        fail("--val-images and --val-ann go together")
+    if (args.benchmark_json or args.profile) and not args.benchmark:
+        fail("--benchmark-json and --profile belong to --benchmark: give it too")
+    for flag, value in (("--calib-count", args.calib_count), ("--threads", args.threads), ("--rounds", args.rounds),
+                        ("--runs", args.runs), ("--max-batch", args.max_batch)):
+        if value < 1:
+            fail(f"{flag} {value}: must be at least 1")
     try:
         run(args)
     except (ValueError, OSError, RuntimeError, onnx.checker.ValidationError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)  # argparse's format and exit code
-        raise SystemExit(2) from None
+        fail(e)
 
 
 def run(args):
     torch.set_num_threads(args.threads)
     net, cfg, name, classes = load_network(args.model, args.weights)
-    onnx_path = args.onnx or f"{name}.onnx"
-    for flag, path in (("--onnx", onnx_path), ("--trt", args.trt)):
-        if path:
-            check_writable(path, flag)
+    if args.weights is None and not args.flops:
+        print("warning: no --weights given: random weights (fine for benchmarking, useless for inference)",
+              file=sys.stderr)
     size = args.img_size or cfg.get("eval_spatial_size") or [640, 640]
     size = [size[0], size[-1]]
     if size[0] % 32 or size[1] % 32 or min(size) <= 0:
         raise ValueError(f"--img-size {size[0]} {size[1]}: both sides must be positive multiples of 32 "
                          f"(the stride of the coarsest feature map)")
-    eval_net = copy.deepcopy(net) if args.benchmark else None
+    if args.flops or args.benchmark:  # counted before deploy() merges the RepVGG branches, as the paper counts
+        print_flops(net, name, size)
+    if args.flops:
+        return
+    onnx_path = args.onnx or f"{name}.onnx"
+    int8_path = str(pathlib.Path(onnx_path).with_name(f"{pathlib.Path(onnx_path).stem}_int8.onnx"))
+    ov_dir = pathlib.Path(args.openvino) if args.openvino else None
+    for flag, path in (("--onnx", onnx_path), ("--int8", args.int8 and int8_path), ("--trt", args.trt),
+                       ("--benchmark-json", args.benchmark_json)):
+        if path:
+            check_writable(path, flag)
+    if ov_dir:
+        import_openvino()
+        if ov_dir.exists() and not ov_dir.is_dir():
+            raise ValueError(f"--openvino {ov_dir}: not a directory")
+        if not ov_dir.parent.is_dir():
+            raise ValueError(f"--openvino {ov_dir}: its parent {ov_dir.parent}/ does not exist")
+    batch = 2 if args.dynamic_batch else 1  # a dynamic graph is checked on a batch it was not traced with
+    calib = None
+    if args.calib_images:
+        calib = read_images(args.calib_images, size, args.calib_count)
+        if len(calib[0]) < batch:
+            raise ValueError(f"--calib-images {args.calib_images}: {len(calib[0])} readable image, fewer than the "
+                             f"batch of {batch} the dynamic-batch graph is calibrated and checked with")
+    net_spec = dict(model=os.path.abspath(args.model) if args.model and os.path.isfile(args.model) else args.model,
+                    weights=args.weights and os.path.abspath(args.weights), size=size,
+                    reference=args.reference and os.path.abspath(args.reference))
+
     deployed = Deployed(net.deploy(), model.num_top_queries(cfg)).eval()
-    # A dynamic graph is verified on a batch of 2, a batch size it was not traced with.
-    images, sizes = example_inputs(size, 2 if args.dynamic_batch else 1)
+    images, sizes = example_inputs(size, batch)
     with torch.no_grad():
         ref = {k: v.numpy() for k, v in deployed(images, sizes).items()}
+    images, sizes = images.numpy(), sizes.numpy()
+    deployments = [deployment("PyTorch eager fp32", "PyTorch eager", "fp32"),
+                   deployment("PyTorch eager bf16", "PyTorch eager", "bf16")]
 
     with atomic_output(onnx_path, "--onnx") as tmp:
-        export_onnx(deployed, (images[:1], sizes[:1]), tmp, args.opset, args.dynamic_batch, list(ref),
-                    metadata(cfg, classes))
-        outputs = ort_session(tmp).run(list(ref), {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
-        verify(ref, dict(zip(ref, outputs)), sizes.numpy(), TOLERANCE, "ONNX Runtime")
+        export_onnx(deployed, (torch.from_numpy(images[:1]), torch.from_numpy(sizes[:1])), tmp, args.opset,
+                    args.dynamic_batch, list(ref), metadata(cfg, classes))
+        fp32 = OrtRunner(tmp)
+        verify(ref, fp32(images, sizes), sizes, TOLERANCE, "ONNX Runtime")
     print(f"wrote {onnx_path} (opset {args.opset}, {'dynamic batch' if args.dynamic_batch else 'batch 1'}, "
           f"{size[0]}x{size[1]})")
+    deployments.append(deployment("ONNX Runtime fp32", "ONNX Runtime", "fp32", onnx_path))
 
-    engine, precision = None, "fp16" if args.fp16 else "fp32"
+    if calib:
+        check = tuple(x[:CHECK_IMAGES // batch * batch] for x in calib)
+        fp32_outputs = run_batches(OrtRunner(onnx_path), *check, batch)
+        checked = lambda runner, what: check_agreement(fp32_outputs, run_batches(runner, *check, batch), what,
+                                                       len(check[0]), enforce=args.weights is not None)
+    if args.int8:
+        with atomic_output(int8_path, "--int8") as tmp:
+            quantize_int8(onnx_path, tmp, *calib, batch)
+            checked(OrtRunner(tmp), "ONNX Runtime int8")
+        print(f"wrote {int8_path} (calibrated on {len(calib[0])} images of {args.calib_images})")
+        deployments.append(deployment("ONNX Runtime int8", "ONNX Runtime", "int8", int8_path))
+
+    if ov_dir:
+        ov_dir.mkdir(exist_ok=True)
+        xml = ov_dir / f"{pathlib.Path(onnx_path).stem}.xml"
+        with atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
+            export_openvino(onnx_path, tmp)
+            verify(ref, OpenVINORunner(tmp)(images, sizes), sizes, TOLERANCE, "OpenVINO")
+            if not bf16_supported():
+                print("OpenVINO bf16: this CPU has no BF16; not checked, not timed")
+            elif calib:
+                checked(OpenVINORunner(tmp, precision="bf16"), "OpenVINO bf16")
+            else:
+                print("OpenVINO bf16: not checked against FP32 (give --calib-images to check it on real images)")
+        print(f"wrote {xml} and its .bin")
+        deployments.append(deployment("OpenVINO fp32", "OpenVINO", "fp32", xml))
+        if bf16_supported():
+            deployments.append(deployment("OpenVINO bf16", "OpenVINO", "bf16", xml))
+        if args.int8:  # what stays in float runs in BF16 where the CPU has it: the fastest deployment here
+            xml = ov_dir / f"{pathlib.Path(int8_path).stem}.xml"
+            precision = "int8+bf16" if bf16_supported() else "int8"
+            with atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
+                export_openvino(int8_path, tmp)
+                hint = "bf16" if "bf16" in precision else "f32"
+                checked(OpenVINORunner(tmp, precision=hint), f"OpenVINO {precision}")
+            print(f"wrote {xml} and its .bin")
+            deployments.append(deployment(f"OpenVINO {precision}", "OpenVINO", precision, xml))
+
     if args.trt:
+        precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+        source = int8_path if args.int8 else onnx_path
         max_batch = args.max_batch if args.dynamic_batch else None
         reason = tensorrt_missing()
         if reason:
-            raise RuntimeError(f"cannot build --trt {args.trt} here: {reason}. Build it from {onnx_path} on the "
-                               f"target machine with:\n  " + trtexec_command(onnx_path, args.trt, args.fp16, size,
-                                                                              max_batch))
+            raise RuntimeError(f"cannot build --trt {args.trt} here: {reason}. Build it from {source} on the "
+                               f"target machine with:\n  " + trtexec_command(source, args.trt, args.fp16, args.int8,
+                                                                              size, max_batch))
         with atomic_output(args.trt, "--trt") as tmp:
-            build_engine(onnx_path, tmp, args.fp16, size, max_batch)
+            build_engine(source, tmp, args.fp16, args.int8, size, max_batch)
             engine = TensorRTRunner(tmp)
-            got = {k: v.cpu().numpy() for k, v in engine(images, sizes).items()}
-            verify(ref, got, sizes.numpy(), TOLERANCE_FP16 if args.fp16 else TOLERANCE, f"TensorRT ({precision})")
+            if args.int8:
+                checked(engine, "TensorRT int8")
+            else:
+                verify(ref, engine(images, sizes), sizes, TOLERANCE_FP16 if args.fp16 else TOLERANCE,
+                       f"TensorRT ({precision})")
         print(f"wrote {args.trt}")
+        deployments.append(deployment(f"TensorRT {precision}", "TensorRT", precision, args.trt))
+
+    ap = {}
+    if args.val_images:
+        for d in deployments:
+            ap[d["name"]] = coco_ap(make_runner(d, net_spec, args.threads), cfg, size, args.val_images, args.val_ann)
+        print(f"COCO AP on {args.val_images} at {size[0]}x{size[1]}:")
+        for name_, stats in ap.items():
+            print(f"  {name_:28s} " + "   ".join(f"{kind} AP {s[0]:.4f}, AP50 {s[1]:.4f}" for kind, s in stats.items()))
 
     if args.benchmark:
-        images, sizes = images[:1], sizes[:1]
-        session = ort_session(onnx_path, args.threads)
-        feed = {"images": images.numpy(), "orig_target_sizes": sizes.numpy()}
-        eager = Deployed(eval_net, deployed.num_top_queries).eval()
-        runners = {"PyTorch eager, eval model (fp32)": lambda: eager(images, sizes),
-                   "PyTorch eager, deployed (fp32)": lambda: deployed(images, sizes),
-                   "ONNX Runtime CPU (fp32)": lambda: session.run(None, feed)}
         if args.reference:
-            original = model.reference_model(eval_net, cfg, args.reference, size)
-            runners["the original, PyTorch eager (fp32)"] = lambda: original(images)
-        if engine:
-            on_gpu = images.cuda(), sizes.cuda()
-            runners[f"TensorRT ({precision}, CUDA)"] = lambda: engine(*on_gpu)
-        with torch.inference_mode():
-            times = model.measure_latency(runners, args.runs, warmup=3)
-        print_table(times, f"{name} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, {args.runs} runs after 3 "
-                           f"warm-up runs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
-        if args.reference:  # per run, as the runtimes took turns
-            reference = times.pop("the original, PyTorch eager (fp32)")
-            for name, ts in times.items():
-                print(f"  {name} / the original: median {statistics.median(a / b for a, b in zip(ts, reference)):.3f}")
+            deployments.insert(0, deployment("the original, PyTorch eager fp32", "the original, PyTorch eager", "fp32"))
+        times, medians, profiles = benchmark(deployments, net_spec, args.threads, args.rounds, args.runs, 3,
+                                             args.profile)
+        reference = deployments[0]["name"] if args.reference else None
+        rows = benchmark_rows(deployments, times, medians, reference, ap)
+        print_table(rows, f"{name} at {size[0]}x{size[1]}, batch 1, {args.threads} threads, each in its own process, "
+                          f"{args.rounds} rounds of {args.runs} runs after 3 warm-up runs (load average "
+                          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
+        for name_, (ops, total) in profiles.items():
+            print_profile(name_, ops, total)
+        if args.benchmark_json:
+            result = dict(model=name, size=size, threads=args.threads, rounds=args.rounds, runs=args.runs,
+                          load_average=os.getloadavg(), rows=rows)
+            pathlib.Path(args.benchmark_json).write_text(json.dumps(result, indent=1))
+            print(f"wrote {args.benchmark_json}")
 
 
 if __name__ == "__main__":

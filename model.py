@@ -3,23 +3,21 @@ decoder with fine-grained distribution refinement (FDR), and the ECSeg mask head
 
 The modules follow Figure 3 of the paper in the order data flows through them, and their
 parameter names equal the original implementation's, so the released checkpoints load with
-`load_weights` and compute the same numbers.
-
-    python model.py ecdet_s      # parameters, GFLOPs and CPU latency of a preset
+`load_weights` and compute the same numbers. Parameters, GFLOPs and CPU latency of a preset:
+`python export.py --model ecdet_s --flops` and `--benchmark`.
 """
 import copy
 import functools
 import http.client
 import math
 import os
-import statistics
-import time
 import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+import torchvision.transforms.v2.functional as TF
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: presets in the original's vocabulary
@@ -142,6 +140,19 @@ KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "lef
                   "left_knee", "right_knee", "left_ankle", "right_ankle")
 SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
             (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+
+
+def normalize(image):
+    """An RGB PIL image -> float (3, H, W): [0, 1], then normalised with the ImageNet mean and std
+    (IMAGENET_MEAN, IMAGENET_STD), the networks' input convention."""
+    tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
+    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
+
+
+def preprocess(image, size):
+    """An RGB PIL image -> the network's input (3, H, W) for `size` (H, W): stretched bilinearly
+    (antialiased, as torchvision's Resize does for training's validation) and normalised."""
+    return normalize(TF.resize(image, list(size)))
 
 
 def default_classes(task, num_classes):
@@ -309,7 +320,13 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         sin, cos = rope
         qk = apply_rope(qkv[:2], sin, cos)  # queries and keys rotate together
-        x = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2])
+        if torch.is_autocast_enabled("cpu"):
+            # PyTorch's CPU attention kernel is slower in bfloat16 than in float32 on a CPU without AMX:
+            # ECDet-S at 640x640 under bfloat16 autocast took 0.66 CPU-seconds so, 0.93 in bfloat16.
+            with torch.autocast("cpu", enabled=False):
+                x = F.scaled_dot_product_attention(qk[0].float(), qk[1].float(), qkv[2].float())
+        else:
+            x = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -1686,8 +1703,9 @@ def postprocess(outputs, orig_sizes, num_top_queries=300, resize_masks=True):
 
 
 def per_image(top, orig_sizes, resize_masks=True):
-    """`select_top`'s batched outputs (also an exported graph's) -> `postprocess`'s per-image dicts."""
-    results = [dict(zip(top, values)) for values in zip(*top.values())]
+    """`select_top`'s batched dict (also an exported graph's outputs, as tensors) -> the per-image
+    dicts of `postprocess`."""
+    results = [dict(zip(top, row)) for row in zip(*top.values())]
     for r, (w, h) in zip(results, orig_sizes.tolist()):
         if "masks" in r and resize_masks:
             r["masks"] = masks_at_size(r["masks"], (int(h), int(w)))
@@ -1727,119 +1745,3 @@ def select_top(outputs, orig_sizes, num_top_queries=300):
     if "pred_keypoints" in outputs:
         top["keypoints"] = pick(outputs["pred_keypoints"]).unflatten(-1, (-1, 2)) * orig_sizes[:, None, None, :]
     return top
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark: python model.py ecdet_s
-# ---------------------------------------------------------------------------------------------
-def count_flops(net, size):
-    """FLOPs (two per multiply-add) of one eval forward on the CPU at `size`, via torch's counter:
-    (all of them, those of attention's softmax(QK^T)V). The paper's GFLOPs (calflops, which cannot
-    see the fused attention kernel) are the difference: ECDet-S 50.0 - 24.0 = 26.0 at 640x640."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # F.scaled_dot_product_attention here
-    formula = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping={fused: formula}) as counter:
-        net(torch.zeros(1, 3, *size))
-    return counter.get_total_flops(), counter.get_flop_counts()["Global"].get(fused, 0)
-
-
-def reference_model(net, cfg, root, size):
-    """The original implementation's ECDet or ECSeg for `cfg` at input `size` (H, W), with the weights
-    of `net` (built from `cfg` here), from a checkout of Intellindust-AI-Lab/EdgeCrafter (`root`: its
-    ecdetseg/ folder), to time against this file in the same run. Only its network code is imported:
-    its `engine` package is entered bare, with stand-ins for the registry and the distributed
-    helpers, so that its training dependencies are not needed."""
-    import importlib, os, sys, types
-    engine = os.path.join(root, "engine")
-    if not os.path.isfile(os.path.join(engine, "edgecrafter", "modeling.py")):
-        raise ValueError(f"--reference {root}: expected the original's ecdetseg/ folder, with engine/edgecrafter/")
-    if cfg.get("model") not in ("ECDet", "ECSeg"):
-        raise ValueError(f"--reference builds the original's ECDet and ECSeg, not {cfg.get('model')}")
-    for name, attrs in {"engine": dict(__path__=[engine]), "engine.core": dict(register=lambda *a, **k: lambda c: c),
-                        "engine.misc": dict(__path__=[]), "engine.misc.dist_utils": dict(
-                            get_world_size=lambda: 1, is_dist_available_and_initialized=lambda: False)}.items():
-        vars(sys.modules.setdefault(name, types.ModuleType(name))).update(attrs)
-    original = importlib.import_module("engine.edgecrafter")
-    size = dict(eval_spatial_size=list(size))  # it precomputes its encoder's position embedding for this size
-    backbone = original.ViTAdapter(**{k: v for k, v in cfg["ViTAdapter"].items() if k != "weights_path"},
-                                   skip_load_backbone=True)
-    encoder = original.HybridEncoder(**cfg["HybridEncoder"], **size)
-    decoder = original.ECTransformer(**cfg["ECTransformer"], num_classes=cfg["num_classes"], **size)
-    reference = getattr(original, cfg["model"])(backbone, encoder, decoder)
-    # The same names; the decoder's anchors stay those the original made for `size`.
-    own = {k: v for k, v in net.state_dict().items() if k not in ("decoder.anchors", "decoder.valid_mask")}
-    reference.load_state_dict({**reference.state_dict(), **own})
-    return reference.eval()
-
-
-def measure_latency(runners, runs=10, warmup=2):
-    """Seconds per call of each runner (a callable without arguments), {name: [runs times]}. The
-    runners take turns, run by run, so that load from other processes falls on all of them alike."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(runs):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def operator_times(run, top=5):
-    """Where one call of `run` spends its time: the `top` operators by self time as (name, calls,
-    seconds), and the total over all operators, from the PyTorch profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in events[:top]], \
-        sum(e.self_cpu_time_total for e in events) / 1e6
-
-
-def main():
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("preset", choices=PRESETS)
-    parser.add_argument("--img-size", type=int, nargs=2, default=[640, 640], metavar=("H", "W"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--deploy", action="store_true", help="benchmark the deployed (fused) network")
-    parser.add_argument("--reference", metavar="DIR", help="also time the original implementation (ECDet, ECSeg): "
-                        "the ecdetseg/ folder of a checkout of Intellindust-AI-Lab/EdgeCrafter")
-    parser.add_argument("--profile", action="store_true", help="also print the operators one forward pass spends "
-                        "its time in (the fused attention and the matrix products dominate)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    net = build_model(args.preset).eval()
-    params = sum(p.numel() for p in net.parameters())
-    flops, attention = count_flops(net, args.img_size)
-    nets = {"this implementation" + (", deployed" if args.deploy else ""): net}
-    if args.reference:
-        nets["the original"] = reference_model(net, preset_config(args.preset), args.reference, args.img_size)
-    if args.deploy:
-        net.deploy()
-    x = torch.randn(1, 3, *args.img_size)
-    with torch.inference_mode():
-        times = measure_latency({name: functools.partial(net, x) for name, net in nets.items()}, args.runs)
-        profiles = {name: operator_times(functools.partial(net, x))
-                    for name, net in nets.items() if args.profile}
-    print(f"{args.preset}: {params / 1e6:.2f} M parameters, {(flops - attention) / 1e9:.1f} GFLOPs at "
-          f"{args.img_size[0]}x{args.img_size[1]} as the paper counts them, "
-          f"{flops / 1e9:.1f} with attention's products")
-    print(f"CPU latency, batch 1, float32, {args.threads} threads, {args.runs} runs taking turns:")
-    for name, ts in times.items():
-        print(f"  {name:32s} median {statistics.median(ts) * 1e3:5.0f} ms "
-              f"(min {min(ts) * 1e3:.0f}, max {max(ts) * 1e3:.0f})")
-    if args.reference:
-        ratio = statistics.median(a / b for a, b in zip(*times.values()))
-        print(f"  ratio to the original: median over runs {ratio:.3f}")
-    for name, (ops, total) in profiles.items():
-        print(f"{name}, one profiled forward pass: {total * 1e3:.0f} ms of operator time, of which")
-        for op, calls, seconds in ops:
-            print(f"  {op:50s} {calls:4d} calls {seconds * 1e3:6.1f} ms  {seconds / total:4.0%}")
-
-
-if __name__ == "__main__":
-    main()

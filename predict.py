@@ -42,7 +42,6 @@ import onnx
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -131,19 +130,6 @@ def load_image(image):
         return Image.fromarray(image)
     raise ValueError(f"expected an image path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
                      + (f" {image.dtype} {image.shape}" if isinstance(image, np.ndarray) else ""))
-
-
-def normalize(image):
-    """An RGB PIL image -> float (3, H, W): [0, 1], then normalised with the ImageNet mean and std
-    (model.IMAGENET_MEAN, model.IMAGENET_STD), the networks' input convention."""
-    tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
-    return TF.normalize(tensor, model.IMAGENET_MEAN, model.IMAGENET_STD).as_subclass(torch.Tensor)
-
-
-def preprocess(image, size):
-    """An RGB PIL image -> the network's input (3, H, W) for `size` (H, W): stretched bilinearly
-    (antialiased, as torchvision's Resize does for training's validation) and normalised."""
-    return normalize(TF.resize(image, list(size)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +319,7 @@ class Predictor:
 
     def prepare(self, images):
         """RGB PIL images -> (the network's input (B, 3, H, W), original sizes (B, 2) as (w, h))."""
-        return torch.stack([preprocess(im, self.size) for im in images]), torch.tensor([im.size for im in images])
+        return torch.stack([model.preprocess(im, self.size) for im in images]), torch.tensor([im.size for im in images])
 
     def infer(self, batch, sizes):
         """The network and its top-K selection on a batch -> model.select_top's outputs, on the CPU."""

@@ -341,7 +341,7 @@ class DetTransforms:
         target = dict(target, boxes=normalised_cxcywh(target["boxes"]))
         if "masks" in target:
             target["masks"] = target["masks"].as_subclass(torch.Tensor)
-        return predict.normalize(image), target  # the networks' input convention, as predict.py feeds them
+        return model.normalize(image), target  # the networks' input convention, as predict.py feeds them
 
 
 # ---- Data: batch collation with MixUp ----

@@ -283,7 +283,7 @@ class PoseTransforms:
                 image, target = hflip(image, target)
             image, target = self.jitter(image, target)
         image, target = self.resize(image, target)
-        return predict.normalize(image), to_targets(target)
+        return model.normalize(image), to_targets(target)
 
 
 # ---------------------------------------------------------------------------------------------

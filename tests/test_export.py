@@ -1,6 +1,11 @@
-"""export.py: ONNX export of the tiny ECDet / ECSeg fixtures, checked against PyTorch, and its errors."""
+"""export.py: ONNX export of the tiny ECDet / ECSeg / ECPose fixtures, checked against PyTorch; INT8 and
+OpenVINO exports and their agreement with FP32; COCO AP of each deployment; the benchmark; its errors."""
+import importlib.util
 import json
+import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -8,17 +13,22 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import load_fixture
+from PIL import Image
 
 import export
 import model
+import train_det as td
+
+needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                    reason="the optional openvino package is not installed")
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The det/seg fixtures as a user has them: a JSON config and a released-format checkpoint."""
+    """The det/seg/pose fixtures as a user has them: a JSON config and a released-format checkpoint."""
     root = tmp_path_factory.mktemp("tiny")
     files = {}
-    for name in ("det_tiny", "seg_tiny"):
+    for name in ("det_tiny", "seg_tiny", "pose_tiny"):
         fx = load_fixture(name)
         (root / f"{name}.json").write_text(json.dumps(fx["config"]))
         torch.save({"ema": {"module": fx["state_dict"]}}, root / f"{name}.pth")
@@ -68,12 +78,9 @@ def test_ecdet_dynamic_batch_matches_pytorch_postprocess(tiny, tmp_path, capsys)
     assert_matches_postprocess(got, eager("det_tiny", images, sizes))
 
 
-def test_ecseg_exports_mask_logits_and_benchmarks(tiny, tmp_path, capsys):
+def test_ecseg_exports_mask_logits(tiny, tmp_path):
     path = tmp_path / "seg.onnx"
-    export.main(tiny["seg_tiny"] + ["--onnx", str(path), "--img-size", "256", "320", "--benchmark", "--runs", "2"])
-    out = capsys.readouterr().out
-    for row in ("PyTorch eager, eval model", "PyTorch eager, deployed", "ONNX Runtime CPU"):
-        assert row in out
+    export.main(tiny["seg_tiny"] + ["--onnx", str(path), "--img-size", "256", "320"])
     ops = {node.op_type for node in onnx.load(path).graph.node}
     assert not ops & {"Constant", "Identity", "Shape"}  # a static graph keeps no constant arithmetic
     assert "ScatterND" not in ops  # in-place writes into slices export as scatters, slow in ONNX Runtime
@@ -85,23 +92,41 @@ def test_ecseg_exports_mask_logits_and_benchmarks(tiny, tmp_path, capsys):
         run_onnx(path, images.repeat(2, 1, 1, 1), sizes.repeat(2, 1))
 
 
+def fails_with(argv, capsys):
+    """The one line export.main writes to stderr when it stops with exit code 2."""
+    with pytest.raises(SystemExit) as error:
+        export.main(argv)
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export.py: error: ") and err.count("\n") == 1, err
+    return err
+
+
 @pytest.mark.parametrize("case, args, message", [
     ("checkpoint of another model", ["--weights", "{seg_weights}"], "--weights .* does not match the model"),
     ("size not a multiple of 32", ["--img-size", "300"], "--img-size 300 300: .* multiples of 32"),
     ("output directory missing", ["--onnx", "{tmp}/missing/det.onnx"], "--onnx .*missing/det.onnx: cannot write"),
     ("output path is a directory", ["--onnx", "{tmp}"], "is a directory"),
     ("unknown preset", ["--model", "ecdet_xxl"], "neither a preset"),
-    ("a list saved as the checkpoint", ["--weights", "{list}"], "--weights .*list.pth: the checkpoint holds a list"),
-    ("no timed runs", ["--runs", "0"], "--runs must be at least 1, got 0"),
+    ("int8 without images", ["--int8"], "--int8 needs --calib-images DIR"),
+    ("calibration folder missing", ["--int8", "--calib-images", "{tmp}/nowhere"], "nowhere: not a directory"),
+    ("no readable image", ["--int8", "--calib-images", "{corrupt}"], "no readable image among its 2 files"),
+    ("fewer images than the batch", ["--int8", "--calib-images", "{one}", "--dynamic-batch"],
+     "1 readable image, fewer than the batch of 2"),
+    ("calibration images for nothing", ["--calib-images", "{one}"], "--calib-images serves --int8"),
+    ("a list saved as the checkpoint", ["--weights", "{list}"], "--weights .*list.pth holds a list"),
+    ("no timed runs", ["--runs", "0"], "--runs 0: must be at least 1"),
 ])
-def test_bad_arguments_fail_with_a_clear_error(tiny, tmp_path, capsys, case, args, message):
+def test_bad_arguments_fail_with_a_clear_error(tiny, tmp_path, tmp_path_factory, capsys, case, args, message):
+    corrupt, one = tmp_path_factory.mktemp("corrupt"), tmp_path_factory.mktemp("one")
+    (corrupt / "a.jpg").write_bytes(b"not a jpeg")
+    (corrupt / "notes.txt").write_text("hello")
+    Image.new("RGB", (40, 30)).save(one / "a.png")
     seg_weights = tiny["seg_tiny"][3]
-    args = [a.format(seg_weights=seg_weights, tmp=tmp_path, list=tiny["list"]) for a in args]
+    args = [a.format(seg_weights=seg_weights, tmp=tmp_path, corrupt=corrupt, one=one, list=tiny["list"]) for a in args]
     base = tiny["det_tiny"] + ["--onnx", str(tmp_path / "det.onnx")]
-    with pytest.raises(SystemExit) as error:
-        export.main(base + args)
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line, where it prints one
-    assert error.value.code == 2 and err.startswith("export.py: error: ") and re.search(message, err), err
+    err = fails_with(base + args, capsys)
+    assert re.search(message, err), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -156,3 +181,171 @@ def test_ecpose_exports_with_keypoints(tmp_path):
     ref = fx["postprocess"][0]
     assert keypoints.shape == (1, 20, 17, 2) and labels.tolist()[0] == ref["labels"].tolist()
     np.testing.assert_allclose(keypoints[0], ref["keypoints"].view(20, 17, 3)[..., :2].numpy(), atol=1e-2)
+
+
+def test_agreement_pairs_each_top_detection_with_its_best_same_label_overlap():
+    ref = {"labels": np.array([[1, 2, 1]]), "scores": np.array([[0.9, 0.8, 0.1]]),
+           "boxes": np.array([[[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]]], dtype=np.float32)}
+    assert export.agreement(ref, ref, top=3) == (1.0, 0.0)
+    shifted = {**ref, "boxes": ref["boxes"] + np.array([5, 0, 5, 0], dtype=np.float32),
+               "scores": ref["scores"] - 0.1}
+    iou, diff = export.agreement(ref, shifted, top=2)  # the third, lowest-scored detection is left out
+    assert iou == pytest.approx((50 / 150 + 300 / 500) / 2) and diff == pytest.approx(0.1)
+    relabelled = {**ref, "labels": np.array([[1, 3, 1]])}
+    assert export.agreement(ref, relabelled, top=2) == (0.5, pytest.approx(0.4))  # no partner: IoU 0, whole score
+    pose = {"labels": np.array([[0]]), "scores": np.array([[0.5]]), "keypoints": np.array([[[[0, 0], [4, 2]]]])}
+    moved = {**pose, "keypoints": pose["keypoints"] + np.array([0, 1])}
+    assert export.agreement(pose, moved) == (pytest.approx(4 / 12), 0.0)  # keypoints' extents as boxes
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A small COCO-format data set of coloured shapes: calibration images and labelled ones."""
+    return td.make_synthetic_coco(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=4, img_size=96, seed=3)
+
+
+def ranked_alike(name, root):
+    """Arguments for a seeded random network of a fixture's layout whose INT8 and FP32 outputs can be
+    compared by rank. A random network's scores are nearly equal everywhere, so which (query, class)
+    pairs make its top 10 is decided by differences smaller than INT8's rounding. At 64x64 with two
+    classes, every one of the 84 anchors is a query and every (query, class) pair is output, so each
+    FP32 detection has its twin in the INT8 output: what is left to compare is what INT8 changes in each.
+    Every parameter gets a little noise, as in the parity fixtures, so that those the original
+    initialises to zero do something; ECPose's more, or its 17 keypoint offsets (zero at first) keep
+    each person within a few pixels, and the IoU of their extents would measure rounding."""
+    cfg = dict(load_fixture(name)["config"], num_classes=2, eval_spatial_size=[64, 64])
+    decoder = "DETRTransformer" if "DETRTransformer" in cfg else "ECTransformer"
+    cfg[decoder]["num_queries"] = 8 * 8 + 4 * 4 + 2 * 2
+    cfg["DETRPosePostProcessor" if "DETRTransformer" in cfg else "PostProcessor"] = \
+        {"num_select" if "DETRTransformer" in cfg else "num_top_queries": 2 * cfg[decoder]["num_queries"]}
+    torch.manual_seed(0)
+    net = model.build_model(cfg)
+    noise = 0.1 if decoder == "DETRTransformer" else 0.02
+    sd = {k: v + noise * torch.randn_like(v) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    (root / f"{name}.json").write_text(json.dumps(cfg))
+    torch.save(sd, root / f"{name}.pth")
+    return ["--model", str(root / f"{name}.json"), "--weights", str(root / f"{name}.pth"), "--threads", "1"]
+
+
+@pytest.mark.parametrize("name", ["det_tiny", "seg_tiny", "pose_tiny"])
+def test_int8_export_runs_in_onnx_runtime_and_agrees_with_fp32(shapes, tmp_path, capsys, name):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for image in sorted((pathlib.Path(shapes) / "train2017").iterdir())[:6]:
+        (calib / image.name).write_bytes(image.read_bytes())
+    (calib / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    path = tmp_path / f"{name}.onnx"
+    export.main(ranked_alike(name, tmp_path) + ["--onnx", str(path), "--int8", "--calib-images", str(calib)])
+    out, err = capsys.readouterr()
+    assert "skipped 1 files that are not readable images (broken.jpg)" in err
+    assert re.search(r"ONNX Runtime int8 against FP32 on 6 images, top 10 detections each: mean IoU", out)
+    int8 = tmp_path / f"{name}_int8.onnx"
+    onnx.checker.check_model(str(int8))
+    ops = [node.op_type for node in onnx.load(int8).graph.node]
+    assert ops.count("DequantizeLinear") > 40
+    images, sizes = export.read_images(f"{shapes}/val2017", [64, 64], 4)  # images the calibration never saw
+    ref, got = (export.run_batches(export.OrtRunner(str(f)), images, sizes, 1) for f in (path, int8))
+    assert list(got) == list(ref) and all(got[k].shape == ref[k].shape for k in ref)
+    iou, diff = export.agreement(ref, got)
+    assert iou >= export.MIN_MEAN_IOU and diff <= export.MAX_MEAN_SCORE_DIFF
+
+
+def test_failed_int8_check_leaves_no_int8_file(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export, "MIN_MEAN_IOU", 1.01)  # unreachable
+    err = fails_with(ranked_alike("det_tiny", tmp_path) + ["--onnx", str(tmp_path / "det.onnx"), "--int8",
+                                                            "--calib-images", f"{shapes}/train2017"], capsys)
+    assert re.search(r"ONNX Runtime int8 against FP32 on 8 images.*mean IoU 0\.\d+ \(limit >= 1.01\).*disagrees", err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["det.onnx", "det_tiny.json", "det_tiny.pth"]
+
+
+@needs_openvino
+def test_openvino_ir_in_fp32_and_int8(shapes, tmp_path, capsys):
+    ov = tmp_path / "ov"
+    export.main(ranked_alike("det_tiny", tmp_path) + ["--onnx", str(tmp_path / "det.onnx"), "--int8", "--calib-images",
+                                    f"{shapes}/train2017", "--openvino", str(ov)])
+    out = capsys.readouterr().out
+    assert "OpenVINO matches PyTorch" in out and re.search(r"OpenVINO int8(\+bf16)? against FP32 on 8 images", out)
+    assert sorted(p.name for p in ov.iterdir()) == ["det.bin", "det.xml", "det_int8.bin", "det_int8.xml"]
+    images, sizes = export.read_images(f"{shapes}/val2017", [64, 64], 4)
+    ref = export.run_batches(export.OrtRunner(str(tmp_path / "det.onnx")), images, sizes, 1)
+    fp32 = export.run_batches(export.OpenVINORunner(str(ov / "det.xml"), threads=1), images, sizes, 1)
+    diff = export.differences(ref, fp32, sizes, 1e-4)
+    assert diff["labels"] == 0 and diff["scores"] < 1e-4 and diff["boxes"] < 1e-4
+    int8 = export.run_batches(export.OpenVINORunner(str(ov / "det_int8.xml"), threads=1), images, sizes, 1)
+    assert export.agreement(ref, int8)[0] >= export.MIN_MEAN_IOU
+
+
+def test_openvino_without_the_package_is_one_line(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    err = fails_with(tiny["det_tiny"] + ["--onnx", str(tmp_path / "det.onnx"), "--openvino", str(tmp_path / "ov")],
+                     capsys)
+    assert "--openvino needs the openvino package: pip install openvino" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_coco_ap_of_a_perfect_runner_is_1(shapes):
+    """coco_ap feeds the evaluator what the exported graph outputs: pixel boxes in the original image."""
+    ann = f"{shapes}/annotations/instances_val2017.json"
+    coco = td.load_coco(ann)
+    to_label = {c: i for i, c in enumerate(sorted(coco.cats))}
+    truth = iter(sorted(coco.imgs))
+
+    def perfect(images, sizes):
+        anns = coco.imgToAnns[next(truth)]
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], np.float32)
+        return {"labels": np.array([[to_label[a["category_id"]] for a in anns]], np.int64),
+                "boxes": boxes.reshape(1, -1, 4), "scores": np.ones((1, len(anns)), np.float32)}
+
+    cfg = td.demo_config(td.Task())
+    stats = export.coco_ap(perfect, cfg, [64, 64], f"{shapes}/val2017", ann)
+    assert stats["bbox"][0] == pytest.approx(1.0)
+
+
+def test_benchmark_times_each_deployment_in_its_own_process_and_reports_ap(shapes, tmp_path, monkeypatch, capsys):
+    cfg = dict(td.demo_config(td.Task()), num_classes=3, eval_spatial_size=[96, 96])
+    (tmp_path / "net.json").write_text(json.dumps(cfg))
+    started, popen = [], subprocess.Popen
+    monkeypatch.setattr(export.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
+    result = tmp_path / "bench.json"
+    export.main(["--model", str(tmp_path / "net.json"), "--onnx", str(tmp_path / "net.onnx"), "--threads", "1",
+                 "--val-images", f"{shapes}/val2017",
+                 "--val-ann", f"{shapes}/annotations/instances_val2017.json",
+                 "--benchmark", "--rounds", "1", "--runs", "2", "--profile", "3", "--benchmark-json", str(result)])
+    out = capsys.readouterr().out
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["PyTorch eager fp32", "PyTorch eager bf16", "ONNX Runtime fp32"]
+    assert len(started) == 3 and len({p.pid for p in started}) == 3 and all(p.returncode == 0 for p in started)
+    for r in rows:
+        assert len(r["times_ms"]) == 2 and 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert len(r["ap"]["bbox"]) == 12 and r["name"] in out
+        assert f"{r['name']}, one profiled run" in out
+    assert "file_mb" not in rows[0]
+    assert rows[2]["file_mb"] == pytest.approx((tmp_path / "net.onnx").stat().st_size / 1e6)
+    ap = {r["name"]: r["ap"]["bbox"] for r in rows}
+    np.testing.assert_allclose(ap["ONNX Runtime fp32"], ap["PyTorch eager fp32"], atol=1e-3)
+
+
+def test_flops_as_the_paper_counts_them(capsys):
+    """The paper's GFLOPs leave attention's products out (calflops cannot see the fused kernel)."""
+    flops, attention = export.count_flops(model.build_model("ecdet_s").eval(), (640, 640))
+    assert round((flops - attention) / 1e9) == 26  # the paper's ECDet-S
+    assert 23e9 < attention < 25e9  # 12 ViT blocks of 1601 tokens, and the encoder's 400
+    export.main(["--model", "ecdet_s", "--flops", "--img-size", "128"])  # 336 positions for 300 queries
+    assert re.match(r"ecdet_s: 9,884,102 parameters \(9.88 M\), \d\.\d GFLOPs at 128x128 as the paper counts them",
+                    capsys.readouterr().out)
+
+
+def test_reference_needs_the_originals_checkout(tmp_path):
+    with pytest.raises(ValueError, match="expected the original's ecdetseg/ folder"):
+        export.reference_model(None, model.preset_config("ecdet_s"), str(tmp_path), (640, 640))
+    (tmp_path / "engine" / "edgecrafter").mkdir(parents=True)
+    (tmp_path / "engine" / "edgecrafter" / "modeling.py").write_text("")
+    with pytest.raises(ValueError, match="not ECPose"):
+        export.reference_model(None, model.preset_config("ecpose_s"), str(tmp_path), (640, 640))
+
+
+def test_operator_times_names_where_the_time_goes():
+    a = torch.randn(384, 384)
+    ops, total = export.operator_times(lambda: (a @ a).sum(), top=3)
+    assert ops[0][0] == "aten::mm" and ops[0][1] == 1  # the product outweighs the sum
+    assert all(0 < seconds <= total for _, _, seconds in ops)

@@ -159,26 +159,3 @@ def test_bad_input_gets_clear_errors(tmp_path):
         model.load_weights(net, tmp_path / "nowhere.pth")
     with pytest.raises(ValueError, match="330x320 is not a multiple of 32"):
         net.eval()(torch.zeros(1, 3, 330, 320))
-
-
-def test_flops_as_the_paper_counts_them():
-    """The paper's GFLOPs leave attention's products out (calflops cannot see the fused kernel)."""
-    flops, attention = model.count_flops(model.build_model("ecdet_s").eval(), (640, 640))
-    assert round((flops - attention) / 1e9) == 26  # the paper's ECDet-S
-    assert 23e9 < attention < 25e9  # 12 ViT blocks of 1601 tokens, and the encoder's 400
-
-
-def test_reference_needs_the_originals_checkout(tmp_path):
-    with pytest.raises(ValueError, match="expected the original's ecdetseg/ folder"):
-        model.reference_model(None, model.preset_config("ecdet_s"), str(tmp_path), (640, 640))
-    (tmp_path / "engine" / "edgecrafter").mkdir(parents=True)
-    (tmp_path / "engine" / "edgecrafter" / "modeling.py").write_text("")
-    with pytest.raises(ValueError, match="not ECPose"):
-        model.reference_model(None, model.preset_config("ecpose_s"), str(tmp_path), (640, 640))
-
-
-def test_operator_times_names_where_the_time_goes():
-    a = torch.randn(384, 384)
-    ops, total = model.operator_times(lambda: (a @ a).sum(), top=3)
-    assert ops[0][0] == "aten::mm" and ops[0][1] == 1  # the product outweighs the sum
-    assert all(0 < seconds <= total for _, _, seconds in ops)

@@ -59,7 +59,7 @@ def test_validation_transform_and_predictor_feed_the_network_alike(tiny):
     data = td.CocoDetection(tiny["images"], os.path.join(tiny["root"], "coco/annotations/instances_val2017.json"))
     image, target = data[0]
     expected, _ = td.DetTransforms(train=False, img_size=[SIZE, SIZE])(image, target)
-    assert torch.equal(predict.preprocess(predict.load_image(image), [SIZE, SIZE]), expected)
+    assert torch.equal(model.preprocess(predict.load_image(image), [SIZE, SIZE]), expected)
 
 
 def test_detections_equal_postprocess_of_the_network(tiny):
@@ -67,7 +67,7 @@ def test_detections_equal_postprocess_of_the_network(tiny):
     p = predict.Predictor(tiny["ckpt"], conf=0.0)
     got = p(image)[0]
     with torch.no_grad():
-        outputs = tiny["net"](predict.preprocess(image.convert("RGB"), [SIZE, SIZE])[None])
+        outputs = tiny["net"](model.preprocess(image.convert("RGB"), [SIZE, SIZE])[None])
     sizes = torch.tensor([image.size])
     ref = model.postprocess(outputs, sizes, model.num_top_queries(tiny["cfg"]))
     diff = export.differences(stacked(ref), stacked([got]), sizes.numpy(), 1e-5)
