@@ -164,10 +164,12 @@ DEMO_DINOV3 = {**HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_r
 TASK = train_det.Task(name="teacher", default_model="ecdet_x")
 
 
-def demo_teacher_config():
+def demo_teacher_config(arch=DEMO_DINOV3):
+    """The demo's teacher ECDet: train_det's demo heads on DINOv3 `arch` (kwargs or hub name), whose
+    last two blocks the feature generator reads."""
     cfg = train_det.demo_config(train_det.Task())
-    width = cfg["HybridEncoder"]["in_channels"][0]
-    cfg["ViTAdapter"] = {"dinov3": DEMO_DINOV3, "interaction_indexes": [4, 5], "proj_dim": width}
+    width, depth = cfg["HybridEncoder"]["in_channels"][0], dinov3_kwargs(arch)["depth"]
+    cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": width}
     return cfg
 
 
@@ -175,20 +177,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
                                      "on a DINOv3 ViT); the other options are train_det.py's, --model excepted.")
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from")
-    parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs")
+    parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
+                        f"(with --demo: in place of the demo's {DEMO_DINOV3['embed_dim']}-wide ViT)")
     own, rest = parser.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):
         parser.print_help()  # then train_det's options, and exit
     args = train_det.parse_args(rest, TASK)
-    if args.demo:
-        return train_det.demo(args, TASK, demo_teacher_config())
-    if not own.arch:
+    if not (own.arch or args.demo):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
-    arch = parse_arch(own.arch, "--arch")
+    arch = parse_arch(own.arch, "--arch") or DEMO_DINOV3
     try:
-        cfg = teacher_config(arch)
+        cfg = demo_teacher_config(arch) if args.demo else teacher_config(arch)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--arch {own.arch}: {e}") from None
+    if args.demo:
+        return train_det.demo(args, TASK, cfg)
     if own.dinov3:
         check_dinov3(train_det.load_checkpoint(own.dinov3), arch, f"--dinov3 {own.dinov3}")
         args.backbone_weights = own.dinov3  # a bare ViT state dict, as train_det's --backbone-weights expects
