@@ -155,3 +155,15 @@ def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path):
         teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", "dinov3_vits16"] + common)
     with pytest.raises(SystemExit, match="--arch dinov3_vitq16: unknown DINOv3 model"):
         teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", "dinov3_vitq16"] + common)
+
+
+def test_demo_teacher_takes_another_dinov3(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(td, "demo", lambda args, task, cfg: seen.update(cfg=cfg, seed=args.seed))
+    teacher.main(["--demo"])
+    assert seen["cfg"]["ViTAdapter"] == {"dinov3": teacher.DEMO_DINOV3, "interaction_indexes": [4, 5], "proj_dim": 64}
+    arch = {**teacher.DEMO_DINOV3, "embed_dim": 128, "depth": 4, "num_heads": 4}  # the EUPE evidence's second teacher
+    (tmp_path / "b.json").write_text(json.dumps(arch))
+    teacher.main(["--demo", "--arch", str(tmp_path / "b.json"), "--seed", "1"])
+    assert seen["cfg"]["ViTAdapter"] == {"dinov3": arch, "interaction_indexes": [2, 3], "proj_dim": 64}
+    assert seen["seed"] == 1
