@@ -4,7 +4,7 @@ large proxy is the same loop run twice.
 
     python distill.py --teacher outputs/teacher/best.pth --images /coco/train2017 --student ecvitt
     torchrun --nproc_per_node 8 distill.py --teacher best.pth --images /coco/train2017 --student ecvits --amp
-    python distill.py --teacher dinov3_vitb16.pth --teacher-arch dinov3_vitb16 --images /data
+    python distill.py --teacher dinov3_vitb16.pth --images /data
     python distill.py --teacher det.pth --teacher seg.pth --proxy dinov3_vitl16 --images /data   # EUPE
     python train_det.py --model ecdet_s --backbone-weights outputs/distill/student.pth --data /coco
 
@@ -176,8 +176,8 @@ def build_backbone(spec, what, hub=False):
 
 def load_teacher(path, arch):
     """(frozen ViT in eval mode, blocks to align) of a teacher checkpoint written by teacher.py or
-    train_det.py (its ECDet's `backbone.backbone.*`, EMA weights when present), or, with `arch`, of
-    a DINOv3 checkpoint (its last two blocks)."""
+    train_det.py (its ECDet's `backbone.backbone.*`, EMA weights when present), or of a DINOv3
+    checkpoint (its last two blocks): model `arch`, or without it the one its names and shapes show."""
     what = f"--teacher {path}"
     ckpt = model.read_checkpoint(path, "--teacher")
     config = ckpt.get("config")
@@ -189,14 +189,21 @@ def load_teacher(path, arch):
             model.load_weights(vit, sd)
         except ValueError as e:
             raise ValueError(f"{what}: its backbone does not fit its own config: {e}") from None
-    elif arch:
+    elif arch or "cls_token" in ckpt:
+        if not arch:
+            try:
+                arch = teacher.infer_dinov3(ckpt)
+            except ValueError as e:
+                raise ValueError(f"{what}: {e}") from None
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"{what}: DINOv3 {arch if isinstance(arch, str) else json.dumps(arch)} (from its names and "
+                      f"shapes; --teacher-arch overrides)")
         vit = teacher.load_dinov3(ckpt, arch, what)
         layers = [len(vit.blocks) - 2, len(vit.blocks) - 1]
     else:
-        hint = " (it looks like a DINOv3 checkpoint: add --teacher-arch)" if "storage_tokens" in ckpt else ""
-        raise ValueError(f"{what} is not a teacher checkpoint{hint}: expected one written by teacher.py or "
+        raise ValueError(f"{what} is not a teacher checkpoint: expected one written by teacher.py or "
                          f"train_det.py ('config' with a ViTAdapter section, and 'model' or 'ema' weights), "
-                         f"or a DINOv3 state dict with --teacher-arch; found the keys {sorted(ckpt)[:8]}")
+                         f"or a DINOv3 state dict; found the keys {sorted(ckpt)[:8]}")
     return vit.eval().requires_grad_(False), layers
 
 
@@ -433,9 +440,10 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="distill.py", description="Distil teacher backbones into a compact ECViT.")
     parser.add_argument("--teacher", action="append", required=True, help="a checkpoint of teacher.py or "
-                        "train_det.py, or a DINOv3 checkpoint with --teacher-arch; repeat for several teachers")
+                        "train_det.py, or a DINOv3 checkpoint; repeat for several teachers")
     parser.add_argument("--teacher-arch", action="append", help="the DINOv3 model (hub name or JSON kwargs) of "
-                        "--teacher files that are DINOv3 checkpoints; once for all, or once per --teacher")
+                        "--teacher files that are DINOv3 checkpoints, in place of the one their names and shapes "
+                        "show; once for all, or once per --teacher")
     parser.add_argument("--images", required=True, help="a folder of unlabeled images, searched recursively")
     parser.add_argument("--val-images", help="held-out images: the aligned features' cosine similarity every epoch")
     parser.add_argument("--student", default="ecvitt", help=f"{', '.join(model.ECVIT)}, or a JSON model config")

@@ -55,7 +55,11 @@ DINOV3_HUB = {
     "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6, ffn_layer="swiglu"),
     "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4, ffn_layer="mlp"),
     "dinov3_vitl16": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4, ffn_layer="mlp"),
+    # No released file of this one was at hand: its layout follows from the hub's kwargs alone.
+    "dinov3_vith16plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6, ffn_layer="swiglu"),
 }
+# dinov3_vit7b16 (4096 wide, 40 blocks) has no qkv bias, a SwiGLU aligned to 64 and untied class-token
+# norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
 
 
 def dinov3_kwargs(cfg):
@@ -74,7 +78,7 @@ def dinov3_kwargs(cfg):
 
 def build_dinov3(cfg):
     """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
-    "dinov3_vitl16") or DinoVisionTransformer kwargs, as model.ViT(dinov3=True). Its state dict has
+    "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as model.ViT(dinov3=True). Its state dict has
     the original's names and shapes; `get_intermediate_layers` / `forward_features` take
     (B, 3, H, W) images with H, W multiples of the patch size."""
     kw = dinov3_kwargs(cfg)
@@ -115,6 +119,46 @@ def check_dinov3(sd, arch, what):
         hint = f"; it matches {' / '.join(same)}" if same else ""
         expected = arch if isinstance(arch, str) else f"the DINOv3 kwargs {arch}"
         raise ValueError(f"{what} is not a {expected} checkpoint: {e}{hint}") from None
+
+
+def infer_dinov3(sd):
+    """The DINOv3 model of state dict `sd`, from its names and shapes alone (meta tensors will do):
+    a hub name when it is one of DINOV3_HUB, else DinoVisionTransformer kwargs. The weights show the
+    width, depth, heads (through RoPE's D_head / 4 periods), patch size, storage tokens, FFN kind and
+    width, layer scale and the masked key bias; what they do not show (norm eps, RoPE base, ...) is
+    taken as in every hub model. ValueError, naming what was found, for a state dict that model.ViT
+    cannot hold or that is no DINOv3 ViT."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}
+    width, patch = shapes.get("cls_token", (0,))[-1], shapes.get("patch_embed.proj.weight", (0,))[-1]
+    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    periods = shapes.get("rope_embed.periods", (0,))[0]
+    heads = width // (4 * periods) if periods else 0
+    storage = shapes.get("storage_tokens", (1, 0))[1]
+    ffn = next((kind for kind, key in (("mlp", "fc1"), ("swiglu", "w1")) if f"blocks.0.mlp.{key}.weight" in shapes),
+               None)
+    hidden = shapes.get(f"blocks.0.mlp.{'w1' if ffn == 'swiglu' else 'fc1'}.weight", (0,))[0]
+    has = lambda key: f"blocks.0.{key}" in shapes
+    untied = sorted({k.split(".")[0] for k in shapes} & {"cls_norm", "local_cls_norm"})
+    found = (f"found width {width}, depth {depth}, {heads or 'unknown (no RoPE periods)'} heads, patch {patch}, "
+             f"{storage} storage tokens, {ffn or 'unknown'} FFN of hidden width {hidden}, "
+             f"qkv bias {'yes' if has('attn.qkv.bias') else 'no'}, "
+             f"masked key bias {'yes' if has('attn.qkv.bias_mask') else 'no'}, "
+             f"layer scale {'yes' if has('ls1.gamma') else 'no'}" + (f", untied {' and '.join(untied)}" if untied else ""))
+    implemented = f"not a DINOv3 ViT that model.ViT holds ({', '.join(DINOV3_HUB)} and other sizes of their kind)"
+    if not (width and depth and heads and ffn):
+        raise ValueError(f"{found}: {implemented}")
+    # A SwiGLU of ratio r has 2/3 of r * width hidden units (rounded up to a multiple of 8).
+    ratio = hidden / width * (1.5 if ffn == "swiglu" else 1)
+    kwargs = {**HUB_COMMON, "embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": patch,
+              "n_storage_tokens": storage, "ffn_layer": ffn, "ffn_ratio": int(ratio) if ratio == int(ratio) else ratio,
+              "mask_k_bias": has("attn.qkv.bias_mask"),
+              "layerscale_init": HUB_COMMON["layerscale_init"] if has("ls1.gamma") else None}
+    arch = next((name for name in DINOV3_HUB if dinov3_kwargs(name) == dinov3_kwargs(kwargs)), kwargs)
+    try:
+        model.check_state_dict(dinov3_shapes(arch), sd)
+    except ValueError as e:
+        raise ValueError(f"{found}: {implemented}: {e}") from None
+    return arch
 
 
 def parse_arch(value, option):
@@ -164,10 +208,12 @@ DEMO_DINOV3 = {**HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_r
 TASK = train_det.Task(name="teacher", script="teacher.py", default_model="ecdet_x")
 
 
-def demo_teacher_config():
+def demo_teacher_config(arch=DEMO_DINOV3):
+    """The demo's teacher ECDet: train_det's demo heads on DINOv3 `arch` (kwargs or hub name), whose
+    last two blocks the feature generator reads."""
     cfg = train_det.demo_config(train_det.Task())
-    width = cfg["HybridEncoder"]["in_channels"][0]
-    cfg["ViTAdapter"] = {"dinov3": DEMO_DINOV3, "interaction_indexes": [4, 5], "proj_dim": width}
+    width, depth = cfg["HybridEncoder"]["in_channels"][0], dinov3_kwargs(arch)["depth"]
+    cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": width}
     return cfg
 
 
@@ -175,7 +221,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="teacher.py", add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
                                      "on a DINOv3 ViT); the other options are train_det.py's, --model excepted.")
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from")
-    parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs")
+    parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
+                        f"(with --demo: in place of the demo's {DEMO_DINOV3['embed_dim']}-wide ViT)")
     own, rest = parser.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):
         parser.print_help()  # then train_det's options, and exit
@@ -183,18 +230,21 @@ def main(argv=None):
     if not (args.demo or own.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
     try:
-        return train_det.demo(args, TASK, demo_teacher_config()) if args.demo else run(own, args)
+        return run(own, args)
     except train_det.USER_ERRORS as e:
         train_det.exit_with_error("teacher.py", e)
 
 
 def run(own, args):
-    """train_det.run on the teacher ECDet of --arch, its ViT starting from --dinov3."""
-    arch = parse_arch(own.arch, "--arch")
+    """train_det.run on the teacher ECDet of --arch (with --demo, the demo's on it), its ViT starting
+    from --dinov3."""
+    arch = parse_arch(own.arch, "--arch") or DEMO_DINOV3
     try:
-        cfg = teacher_config(arch)
+        cfg = demo_teacher_config(arch) if args.demo else teacher_config(arch)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--arch {own.arch}: {e}") from None
+    if args.demo:
+        return train_det.demo(args, TASK, cfg)
     if own.dinov3:
         check_dinov3(model.read_checkpoint(own.dinov3, "--dinov3"), arch, f"--dinov3 {own.dinov3}")
         args.backbone_weights = own.dinov3  # a bare ViT state dict, as train_det's --backbone-weights expects

@@ -88,7 +88,7 @@ def test_resume_repeats_the_uninterrupted_run(files, tmp_path):
 
 def test_several_teachers_directly_and_through_a_proxy(files, tmp_path):
     both = [files["teacher"], files["dinov3"]]
-    log = run(files, tmp_path / "direct", "--teacher-arch", files["arch"], "--epochs", "1", teachers=both)
+    log = run(files, tmp_path / "direct", "--epochs", "1", teachers=both)  # the DINOv3 model from its shapes
     assert len(log[0]["cosine"]) == 2
     heads = torch.load(tmp_path / "direct" / "student_last.pth", weights_only=True)["distiller"]
     assert heads["heads.0.proj.1.weight"].shape == heads["heads.1.proj.1.weight"].shape == (64, 64)
@@ -142,8 +142,11 @@ def test_bad_input_gets_one_clear_error(files, tmp_path, capsys):
     torch.save(model.ViT(embed_dim=64, depth=2, num_heads=2).state_dict(), tmp_path / "ecvit.pth")
     assert re.match(r"distill.py: error: --teacher .*ecvit.pth is not a teacher checkpoint: expected one written by "
                     r"teacher.py", error(teachers=[str(tmp_path / "ecvit.pth")]))
-    assert re.match(r"distill.py: error: --teacher .*dinov3.pth is not a teacher checkpoint .*add --teacher-arch",
-                    error(teachers=[files["dinov3"]]))
+    sd = torch.load(files["dinov3"], weights_only=True)
+    torch.save({k: v for k, v in sd.items() if not k.endswith("qkv.bias")}, tmp_path / "no_bias.pth")
+    assert re.match(r"distill.py: error: --teacher .*no_bias.pth: found width 64, depth 4, 2 heads, patch 16, 4 "
+                    r"storage tokens, mlp FFN of hidden width 256, qkv bias no, .*missing: blocks.0.attn",
+                    error(teachers=[str(tmp_path / "no_bias.pth")]))
     assert re.match(r"distill.py: error: --teacher .*dinov3.pth is not a dinov3_vitb16 checkpoint: .*wrong shape",
                     error("--teacher-arch", "dinov3_vitb16", teachers=[files["dinov3"]]))
     assert re.match(r"distill.py: error: --resume: no student_last.pth in", error("--resume", out=tmp_path / "fresh"))

@@ -10,7 +10,7 @@ import model
 import teacher
 import train_det as td
 
-HUB = list(teacher.DINOV3_HUB)
+RELEASED = list(load_schema("dinov3"))  # the hub models whose released files' names and shapes are at hand
 
 
 def tiny_dinov3():
@@ -38,7 +38,7 @@ def test_dinov3_matches_the_original_on_the_fixture():
     assert reshaped.shape == (1, 64, 14, 14)
 
 
-@pytest.mark.parametrize("name", HUB)
+@pytest.mark.parametrize("name", RELEASED)
 def test_hub_models_match_the_released_layout(name):
     schema = load_schema("dinov3")[name]
     with torch.device("meta"):
@@ -46,6 +46,47 @@ def test_hub_models_match_the_released_layout(name):
     assert {k: list(v.shape) for k, v in vit.state_dict().items()} == schema["state_dict"]
     assert sum(p.numel() for p in vit.parameters()) == schema["num_parameters"]
     assert vit.rope_embed.rescale == 2 and vit.blocks[0].norm1.eps == 1e-5
+
+
+def meta(shapes):
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def test_the_hub_model_of_a_state_dict_follows_from_its_names_and_shapes():
+    for name, schema in load_schema("dinov3").items():
+        assert teacher.infer_dinov3(meta(schema["state_dict"])) == name
+    assert set(teacher.DINOV3_HUB) == {*RELEASED, "dinov3_vith16plus"}
+    with torch.device("meta"):
+        vith = teacher.build_dinov3("dinov3_vith16plus")
+    assert teacher.infer_dinov3(vith.state_dict()) == "dinov3_vith16plus"
+    # The DINOv3 paper's ViT-H+ has 840 M parameters; a SwiGLU of 5120 hidden units
+    assert sum(p.numel() for p in vith.parameters()) == 840_633_600 and vith.blocks[0].mlp.w1.out_features == 5120
+
+
+def test_another_dinov3_size_gives_its_kwargs_and_loads():
+    fx = load_fixture("dinov3_tiny")
+    kwargs = teacher.infer_dinov3(fx["state_dict"])
+    shown = ("embed_dim", "depth", "num_heads", "ffn_ratio", "ffn_layer", "patch_size", "n_storage_tokens",
+             "mask_k_bias", "layerscale_init")
+    assert {k: kwargs[k] for k in shown} == {k: fx["config"][k] for k in shown}
+    teacher.build_dinov3(kwargs).load_state_dict(fx["state_dict"], strict=True)
+    swiglu = teacher.dinov3_shapes({**fx["config"], "embed_dim": 96, "num_heads": 3, "ffn_layer": "swiglu",
+                                    "ffn_ratio": 5, "n_storage_tokens": 1, "layerscale_init": None})
+    kwargs = teacher.infer_dinov3(swiglu)
+    assert (kwargs["num_heads"], kwargs["ffn_ratio"], kwargs["n_storage_tokens"], kwargs["layerscale_init"]) == (3, 5, 1, None)
+
+
+def test_a_state_dict_that_fits_no_dinov3_names_what_it_holds():
+    # vit7b16's kind: no qkv bias, a SwiGLU aligned to 64, an untied class-token norm
+    sd = {k: v for k, v in teacher.dinov3_shapes("dinov3_vits16plus").items() if not k.endswith("qkv.bias")}
+    sd["local_cls_norm.weight"] = torch.empty(384, device="meta")
+    with pytest.raises(ValueError, match=r"^found width 384, depth 12, 6 heads, patch 16, 4 storage tokens, swiglu "
+                                         r"FFN of hidden width 1536, qkv bias no, masked key bias yes, layer scale "
+                                         r"yes, untied local_cls_norm: not a DINOv3 ViT .*dinov3_vith16plus.*missing: "
+                                         r"blocks.0.attn.qkv.bias.*unexpected: local_cls_norm.weight"):
+        teacher.infer_dinov3(sd)
+    with pytest.raises(ValueError, match=r"found width 0, depth 2, unknown \(no RoPE periods\) heads"):
+        teacher.infer_dinov3(model.ViT(embed_dim=64, depth=2, num_heads=2).state_dict())  # an ECViT
 
 
 def test_unsupported_dinov3_settings_are_refused():
@@ -117,3 +158,15 @@ def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path, ca
             teacher.main(["--dinov3", str(tmp_path / "dinov3_tiny.pth"), "--arch", arch] + common)
         error = capsys.readouterr().err.strip().splitlines()[-1]  # after the first run's progress bars
         assert exit_info.value.code == 2 and re.match(f"teacher.py: error: {message}", error), error
+
+
+def test_demo_teacher_takes_another_dinov3(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(td, "demo", lambda args, task, cfg: seen.update(cfg=cfg, seed=args.seed))
+    teacher.main(["--demo"])
+    assert seen["cfg"]["ViTAdapter"] == {"dinov3": teacher.DEMO_DINOV3, "interaction_indexes": [4, 5], "proj_dim": 64}
+    arch = {**teacher.DEMO_DINOV3, "embed_dim": 128, "depth": 4, "num_heads": 4}  # the EUPE evidence's second teacher
+    (tmp_path / "b.json").write_text(json.dumps(arch))
+    teacher.main(["--demo", "--arch", str(tmp_path / "b.json"), "--seed", "1"])
+    assert seen["cfg"]["ViTAdapter"] == {"dinov3": arch, "interaction_indexes": [2, 3], "proj_dim": 64}
+    assert seen["seed"] == 1
