@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import model
+import predict
 import teacher
 import train_det
 
@@ -78,7 +79,7 @@ def read_image(path):
     """The RGB image in file `path`, or None when it can't be read."""
     try:
         with Image.open(path) as file:
-            return train_det.to_rgb(file)
+            return predict.to_rgb(file)
     except Exception:  # PIL raises many kinds on broken files; none should stop a run
         return None
 

@@ -53,6 +53,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 import model
+import predict
 import train_det
 
 # Largest difference allowed between PyTorch and an exported FP32 model, per output kind: scores and
@@ -349,7 +350,7 @@ def read_images(folder, size, count):
             break
         try:
             with Image.open(path) as im:
-                im = train_det.to_rgb(im)  # decodes the whole file, so broken ones fail here
+                im = predict.to_rgb(im)  # decodes the whole file, so broken ones fail here
         except OSError:
             skipped.append(path.name)
             continue
@@ -608,7 +609,7 @@ def coco_ap(runner, cfg, size, images_dir, ann_file):
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--val-images/--val-ann: {e}") from None
     data = loader.dataset
-    evaluator = train_det.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
+    evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
     for images, targets in loader:
         sizes = torch.stack([t["orig_size"] for t in targets])
         top = runner(images.numpy(), sizes.numpy())

@@ -48,7 +48,6 @@ from tqdm import tqdm
 import model
 import predict
 from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
-from predict import CocoEvaluator, load_coco, to_rgb
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml and ecseg/ecseg_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
@@ -103,7 +102,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, img_dir, ann_file, transforms=None, return_masks=False):
         self.img_dir, self.ann_file = img_dir, ann_file
         self.transforms, self.return_masks = transforms, return_masks
-        self.coco = load_coco(ann_file)
+        self.coco = predict.load_coco(ann_file)
         for c, cat in self.coco.cats.items():
             if not isinstance(cat.get("name"), str):
                 raise ValueError(f"COCO annotation file {ann_file}: category {c} has no 'name'")
@@ -183,7 +182,7 @@ class CocoDetection(torch.utils.data.Dataset):
         info, path = self.coco.imgs[image_id], self._path(image_id)
         try:
             with Image.open(path) as im:
-                im = to_rgb(im)  # also forces the decode, so broken files fail here
+                im = predict.to_rgb(im)  # also forces the decode, so broken files fail here
         except OSError as e:
             return self._skip(path, repr(e))
         w, h = im.size
@@ -1176,7 +1175,7 @@ def evaluate(net, loader, task, cfg, args, rank, picture=None):
     rank 0 also draws its first batch's predictions there."""
     net.eval()
     data = loader.dataset
-    evaluator = CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
+    evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
     for images, targets in tqdm(loader, desc="eval", disable=rank != 0, dynamic_ncols=True, leave=False):
         with torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
             outputs = net(images.to(args.device))

@@ -307,7 +307,7 @@ def perfect_predictions(ds):
 def test_evaluator_perfect_and_empty_predictions(coco_root, capsys):
     ds = dataset(coco_root, "val2017")
     image_ids, results = perfect_predictions(ds)
-    evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat, iou_types=("bbox", "segm"))
+    evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat, iou_types=("bbox", "segm"))
     for start in range(0, len(image_ids), 5):
         evaluator.update(image_ids[start:start + 5], results[start:start + 5])
     stats = evaluator.summarize()
@@ -319,11 +319,11 @@ def test_evaluator_perfect_and_empty_predictions(coco_root, capsys):
     assert "IoU metric: segm" in capsys.readouterr().out
 
     # labels not mapped back to category ids would mostly miss: the mapping is what makes AP 1
-    wrong = td.CocoEvaluator(ds.coco, {label: label for label in ds.label_to_cat})
+    wrong = predict.CocoEvaluator(ds.coco, {label: label for label in ds.label_to_cat})
     wrong.update(image_ids, results)
     assert wrong.summarize()["bbox"][0] < 0.9
 
-    empty = td.CocoEvaluator(ds.coco, ds.label_to_cat, iou_types=("bbox", "segm"))
+    empty = predict.CocoEvaluator(ds.coco, ds.label_to_cat, iou_types=("bbox", "segm"))
     none = dict(labels=torch.zeros(0, dtype=torch.int64), boxes=torch.zeros(0, 4), scores=torch.zeros(0),
                 masks=torch.zeros(0, 1, 8, 8))
     empty.update(image_ids, [none] * len(image_ids))
@@ -344,7 +344,7 @@ def _distributed_eval(rank, world_size, init_file, ann_file, img_dir, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         ds = td.CocoDetection(img_dir, ann_file)
-        evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat)
+        evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat)
         evaluator.update(*half_detected(ds, rank, world_size))
         with open(f"{out_file}.{rank}", "w") as f:
             json.dump(evaluator.summarize(), f)
@@ -358,7 +358,7 @@ def test_evaluator_gathers_across_ranks(coco_root, tmp_path):
     mp.start_processes(_distributed_eval, args=(2, str(tmp_path / "init"), ann_file, img_dir, str(tmp_path / "stats")),
                        nprocs=2, start_method="fork")
     ds = td.CocoDetection(img_dir, ann_file)
-    single = td.CocoEvaluator(ds.coco, ds.label_to_cat)
+    single = predict.CocoEvaluator(ds.coco, ds.label_to_cat)
     for rank in range(2):
         single.update(*half_detected(ds, rank, 2))
     expected = single.summarize()

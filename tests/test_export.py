@@ -17,6 +17,7 @@ from PIL import Image
 
 import export
 import model
+import predict
 import train_det as td
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
@@ -286,7 +287,7 @@ def test_openvino_without_the_package_is_one_line(tiny, tmp_path, monkeypatch, c
 def test_coco_ap_of_a_perfect_runner_is_1(shapes):
     """coco_ap feeds the evaluator what the exported graph outputs: pixel boxes in the original image."""
     ann = f"{shapes}/annotations/instances_val2017.json"
-    coco = td.load_coco(ann)
+    coco = predict.load_coco(ann)
     to_label = {c: i for i, c in enumerate(sorted(coco.cats))}
     truth = iter(sorted(coco.imgs))
 

@@ -12,6 +12,7 @@ from conftest import load_schema
 from PIL import Image
 
 import model
+import predict
 import train_det as td
 
 # A user's data set as the demo never sees it: other shapes, non-contiguous category ids, a quarter of
@@ -169,7 +170,7 @@ def test_tune_with_a_preset_name_downloads_the_released_model(server, tmp_path):
 def test_per_class_ap_names_each_category_as_the_original_tabulates_it(tmp_path, capsys):
     root = make_user_set(str(tmp_path / "user"), num_train=0, num_val=12, img_size=96)
     ds = td.CocoDetection(f"{root}/val2017", f"{root}/annotations/instances_val2017.json")
-    evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat)
+    evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat)
     for image_id in ds.ids:  # every object found, but no star
         objects = [a for a in ds.coco.imgToAnns[image_id] if a["category_id"] != 2]
         boxes = torch.tensor([a["bbox"] for a in objects]).reshape(-1, 4)

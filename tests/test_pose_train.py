@@ -175,7 +175,7 @@ def test_bad_annotations_are_skipped_and_counted(pose_root, tmp_path):
         assert len(tp.CocoKeypoints(f"{pose_root}/val2017", str(ann_file))) == 6  # evaluation keeps them
 
     # The repaired file can still be evaluated: the persons without keypoints are ignored.
-    evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat, ("keypoints",))
+    evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat, ("keypoints",))
     evaluator.update([1], [perfect_result(good)])
     assert evaluator.summarize()["keypoints"][0] == pytest.approx(1.0)
 
@@ -195,8 +195,8 @@ def perfect_result(*anns):
 
 def test_keypoint_evaluation_of_perfect_and_no_predictions(pose_root):
     ds = dataset(pose_root, "val2017")
-    evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat, ("keypoints",))
-    empty = td.CocoEvaluator(ds.coco, ds.label_to_cat, ("keypoints",))
+    evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat, ("keypoints",))
+    empty = predict.CocoEvaluator(ds.coco, ds.label_to_cat, ("keypoints",))
     for image_id in ds.ids:
         anns = ds.coco.imgToAnns[image_id]
         info = ds.coco.imgs[image_id]

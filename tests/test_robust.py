@@ -13,6 +13,7 @@ from PIL import Image
 
 import distill
 import model
+import predict
 import teacher
 import train_det as td
 import train_pose
@@ -101,7 +102,7 @@ def test_the_pose_criterion_reports_nan_keypoints_as_nan_losses():
 
 def test_evaluation_refuses_non_finite_predictions(data, tmp_path, capsys):
     ds = td.CocoDetection(f"{data['coco']}/val2017", f"{data['coco']}/annotations/instances_val2017.json")
-    evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat)
+    evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat)
     nan = dict(labels=torch.zeros(1, dtype=torch.int64), boxes=torch.full((1, 4), float("nan")), scores=torch.ones(1))
     with pytest.raises(FloatingPointError, match="non-finite predictions .* for image 1"):
         evaluator.update([1], [nan])
@@ -221,7 +222,7 @@ def test_distill_refuses_to_replace_a_trained_student(data, tmp_path, capsys):
 def test_grey_images_of_more_than_8_bits_keep_their_contents(tmp_path, mode, pixels, expected):
     image = Image.fromarray(pixels)
     assert image.mode == mode
-    rgb = np.asarray(td.to_rgb(image))
+    rgb = np.asarray(predict.to_rgb(image))
     assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == expected and (rgb == rgb[..., :1]).all()
     if mode == "I;16":  # a 16-bit PNG, through the detection data set and distillation's reader
         Image.fromarray(np.tile(pixels, (8, 4))).save(tmp_path / "a.png")

@@ -17,6 +17,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import model
+import predict
 import train_det as td
 import train_seg as ts
 
@@ -286,7 +287,7 @@ def test_bad_segmentations_are_repaired_or_skipped_with_counted_warnings(rle_roo
         assert len(target["masks"]) == len(target["labels"]) and (target["masks"].flatten(1).sum(1) > 0).all()
 
     # The skipped objects become crowd regions: evaluating the ground truth itself scores 1.
-    evaluator = td.CocoEvaluator(ds.coco, ds.label_to_cat, ("bbox", "segm"))
+    evaluator = predict.CocoEvaluator(ds.coco, ds.label_to_cat, ("bbox", "segm"))
     for image_id in ds.ids:
         objects = [a for a in ds.coco.imgToAnns[image_id] if not a.get("iscrowd")]
         info = ds.coco.imgs[image_id]
