@@ -158,7 +158,7 @@ def build_backbone(spec, what, hub=False):
     if spec in model.ECVIT:
         dim, heads, ffn_ratio, _ = model.ECVIT[spec]
         return from_adapter({"embed_dim": dim, "num_heads": heads, "ffn_ratio": ffn_ratio}, what)
-    if hub and spec in teacher.DINOV3_HUB:
+    if hub and spec in model.DINOV3_HUB:
         return from_adapter({"dinov3": spec}, what)
     if spec.endswith(".json") or spec.lstrip().startswith("{"):
         try:
@@ -170,7 +170,7 @@ def build_backbone(spec, what, hub=False):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{what} {spec}: cannot read the JSON config: {e}") from None
         return from_adapter(cfg.get("ViTAdapter", cfg), what)
-    names = list(model.ECVIT) + (list(teacher.DINOV3_HUB) if hub else [])
+    names = list(model.ECVIT) + (list(model.DINOV3_HUB) if hub else [])
     raise ValueError(f"{what} {spec!r}: unknown preset; expected one of {', '.join(names)}, "
                      f"or a JSON model config with a ViTAdapter section")
 

@@ -85,97 +85,6 @@ KEEP_FP32 = ("attn/MatMul", "self_attn/MatMul_", "/net/decoder/")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 
 
-class Deployed(nn.Module):
-    """The network plus in-graph postprocessing: (images, orig_target_sizes) -> dict of outputs."""
-
-    def __init__(self, net, num_top_queries):
-        super().__init__()
-        self.net, self.num_top_queries = net, num_top_queries
-
-    def forward(self, images, orig_target_sizes):
-        return model.select_top(self.net(images), orig_target_sizes, self.num_top_queries)
-
-
-def load_network(spec, weights):
-    """(network in eval mode, config, name, classes) from a checkpoint and a preset name or JSON config.
-
-    The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
-    (and their class names), a released one does not, so it needs `spec`. classes: (names, category
-    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). Without
-    weights, seeded random ones, the same in every process.
-    """
-    ckpt = None
-    if weights is not None:
-        ckpt = model.read_checkpoint(weights, "--weights")
-    if spec is None:
-        if ckpt is None:
-            raise ValueError("give --model (a preset or a JSON config), --weights (a checkpoint of this project), or both")
-        if not isinstance(ckpt.get("config"), dict):
-            raise ValueError(f"--weights {weights} carries no network config (a released checkpoint?): give --model "
-                             f"with its preset ({', '.join(model.PRESETS)}) or a JSON config file")
-        cfg, name = ckpt["config"], pathlib.Path(weights).stem
-    elif spec.endswith(".json") or os.path.isfile(spec):
-        try:
-            cfg = json.loads(pathlib.Path(spec).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--model {spec}: cannot read the JSON config: {e}") from None
-        name = pathlib.Path(spec).stem
-    elif spec in model.PRESETS:
-        cfg, name = model.preset_config(spec), spec
-    else:
-        raise ValueError(f"--model {spec!r}: neither a preset ({', '.join(model.PRESETS)}) nor a JSON config file")
-    torch.manual_seed(0)
-    try:
-        net = model.build_model(cfg)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"--model {spec or weights}: {e}") from None
-    if ckpt is not None:
-        try:
-            model.load_weights(net, ckpt)
-        except ValueError as e:
-            raise ValueError(f"--weights {weights}: {e}") from None
-    if ckpt is not None and "names" in ckpt:
-        classes = ckpt["names"], ckpt["category_ids"]
-    else:
-        classes = model.default_classes(cfg["num_classes"], "DETRTransformer" in cfg)
-    return net.eval(), cfg, name, classes
-
-
-def metadata(cfg, classes):
-    """What an exported file carries besides the graph (ONNX metadata_props, which OpenVINO keeps in
-    its IR's rt_info under "framework"): the config, and class names and category ids by label."""
-    names, category_ids = classes
-    return {"config": json.dumps(cfg), "names": json.dumps(names), "category_ids": json.dumps(category_ids)}
-
-
-def check_writable(path, flag):
-    """`path` as a Path, or an error naming the argument when no file can be written there."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise ValueError(f"{flag} {path}: is a directory; give a file name")
-    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise ValueError(f"{flag} {path}: cannot write there ({path.parent}/ is not a writable directory)")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_output(path, flag, companions=()):
-    """A temporary file next to `path` that replaces `path` only when the block succeeds, so a failed
-    export never leaves a half-written or unverified file under the requested name. `companions`:
-    suffixes of files written beside it under the same stem (OpenVINO's .bin), moved with it."""
-    path = check_writable(path, flag)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # ONNX Runtime goes by the suffix
-    pairs = [(tmp, path)] + [(tmp.with_suffix(s), path.with_suffix(s)) for s in companions]
-    try:
-        yield str(tmp)
-        for src, dst in reversed(pairs):  # the file that names the others last
-            os.replace(src, dst)
-    finally:
-        for src, _ in pairs:
-            if os.path.exists(src):
-                os.remove(src)
-
-
 def export_onnx(deployed, inputs, path, opset, dynamic_batch, names, props):
     """Trace `deployed` on `inputs` into an ONNX file with outputs `names`, constants folded and the
     metadata_props `props` (str -> str)."""
@@ -202,18 +111,6 @@ def export_onnx(deployed, inputs, path, opset, dynamic_batch, names, props):
     onnx.helper.set_model_props(graph, props)
     onnx.save(graph, path)
     onnx.checker.check_model(path, full_check=True)
-
-
-def ort_session(path, threads=None, profile_prefix=None):
-    """An ONNX Runtime CPU session whose threads sleep between runs: spinning ones slow down whatever
-    runs next on the same cores (PyTorch in the same process five- to seven-fold, measured)."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    if profile_prefix:
-        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def differences(ref, got, sizes, tol):
@@ -299,7 +196,7 @@ class OrtRunner:
 
     def __init__(self, path, threads=None):
         self.path, self.threads = path, threads
-        self.session = ort_session(path, threads)
+        self.session = predict.ort_session(path, threads)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, images, sizes):
@@ -308,7 +205,7 @@ class OrtRunner:
     def profile(self, images, sizes, top):
         """ONNX Runtime's profiler over the second of two runs: kernel time per operator type."""
         with tempfile.TemporaryDirectory() as tmp:
-            session = ort_session(self.path, self.threads, profile_prefix=os.path.join(tmp, "ort"))
+            session = predict.ort_session(self.path, self.threads, profile_prefix=os.path.join(tmp, "ort"))
             for _ in range(2):
                 session.run(self.names, {"images": images, "orig_target_sizes": sizes})
             events = json.loads(pathlib.Path(session.end_profiling()).read_text())
@@ -389,7 +286,7 @@ def quantize_int8(fp32_path, int8_path, images, sizes, batch):
             calibrate_method=quantization.CalibrationMethod.MinMax)
     finally:
         logging.disable(logging.NOTSET)
-    int8 = onnx.load(int8_path)  # the quantiser drops the metadata that predict.py reads
+    int8 = onnx.load(int8_path)  # the quantiser drops the predict.metadata that predict.py reads
     onnx.helper.set_model_props(int8, {p.key: p.value for p in onnx.load(fp32_path).metadata_props})
     onnx.save(int8, int8_path)
 
@@ -493,17 +390,6 @@ def bf16_supported():
 # ---------------------------------------------------------------------------------------------
 # TensorRT: built with its Python API where it is importable and a CUDA GPU is present
 # ---------------------------------------------------------------------------------------------
-def tensorrt_missing():
-    """Why TensorRT cannot run here, or None when it can."""
-    try:
-        import tensorrt  # noqa: F401
-    except (ImportError, OSError):  # OSError: the package is there but its CUDA libraries are not
-        return "the tensorrt Python package is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible"
-    return None
-
-
 def trtexec_command(onnx_path, engine_path, fp16, int8, size, max_batch):
     """The trtexec command that builds the engine that `build_engine` would build."""
     cmd = f"trtexec --onnx={onnx_path} --saveEngine={engine_path}"
@@ -542,33 +428,6 @@ def build_engine(onnx_path, engine_path, fp16, int8, size, max_batch):
     pathlib.Path(engine_path).write_bytes(engine)
 
 
-class TensorRTRunner:
-    """Runs a serialized engine on CUDA, from and to numpy arrays on the host."""
-
-    def __init__(self, engine_path):
-        import tensorrt as trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)  # the runtime and its logger must outlive the engine
-        self.engine = self.runtime.deserialize_cuda_engine(pathlib.Path(engine_path).read_bytes())
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.outputs = {n: torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
-                        for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT}
-
-    def __call__(self, images, sizes):
-        tensors = {"images": torch.from_numpy(images).cuda(), "orig_target_sizes": torch.from_numpy(sizes).cuda()}
-        for name, t in tensors.items():
-            self.context.set_input_shape(name, tuple(t.shape))
-        outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=dtype, device="cuda")
-                   for n, dtype in self.outputs.items()}
-        for name, t in {**tensors, **outputs}.items():
-            self.context.set_tensor_address(name, t.data_ptr())
-        stream = torch.cuda.current_stream()
-        self.context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return {n: t.cpu().numpy() for n, t in outputs.items()}
-
-
 # ---------------------------------------------------------------------------------------------
 # Deployments: what this run produced, each with the runner that runs it
 # ---------------------------------------------------------------------------------------------
@@ -584,8 +443,8 @@ def make_runner(d, net_spec, threads):
     if d["runtime"] == "OpenVINO":
         return OpenVINORunner(d["path"], threads, "bf16" if "bf16" in d["precision"] else "f32")
     if d["runtime"] == "TensorRT":
-        return TensorRTRunner(d["path"])
-    net, cfg, _, _ = load_network(net_spec["model"], net_spec["weights"])
+        return predict.TensorRTRunner(d["path"])
+    net, cfg, _, _ = predict.load_network(net_spec["model"], net_spec["weights"])
     if d["runtime"] == "the original, PyTorch eager":
         return TorchRunner(reference_model(net, cfg, net_spec["reference"], net_spec["size"]),
                            model.num_top_queries(cfg))
@@ -875,7 +734,7 @@ def main(argv=None):
 
 def run(args):
     torch.set_num_threads(args.threads)
-    net, cfg, name, classes = load_network(args.model, args.weights)
+    net, cfg, name, classes = predict.load_network(args.model, args.weights)
     if args.weights is None and not args.flops:
         print("warning: no --weights given: random weights (fine for benchmarking, useless for inference)",
               file=sys.stderr)
@@ -894,7 +753,7 @@ def run(args):
     for flag, path in (("--onnx", onnx_path), ("--int8", args.int8 and int8_path), ("--trt", args.trt),
                        ("--benchmark-json", args.benchmark_json)):
         if path:
-            check_writable(path, flag)
+            predict.check_writable(path, flag)
     if ov_dir:
         import_openvino()
         if ov_dir.exists() and not ov_dir.is_dir():
@@ -912,7 +771,7 @@ def run(args):
                     weights=args.weights and os.path.abspath(args.weights), size=size,
                     reference=args.reference and os.path.abspath(args.reference))
 
-    deployed = Deployed(net.deploy(), model.num_top_queries(cfg)).eval()
+    deployed = predict.Deployed(net.deploy(), model.num_top_queries(cfg)).eval()
     images, sizes = example_inputs(size, batch)
     with torch.no_grad():
         ref = {k: v.numpy() for k, v in deployed(images, sizes).items()}
@@ -920,9 +779,9 @@ def run(args):
     deployments = [deployment("PyTorch eager fp32", "PyTorch eager", "fp32"),
                    deployment("PyTorch eager bf16", "PyTorch eager", "bf16")]
 
-    with atomic_output(onnx_path, "--onnx") as tmp:
+    with predict.atomic_output(onnx_path, "--onnx") as tmp:
         export_onnx(deployed, (torch.from_numpy(images[:1]), torch.from_numpy(sizes[:1])), tmp, args.opset,
-                    args.dynamic_batch, list(ref), metadata(cfg, classes))
+                    args.dynamic_batch, list(ref), predict.metadata(cfg, classes))
         fp32 = OrtRunner(tmp)
         verify(ref, fp32(images, sizes), sizes, TOLERANCE, "ONNX Runtime")
     print(f"wrote {onnx_path} (opset {args.opset}, {'dynamic batch' if args.dynamic_batch else 'batch 1'}, "
@@ -935,7 +794,7 @@ def run(args):
         checked = lambda runner, what: check_agreement(fp32_outputs, run_batches(runner, *check, batch), what,
                                                        len(check[0]), enforce=args.weights is not None)
     if args.int8:
-        with atomic_output(int8_path, "--int8") as tmp:
+        with predict.atomic_output(int8_path, "--int8") as tmp:
             quantize_int8(onnx_path, tmp, *calib, batch)
             checked(OrtRunner(tmp), "ONNX Runtime int8")
         print(f"wrote {int8_path} (calibrated on {len(calib[0])} images of {args.calib_images})")
@@ -944,7 +803,7 @@ def run(args):
     if ov_dir:
         ov_dir.mkdir(exist_ok=True)
         xml = ov_dir / f"{pathlib.Path(onnx_path).stem}.xml"
-        with atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
+        with predict.atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
             export_openvino(onnx_path, tmp)
             verify(ref, OpenVINORunner(tmp)(images, sizes), sizes, TOLERANCE, "OpenVINO")
             if not bf16_supported():
@@ -960,7 +819,7 @@ def run(args):
         if args.int8:  # what stays in float runs in BF16 where the CPU has it: the fastest deployment here
             xml = ov_dir / f"{pathlib.Path(int8_path).stem}.xml"
             precision = "int8+bf16" if bf16_supported() else "int8"
-            with atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
+            with predict.atomic_output(xml, "--openvino", companions=[".bin"]) as tmp:
                 export_openvino(int8_path, tmp)
                 hint = "bf16" if "bf16" in precision else "f32"
                 checked(OpenVINORunner(tmp, precision=hint), f"OpenVINO {precision}")
@@ -971,14 +830,14 @@ def run(args):
         precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
         source = int8_path if args.int8 else onnx_path
         max_batch = args.max_batch if args.dynamic_batch else None
-        reason = tensorrt_missing()
+        reason = predict.tensorrt_missing()
         if reason:
             raise RuntimeError(f"cannot build --trt {args.trt} here: {reason}. Build it from {source} on the "
                                f"target machine with:\n  " + trtexec_command(source, args.trt, args.fp16, args.int8,
                                                                               size, max_batch))
-        with atomic_output(args.trt, "--trt") as tmp:
+        with predict.atomic_output(args.trt, "--trt") as tmp:
             build_engine(source, tmp, args.fp16, args.int8, size, max_batch)
-            engine = TensorRTRunner(tmp)
+            engine = predict.TensorRTRunner(tmp)
             if args.int8:
                 checked(engine, "TensorRT int8")
             else:

@@ -1489,6 +1489,83 @@ def make_section(cls, cfg, name, **shared):
         raise ValueError(f"config section {name!r}: {e}") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# DINOv3's ViT as a preset of ViT (the teacher's backbone, teacher.py)
+# ---------------------------------------------------------------------------------------------
+# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
+DINOV3_DEFAULTS = dict(
+    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
+    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
+    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
+    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
+    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
+# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
+DINOV3_FIXED = dict(
+    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
+    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
+    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
+NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
+
+# The hub models (dinov3/hub/backbones.py): shared settings, then each model's size.
+HUB_COMMON = dict(patch_size=16, pos_embed_rope_base=100.0, pos_embed_rope_normalize_coords="separate",
+                  pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32", layerscale_init=1e-5,
+                  norm_layer="layernormbf16", n_storage_tokens=4, mask_k_bias=True)
+DINOV3_HUB = {
+    "dinov3_vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4, ffn_layer="mlp"),
+    "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6, ffn_layer="swiglu"),
+    "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4, ffn_layer="mlp"),
+    "dinov3_vitl16": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4, ffn_layer="mlp"),
+    # No released file of this one was at hand: its layout follows from the hub's kwargs alone.
+    "dinov3_vith16plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6, ffn_layer="swiglu"),
+}
+# dinov3_vit7b16 (4096 wide, 40 blocks) has no qkv bias, a SwiGLU aligned to 64 and untied class-token
+# norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
+
+
+def dinov3_kwargs(cfg):
+    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict."""
+    if isinstance(cfg, str):
+        if cfg not in DINOV3_HUB:
+            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(DINOV3_HUB)} or a kwargs dict")
+        cfg = {**HUB_COMMON, **DINOV3_HUB[cfg]}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
+    return {**DINOV3_DEFAULTS, **cfg}
+
+
+def build_dinov3(cfg):
+    """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
+    "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as ViT(dinov3=True). Its state dict has
+    the original's names and shapes; `get_intermediate_layers` / `forward_features` take
+    (B, 3, H, W) images with H, W multiples of the patch size."""
+    kw = dinov3_kwargs(cfg)
+    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
+    if kw["norm_layer"] not in NORM_EPS:
+        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(NORM_EPS)})")
+    if kw["ffn_layer"] not in ("mlp", "swiglu"):
+        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
+    if kw["n_storage_tokens"] < 1:
+        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
+    if refused:
+        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
+    return ViT(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"],
+                     ffn_ratio=kw["ffn_ratio"], ffn_layer=kw["ffn_layer"], dinov3=True,
+                     patch_size=kw["patch_size"], n_storage_tokens=kw["n_storage_tokens"],
+                     layerscale_init=kw["layerscale_init"], mask_k_bias=kw["mask_k_bias"],
+                     norm_eps=NORM_EPS[kw["norm_layer"]], rope_rescale=kw["pos_embed_rope_rescale_coords"])
+
+
+def dinov3_shapes(cfg):
+    """The state dict of `build_dinov3(cfg)` as meta tensors: names and shapes, no memory."""
+    with torch.device("meta"):
+        return build_dinov3(cfg).state_dict()
+
+
 def build_vit(adapter):
     """The ViT of a ViTAdapter config section: ECViT from the original's keys, or, with a `dinov3`
     key (a hub name such as "dinov3_vitb16" or DINOv3 kwargs), the DINOv3 ViT of the teacher."""
@@ -1497,8 +1574,7 @@ def build_vit(adapter):
     if "dinov3" in adapter:
         if vit:
             raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {sorted(vit)}")
-        import teacher  # the teacher stage builds on this file, so a top-level import would be circular
-        vit = teacher.build_dinov3(adapter["dinov3"])
+        vit = build_dinov3(adapter["dinov3"])
         # The feature generator reads un-normed tokens: the final norm and the mask token get no
         # gradient, and DDP would wait for theirs forever.
         vit.norm.requires_grad_(False)

@@ -39,8 +39,10 @@ import time
 import av
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
@@ -48,7 +50,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-import export
 import model
 
 # ---------------------------------------------------------------------------------------------
@@ -133,6 +134,151 @@ def load_image(image):
 
 
 # ---------------------------------------------------------------------------------------------
+# Networks and files shared with export.py: a checkpoint's network, its deployed form, an
+# exported file's metadata, atomic output, and the runtimes' sessions
+# ---------------------------------------------------------------------------------------------
+class Deployed(nn.Module):
+    """The network plus in-graph postprocessing: (images, orig_target_sizes) -> dict of outputs."""
+
+    def __init__(self, net, num_top_queries):
+        super().__init__()
+        self.net, self.num_top_queries = net, num_top_queries
+
+    def forward(self, images, orig_target_sizes):
+        return model.select_top(self.net(images), orig_target_sizes, self.num_top_queries)
+
+
+def load_network(spec, weights):
+    """(network in eval mode, config, name, classes) from a checkpoint and a preset name or JSON config.
+
+    The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
+    (and their class names), a released one does not, so it needs `spec`. classes: (names, category
+    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). Without
+    weights, seeded random ones, the same in every process.
+    """
+    ckpt = None
+    if weights is not None:
+        ckpt = model.read_checkpoint(weights, "--weights")
+    if spec is None:
+        if ckpt is None:
+            raise ValueError("give --model (a preset or a JSON config), --weights (a checkpoint of this project), or both")
+        if not isinstance(ckpt.get("config"), dict):
+            raise ValueError(f"--weights {weights} carries no network config (a released checkpoint?): give --model "
+                             f"with its preset ({', '.join(model.PRESETS)}) or a JSON config file")
+        cfg, name = ckpt["config"], pathlib.Path(weights).stem
+    elif spec.endswith(".json") or os.path.isfile(spec):
+        try:
+            cfg = json.loads(pathlib.Path(spec).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--model {spec}: cannot read the JSON config: {e}") from None
+        name = pathlib.Path(spec).stem
+    elif spec in model.PRESETS:
+        cfg, name = model.preset_config(spec), spec
+    else:
+        raise ValueError(f"--model {spec!r}: neither a preset ({', '.join(model.PRESETS)}) nor a JSON config file")
+    torch.manual_seed(0)
+    try:
+        net = model.build_model(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--model {spec or weights}: {e}") from None
+    if ckpt is not None:
+        try:
+            model.load_weights(net, ckpt)
+        except ValueError as e:
+            raise ValueError(f"--weights {weights}: {e}") from None
+    if ckpt is not None and "names" in ckpt:
+        classes = ckpt["names"], ckpt["category_ids"]
+    else:
+        classes = model.default_classes(cfg["num_classes"], "DETRTransformer" in cfg)
+    return net.eval(), cfg, name, classes
+
+
+def metadata(cfg, classes):
+    """What an exported file carries besides the graph (ONNX metadata_props, which OpenVINO keeps in
+    its IR's rt_info under "framework"): the config, and class names and category ids by label."""
+    names, category_ids = classes
+    return {"config": json.dumps(cfg), "names": json.dumps(names), "category_ids": json.dumps(category_ids)}
+
+
+def check_writable(path, flag):
+    """`path` as a Path, or an error naming the argument when no file can be written there."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a directory; give a file name")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ValueError(f"{flag} {path}: cannot write there ({path.parent}/ is not a writable directory)")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path, flag, companions=()):
+    """A temporary file next to `path` that replaces `path` only when the block succeeds, so a failed
+    export never leaves a half-written or unverified file under the requested name. `companions`:
+    suffixes of files written beside it under the same stem (OpenVINO's .bin), moved with it."""
+    path = check_writable(path, flag)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # ONNX Runtime goes by the suffix
+    pairs = [(tmp, path)] + [(tmp.with_suffix(s), path.with_suffix(s)) for s in companions]
+    try:
+        yield str(tmp)
+        for src, dst in reversed(pairs):  # the file that names the others last
+            os.replace(src, dst)
+    finally:
+        for src, _ in pairs:
+            if os.path.exists(src):
+                os.remove(src)
+
+
+def ort_session(path, threads=None, profile_prefix=None):
+    """An ONNX Runtime CPU session whose threads sleep between runs: spinning ones slow down whatever
+    runs next on the same cores (PyTorch in the same process five- to seven-fold, measured)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def tensorrt_missing():
+    """Why TensorRT cannot run here, or None when it can."""
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError):  # OSError: the package is there but its CUDA libraries are not
+        return "the tensorrt Python package is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+class TensorRTRunner:
+    """Runs a serialized engine on CUDA, from and to numpy arrays on the host."""
+
+    def __init__(self, engine_path):
+        import tensorrt as trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)  # the runtime and its logger must outlive the engine
+        self.engine = self.runtime.deserialize_cuda_engine(pathlib.Path(engine_path).read_bytes())
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.outputs = {n: torch.from_numpy(np.empty(0, trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
+                        for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT}
+
+    def __call__(self, images, sizes):
+        tensors = {"images": torch.from_numpy(images).cuda(), "orig_target_sizes": torch.from_numpy(sizes).cuda()}
+        for name, t in tensors.items():
+            self.context.set_input_shape(name, tuple(t.shape))
+        outputs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=dtype, device="cuda")
+                   for n, dtype in self.outputs.items()}
+        for name, t in {**tensors, **outputs}.items():
+            self.context.set_tensor_address(name, t.data_ptr())
+        stream = torch.cuda.current_stream()
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return {n: t.cpu().numpy() for n, t in outputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
 # Runtimes: (images (B, 3, H, W), original sizes (B, 2) as (w, h)) -> model.select_top's outputs
 # ---------------------------------------------------------------------------------------------
 # Each runtime has `size` (H, W) of its input (a PyTorch network takes any multiple of 32),
@@ -142,7 +288,7 @@ RUNTIMES = {"torch": (".pth", ".pt"), "onnxruntime": (".onnx",), "tensorrt": (".
 
 
 def classes_from(props, what, pose):
-    """(names, category ids) from an exported file's metadata (export.metadata's keys), else COCO's."""
+    """(names, category ids) from an exported file's `metadata`, else COCO's."""
     if "names" in props and "category_ids" in props:
         return json.loads(props["names"]), json.loads(props["category_ids"])
     tqdm.write(f"warning: {what} carries no class names; taking COCO's", file=sys.stderr)
@@ -150,12 +296,12 @@ def classes_from(props, what, pose):
 
 
 class TorchRuntime:
-    """A checkpoint in PyTorch, deployed (export.Deployed: the network and model.select_top)."""
+    """A checkpoint in PyTorch, deployed (Deployed: the network and model.select_top)."""
 
     def __init__(self, weights, config, device):
-        net, cfg, _, (self.names, self.category_ids) = export.load_network(config, weights)
+        net, cfg, _, (self.names, self.category_ids) = load_network(config, weights)
         self.device = torch.device(device)
-        self.deployed = export.Deployed(net.deploy(), model.num_top_queries(cfg)).to(self.device)
+        self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg)).to(self.device)
         self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
 
     @torch.inference_mode()
@@ -168,7 +314,7 @@ class OnnxRuntime:
 
     def __init__(self, path):
         try:
-            self.session = export.ort_session(path)
+            self.session = ort_session(path)
         except Exception as e:  # ONNX Runtime's own exception types
             raise ValueError(f"--weights {path}: ONNX Runtime cannot load it: {e}") from None
         inputs = self.session.get_inputs()
@@ -187,15 +333,15 @@ class OnnxRuntime:
 
 
 class TensorRTRuntime:
-    """A TensorRT engine (export.TensorRTRunner) on a CUDA GPU. An engine carries no metadata: the
+    """A TensorRT engine (TensorRTRunner) on a CUDA GPU. An engine carries no metadata: the
     class names are read from the ONNX file of the same name beside it, which export.py builds it from."""
 
     def __init__(self, path):
-        reason = export.tensorrt_missing()
+        reason = tensorrt_missing()
         if reason:
             raise ValueError(f"--weights {path}: a TensorRT engine needs the tensorrt package and a CUDA GPU; "
                              f"here {reason}")
-        self.runner = export.TensorRTRunner(path)
+        self.runner = TensorRTRunner(path)
         engine = self.runner.engine
         batch, _, *self.size = engine.get_tensor_shape("images")
         # A dynamic batch (-1) is bounded by the engine's optimisation profile: (min, opt, max) shapes.
@@ -206,7 +352,7 @@ class TensorRTRuntime:
         self.names, self.category_ids = classes_from(props, f"{path} (and {onnx_path})", "keypoints" in self.runner.outputs)
 
     def __call__(self, images, sizes):
-        return {k: v.cpu() for k, v in self.runner(images, sizes).items()}
+        return {k: torch.from_numpy(v) for k, v in self.runner(images.numpy(), sizes.numpy()).items()}
 
 
 class OpenVINORuntime:
@@ -562,9 +708,9 @@ def detections_json(result):
 
 
 def save_picture(picture, path):
-    """Write atomically (export.atomic_output): a killed run leaves the old file or the new one."""
+    """Write atomically (atomic_output): a killed run leaves the old file or the new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with export.atomic_output(path, "--output-dir") as tmp:
+    with atomic_output(path, "--output-dir") as tmp:
         picture.save(tmp, quality=95) if path.lower().endswith((".jpg", ".jpeg")) else picture.save(tmp)
 
 
@@ -694,7 +840,7 @@ def run(args):
                 rate, count, size, frames = read_video(path)
             bar.total = bar.total - 1 + count if bar.total is not None and count else None
             os.makedirs(os.path.dirname(output(path)), exist_ok=True)
-            with export.atomic_output(output(path), "--output-dir") as tmp, VideoWriter(tmp, rate, size) as video:
+            with atomic_output(output(path), "--output-dir") as tmp, VideoWriter(tmp, rate, size) as video:
                 for first in itertools.count(0, args.batch_size):
                     with timed("decode+preprocess"):
                         chunk = list(itertools.islice(frames, args.batch_size))

@@ -9,7 +9,7 @@ The paper: "We first adapt a large DINOv3 pretrained ViT to object detection and
 task-specialized teacher to distill rich representations into compact student backbones". The
 authors did not release this stage; what follows is this project's reading of it.
 
-- `build_dinov3` builds DINOv3's ViT as a preset of model.ViT (one class for ECViT and DINOv3), so
+- `model.build_dinov3` builds DINOv3's ViT as a preset of model.ViT (one class for ECViT and DINOv3), so
   the released hub checkpoints load with `load_state_dict(sd, strict=True)`. Hub configurations
   from dinov3/hub/backbones.py; the kwargs vocabulary is DinoVisionTransformer's.
 - The teacher ECDet keeps ECDet's feature generator, hybrid encoder and decoder and swaps ECViT
@@ -27,94 +27,17 @@ import torch
 import model
 import train_det
 
-# ---------------------------------------------------------------------------------------------
-# DINOv3's ViT as a preset of model.ViT
-# ---------------------------------------------------------------------------------------------
-# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
-DINOV3_DEFAULTS = dict(
-    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
-    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
-    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
-    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
-    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
-# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
-DINOV3_FIXED = dict(
-    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
-    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
-    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
-NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
-
-# The hub models (dinov3/hub/backbones.py): shared settings, then each model's size.
-HUB_COMMON = dict(patch_size=16, pos_embed_rope_base=100.0, pos_embed_rope_normalize_coords="separate",
-                  pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32", layerscale_init=1e-5,
-                  norm_layer="layernormbf16", n_storage_tokens=4, mask_k_bias=True)
-DINOV3_HUB = {
-    "dinov3_vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4, ffn_layer="mlp"),
-    "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6, ffn_layer="swiglu"),
-    "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4, ffn_layer="mlp"),
-    "dinov3_vitl16": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4, ffn_layer="mlp"),
-    # No released file of this one was at hand: its layout follows from the hub's kwargs alone.
-    "dinov3_vith16plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6, ffn_layer="swiglu"),
-}
-# dinov3_vit7b16 (4096 wide, 40 blocks) has no qkv bias, a SwiGLU aligned to 64 and untied class-token
-# norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
-
-
-def dinov3_kwargs(cfg):
-    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict."""
-    if isinstance(cfg, str):
-        if cfg not in DINOV3_HUB:
-            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(DINOV3_HUB)} or a kwargs dict")
-        cfg = {**HUB_COMMON, **DINOV3_HUB[cfg]}
-    if not isinstance(cfg, dict):
-        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
-    return {**DINOV3_DEFAULTS, **cfg}
-
-
-def build_dinov3(cfg):
-    """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
-    "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as model.ViT(dinov3=True). Its state dict has
-    the original's names and shapes; `get_intermediate_layers` / `forward_features` take
-    (B, 3, H, W) images with H, W multiples of the patch size."""
-    kw = dinov3_kwargs(cfg)
-    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
-    if kw["norm_layer"] not in NORM_EPS:
-        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(NORM_EPS)})")
-    if kw["ffn_layer"] not in ("mlp", "swiglu"):
-        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
-    if kw["n_storage_tokens"] < 1:
-        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
-    if refused:
-        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
-    return model.ViT(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"],
-                     ffn_ratio=kw["ffn_ratio"], ffn_layer=kw["ffn_layer"], dinov3=True,
-                     patch_size=kw["patch_size"], n_storage_tokens=kw["n_storage_tokens"],
-                     layerscale_init=kw["layerscale_init"], mask_k_bias=kw["mask_k_bias"],
-                     norm_eps=NORM_EPS[kw["norm_layer"]], rope_rescale=kw["pos_embed_rope_rescale_coords"])
-
-
-def dinov3_shapes(cfg):
-    """The state dict of `build_dinov3(cfg)` as meta tensors: names and shapes, no memory."""
-    with torch.device("meta"):
-        return build_dinov3(cfg).state_dict()
-
-
 def check_dinov3(sd, arch, what):
     """ValueError unless state dict `sd` is one of DINOv3 `arch` (names and shapes), naming the hub
     model it does match when there is one."""
     try:
-        expected = dinov3_shapes(arch)
+        expected = model.dinov3_shapes(arch)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: {e}") from None
     try:
         model.check_state_dict(expected, sd)
     except ValueError as e:
-        same = [name for name in DINOV3_HUB if {k: tuple(v.shape) for k, v in dinov3_shapes(name).items()}
+        same = [name for name in model.DINOV3_HUB if {k: tuple(v.shape) for k, v in model.dinov3_shapes(name).items()}
                 == {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}]
         hint = f"; it matches {' / '.join(same)}" if same else ""
         expected = arch if isinstance(arch, str) else f"the DINOv3 kwargs {arch}"
@@ -123,7 +46,7 @@ def check_dinov3(sd, arch, what):
 
 def infer_dinov3(sd):
     """The DINOv3 model of state dict `sd`, from its names and shapes alone (meta tensors will do):
-    a hub name when it is one of DINOV3_HUB, else DinoVisionTransformer kwargs. The weights show the
+    a hub name when it is one of model.DINOV3_HUB, else DinoVisionTransformer kwargs. The weights show the
     width, depth, heads (through RoPE's D_head / 4 periods), patch size, storage tokens, FFN kind and
     width, layer scale and the masked key bias; what they do not show (norm eps, RoPE base, ...) is
     taken as in every hub model. ValueError, naming what was found, for a state dict that model.ViT
@@ -144,18 +67,18 @@ def infer_dinov3(sd):
              f"qkv bias {'yes' if has('attn.qkv.bias') else 'no'}, "
              f"masked key bias {'yes' if has('attn.qkv.bias_mask') else 'no'}, "
              f"layer scale {'yes' if has('ls1.gamma') else 'no'}" + (f", untied {' and '.join(untied)}" if untied else ""))
-    implemented = f"not a DINOv3 ViT that model.ViT holds ({', '.join(DINOV3_HUB)} and other sizes of their kind)"
+    implemented = f"not a DINOv3 ViT that model.ViT holds ({', '.join(model.DINOV3_HUB)} and other sizes of their kind)"
     if not (width and depth and heads and ffn):
         raise ValueError(f"{found}: {implemented}")
     # A SwiGLU of ratio r has 2/3 of r * width hidden units (rounded up to a multiple of 8).
     ratio = hidden / width * (1.5 if ffn == "swiglu" else 1)
-    kwargs = {**HUB_COMMON, "embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": patch,
+    kwargs = {**model.HUB_COMMON, "embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": patch,
               "n_storage_tokens": storage, "ffn_layer": ffn, "ffn_ratio": int(ratio) if ratio == int(ratio) else ratio,
               "mask_k_bias": has("attn.qkv.bias_mask"),
-              "layerscale_init": HUB_COMMON["layerscale_init"] if has("ls1.gamma") else None}
-    arch = next((name for name in DINOV3_HUB if dinov3_kwargs(name) == dinov3_kwargs(kwargs)), kwargs)
+              "layerscale_init": model.HUB_COMMON["layerscale_init"] if has("ls1.gamma") else None}
+    arch = next((name for name in model.DINOV3_HUB if model.dinov3_kwargs(name) == model.dinov3_kwargs(kwargs)), kwargs)
     try:
-        model.check_state_dict(dinov3_shapes(arch), sd)
+        model.check_state_dict(model.dinov3_shapes(arch), sd)
     except ValueError as e:
         raise ValueError(f"{found}: {implemented}: {e}") from None
     return arch
@@ -178,7 +101,7 @@ def load_dinov3(source, arch, what="DINOv3 checkpoint"):
     if not isinstance(sd, dict):
         raise ValueError(f"{what}: expected a DINOv3 state dict, found a {type(sd).__name__}")
     check_dinov3(sd, arch, what)
-    vit = build_dinov3(arch)
+    vit = model.build_dinov3(arch)
     vit.load_state_dict(sd, strict=True)
     return vit
 
@@ -193,7 +116,7 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
     released head (256 wide, the width of ECDet-L and -X), and proj_dim 256 projects all three
     levels to it, as in ECDet-L/X. The feature generator reads the last two blocks.
     """
-    depth = dinov3_kwargs(arch)["depth"]
+    depth = model.dinov3_kwargs(arch)["depth"]
     cfg = model.preset_config(base)
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": proj_dim}
     cfg["HybridEncoder"]["in_channels"] = [proj_dim] * 3
@@ -202,7 +125,7 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
 
 # The --demo teacher: DINOv3's layout at 96 wide and 6 deep, on train_det's demo heads (64 wide),
 # so that it is larger than the demo's student (a 64-wide, 4-deep ECViT) yet trains in minutes.
-DEMO_DINOV3 = {**HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_ratio": 4, "ffn_layer": "mlp"}
+DEMO_DINOV3 = {**model.HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_ratio": 4, "ffn_layer": "mlp"}
 # The recipe (train_det.RECIPES) is ECDet-X's, the one for the largest released backbone; --epochs,
 # --lr and --backbone-lr override it.
 TASK = train_det.Task(name="teacher", script="teacher.py", default_model="ecdet_x")
@@ -212,7 +135,7 @@ def demo_teacher_config(arch=DEMO_DINOV3):
     """The demo's teacher ECDet: train_det's demo heads on DINOv3 `arch` (kwargs or hub name), whose
     last two blocks the feature generator reads."""
     cfg = train_det.demo_config(train_det.Task())
-    width, depth = cfg["HybridEncoder"]["in_channels"][0], dinov3_kwargs(arch)["depth"]
+    width, depth = cfg["HybridEncoder"]["in_channels"][0], model.dinov3_kwargs(arch)["depth"]
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": width}
     return cfg
 
@@ -221,7 +144,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="teacher.py", add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
                                      "on a DINOv3 ViT); the other options are train_det.py's, --model excepted.")
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from")
-    parser.add_argument("--arch", help=f"one of {', '.join(DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
+    parser.add_argument("--arch", help=f"one of {', '.join(model.DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
                         f"(with --demo: in place of the demo's {DEMO_DINOV3['embed_dim']}-wide ViT)")
     own, rest = parser.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):

@@ -131,7 +131,7 @@ def test_bad_arguments_fail_with_a_clear_error(tiny, tmp_path, tmp_path_factory,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(export.tensorrt_missing() is None, reason="TensorRT is usable on this machine")
+@pytest.mark.skipif(predict.tensorrt_missing() is None, reason="TensorRT is usable on this machine")
 def test_tensorrt_request_without_tensorrt_names_the_trtexec_command(tiny, tmp_path, capsys):
     onnx_path, engine = tmp_path / "det.onnx", tmp_path / "det.engine"
     with pytest.raises(SystemExit):
@@ -175,7 +175,7 @@ def test_ecpose_exports_with_keypoints(tmp_path):
     (tmp_path / "pose.json").write_text(json.dumps(fx["config"]))
     export.main(["--model", str(tmp_path / "pose.json"), "--weights", str(tmp_path / "pose.pth"),
                  "--onnx", str(path), "--img-size", "320"])
-    session = export.ort_session(str(path))
+    session = predict.ort_session(str(path))
     assert [o.name for o in session.get_outputs()] == ["labels", "scores", "keypoints"]
     labels, scores, keypoints = session.run(None, {"images": fx["images"].numpy(),
                                                    "orig_target_sizes": fx["orig_target_sizes"].long().numpy()})

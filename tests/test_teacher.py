@@ -15,7 +15,7 @@ RELEASED = list(load_schema("dinov3"))  # the hub models whose released files' n
 
 def tiny_dinov3():
     fx = load_fixture("dinov3_tiny")
-    vit = teacher.build_dinov3(fx["config"])
+    vit = model.build_dinov3(fx["config"])
     vit.load_state_dict(fx["state_dict"], strict=True)
     return fx, vit.eval()
 
@@ -42,7 +42,7 @@ def test_dinov3_matches_the_original_on_the_fixture():
 def test_hub_models_match_the_released_layout(name):
     schema = load_schema("dinov3")[name]
     with torch.device("meta"):
-        vit = teacher.build_dinov3(name)
+        vit = model.build_dinov3(name)
     assert {k: list(v.shape) for k, v in vit.state_dict().items()} == schema["state_dict"]
     assert sum(p.numel() for p in vit.parameters()) == schema["num_parameters"]
     assert vit.rope_embed.rescale == 2 and vit.blocks[0].norm1.eps == 1e-5
@@ -55,9 +55,9 @@ def meta(shapes):
 def test_the_hub_model_of_a_state_dict_follows_from_its_names_and_shapes():
     for name, schema in load_schema("dinov3").items():
         assert teacher.infer_dinov3(meta(schema["state_dict"])) == name
-    assert set(teacher.DINOV3_HUB) == {*RELEASED, "dinov3_vith16plus"}
+    assert set(model.DINOV3_HUB) == {*RELEASED, "dinov3_vith16plus"}
     with torch.device("meta"):
-        vith = teacher.build_dinov3("dinov3_vith16plus")
+        vith = model.build_dinov3("dinov3_vith16plus")
     assert teacher.infer_dinov3(vith.state_dict()) == "dinov3_vith16plus"
     # The DINOv3 paper's ViT-H+ has 840 M parameters; a SwiGLU of 5120 hidden units
     assert sum(p.numel() for p in vith.parameters()) == 840_633_600 and vith.blocks[0].mlp.w1.out_features == 5120
@@ -69,8 +69,8 @@ def test_another_dinov3_size_gives_its_kwargs_and_loads():
     shown = ("embed_dim", "depth", "num_heads", "ffn_ratio", "ffn_layer", "patch_size", "n_storage_tokens",
              "mask_k_bias", "layerscale_init")
     assert {k: kwargs[k] for k in shown} == {k: fx["config"][k] for k in shown}
-    teacher.build_dinov3(kwargs).load_state_dict(fx["state_dict"], strict=True)
-    swiglu = teacher.dinov3_shapes({**fx["config"], "embed_dim": 96, "num_heads": 3, "ffn_layer": "swiglu",
+    model.build_dinov3(kwargs).load_state_dict(fx["state_dict"], strict=True)
+    swiglu = model.dinov3_shapes({**fx["config"], "embed_dim": 96, "num_heads": 3, "ffn_layer": "swiglu",
                                     "ffn_ratio": 5, "n_storage_tokens": 1, "layerscale_init": None})
     kwargs = teacher.infer_dinov3(swiglu)
     assert (kwargs["num_heads"], kwargs["ffn_ratio"], kwargs["n_storage_tokens"], kwargs["layerscale_init"]) == (3, 5, 1, None)
@@ -78,7 +78,7 @@ def test_another_dinov3_size_gives_its_kwargs_and_loads():
 
 def test_a_state_dict_that_fits_no_dinov3_names_what_it_holds():
     # vit7b16's kind: no qkv bias, a SwiGLU aligned to 64, an untied class-token norm
-    sd = {k: v for k, v in teacher.dinov3_shapes("dinov3_vits16plus").items() if not k.endswith("qkv.bias")}
+    sd = {k: v for k, v in model.dinov3_shapes("dinov3_vits16plus").items() if not k.endswith("qkv.bias")}
     sd["local_cls_norm.weight"] = torch.empty(384, device="meta")
     with pytest.raises(ValueError, match=r"^found width 384, depth 12, 6 heads, patch 16, 4 storage tokens, swiglu "
                                          r"FFN of hidden width 1536, qkv bias no, masked key bias yes, layer scale "
@@ -99,16 +99,16 @@ def test_unsupported_dinov3_settings_are_refused():
                             ({"n_storage_tokens": 0}, "n_storage_tokens=0"),
                             ({"untie": True}, "unknown DINOv3 kwargs \\['untie'\\]")]:
         with pytest.raises(ValueError, match=message):
-            teacher.build_dinov3({**base, **change})
+            model.build_dinov3({**base, **change})
     with pytest.raises(ValueError, match="unknown DINOv3 model 'dinov3_vitz16'.*dinov3_vitb16"):
-        teacher.build_dinov3("dinov3_vitz16")
+        model.build_dinov3("dinov3_vitz16")
 
 
 def test_a_dinov3_file_of_another_architecture_gets_one_clear_error(tmp_path):
     fx = load_fixture("dinov3_tiny")
     with pytest.raises(ValueError, match="x.pth is not a dinov3_vitb16 checkpoint: .*wrong shape: cls_token"):
         teacher.load_dinov3(fx["state_dict"], "dinov3_vitb16", "x.pth")
-    vits = {k: torch.empty(v.shape) for k, v in teacher.dinov3_shapes("dinov3_vits16").items()}
+    vits = {k: torch.empty(v.shape) for k, v in model.dinov3_shapes("dinov3_vits16").items()}
     with pytest.raises(ValueError, match="not a dinov3_vits16plus checkpoint: .*it matches dinov3_vits16$"):
         teacher.check_dinov3(vits, "dinov3_vits16plus", "y.pth")
     torch.save(fx["state_dict"], tmp_path / "tiny.pth")
