@@ -1275,6 +1275,15 @@ def restore_run_files(args, ckpt):
     return list(history)
 
 
+def load_optimizer(optimizer, state):
+    """Load an optimiser's saved state but keep this run's learning rates (each group's initial_lr,
+    which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
+    initial = [group["initial_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, lr in zip(optimizer.param_groups, initial):
+        group["initial_lr"] = lr
+
+
 def restart_from_best(path, net, ema, optimizer, scaler, rank):
     """The original's last phase: when strong augmentation ends (stop_epoch), training goes on from
     the best checkpoint so far (weights, EMA, optimiser and scaler), not from the last epoch's."""
@@ -1285,7 +1294,7 @@ def restart_from_best(path, net, ema, optimizer, scaler, rank):
     ckpt = model.read_checkpoint(path)
     net.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    load_optimizer(optimizer, ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     if rank == 0:
         print(f"strong augmentation off: continuing from {path} (epoch {ckpt['epoch']}, AP {ckpt['best']:.4f})")
@@ -1366,10 +1375,7 @@ def run(args, task):
                                   lr=recipe["lr"], betas=training["betas"], weight_decay=recipe["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if ckpt is not None:
-        initial = [group["initial_lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, lr in zip(optimizer.param_groups, initial):  # this run's --lr, --backbone-lr apply from here
-            group["initial_lr"] = lr
+        load_optimizer(optimizer, ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         history = restore_run_files(args, ckpt)
     steps = len(train_loader)
