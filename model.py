@@ -155,10 +155,10 @@ def preprocess(image, size):
     return normalize(TF.resize(image, list(size)))
 
 
-def default_classes(task, num_classes):
+def default_classes(num_classes, pose=False):
     """(names, category ids), each by label, for a network that does not carry its own (a released
     checkpoint): COCO's for 80 classes, person = 1 for ECPose; otherwise the label itself."""
-    if task == "pose":
+    if pose:
         return ["person" if c == 1 else "" for c in range(num_classes)], list(range(num_classes))
     if num_classes == len(COCO_NAMES):
         return list(COCO_NAMES), list(COCO_IDS)

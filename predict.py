@@ -158,7 +158,7 @@ def load_network(spec, weights):
     """
     ckpt = None
     if weights is not None:
-        ckpt = model.read_checkpoint(weights, "--weights")
+        ckpt = weights if isinstance(weights, dict) else model.read_checkpoint(weights, "--weights")
     if spec is None:
         if ckpt is None:
             raise ValueError("give --model (a preset or a JSON config), --weights (a checkpoint of this project), or both")
@@ -384,6 +384,9 @@ class OpenVINORuntime:
 
 def open_runtime(weights, runtime=None, config=None, device="cpu"):
     """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given."""
+    if runtime in (None, "torch") and weights in model.PRESETS and not os.path.exists(weights):
+        # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
+        return TorchRuntime(model.released_checkpoint(weights), config or weights, device)
     if runtime is None:
         runtime = next((r for r, ext in RUNTIMES.items() if str(weights).lower().endswith(ext)), None)
         if runtime is None:

@@ -6,6 +6,7 @@ import http.server
 import json
 import threading
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_schema
@@ -163,6 +164,14 @@ def test_tune_with_a_preset_name_downloads_the_released_model(server, tmp_path):
     assert server.requests == ["ecdet_s.pth"]
     with pytest.raises(ValueError, match="unknown released model 'ecdet_q'"):
         model.released_checkpoint("ecdet_q")
+
+
+def test_predict_with_a_preset_name_runs_the_released_model(server, tmp_path, ecdet_s):
+    server.files["ecdet_s.pth"] = saved({"ema": {"module": ecdet_s.state_dict()}}, tmp_path)
+    p = predict.Predictor("ecdet_s", conf=0.0)
+    [result] = p(np.zeros((64, 80, 3), np.uint8))
+    assert server.requests == ["ecdet_s.pth"] and len(result["boxes"]) > 0
+    assert result["names"][0] in model.COCO_NAMES  # a released checkpoint gets COCO's names
 
 
 # ---- What a run reports: the per-class table, log.jsonl, curves.png ----
