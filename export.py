@@ -47,7 +47,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn as nn
 from onnxruntime import quantization
 from PIL import Image
 from torchvision.ops import box_iou
