@@ -190,16 +190,8 @@ class TorchRunner:
             return operator_times(lambda: self(images, sizes), top)
 
 
-class OrtRunner:
-    """An ONNX file in ONNX Runtime on the CPU."""
-
-    def __init__(self, path, threads=None):
-        self.path, self.threads = path, threads
-        self.session = predict.ort_session(path, threads)
-        self.names = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, images, sizes):
-        return dict(zip(self.names, self.session.run(self.names, {"images": images, "orig_target_sizes": sizes})))
+class OrtRunner(predict.OrtRunner):
+    """predict.OrtRunner with a profile."""
 
     def profile(self, images, sizes, top):
         """ONNX Runtime's profiler over the second of two runs: kernel time per operator type."""
@@ -331,38 +323,14 @@ def check_agreement(ref, got, what, count, enforce=True):
 # ---------------------------------------------------------------------------------------------
 # OpenVINO: IR converted from the verified ONNX files, run on the CPU plugin
 # ---------------------------------------------------------------------------------------------
-def import_openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise ValueError("--openvino needs the openvino package: pip install openvino") from None
-    return openvino
-
-
 def export_openvino(onnx_path, xml_path):
     """OpenVINO IR (xml + bin, weights kept in float32) of an ONNX file; an INT8 QDQ file becomes INT8 IR."""
-    ov = import_openvino()
+    ov = predict.import_openvino()
     ov.save_model(ov.convert_model(onnx_path), xml_path, compress_to_fp16=False)
 
 
-class OpenVINORunner:
-    """An IR on OpenVINO's CPU plugin, at inference precision "f32" or "bf16" (where the CPU has it)."""
-
-    def __init__(self, path, threads=None, precision="f32"):
-        self.path, self.config = path, {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            self.config["INFERENCE_NUM_THREADS"] = threads
-        self.request = self.compile()
-
-    def compile(self, **extra):
-        ov = import_openvino()
-        compiled = ov.Core().compile_model(self.path, "CPU", {**self.config, **extra})
-        self.names = [o.get_any_name() for o in compiled.outputs]
-        return compiled.create_infer_request()
-
-    def __call__(self, images, sizes):
-        outputs = self.request.infer({"images": images, "orig_target_sizes": sizes})
-        return {name: np.array(outputs[i]) for i, name in enumerate(self.names)}  # its buffers are reused
+class OpenVINORunner(predict.OpenVINORunner):
+    """predict.OpenVINORunner with a profile."""
 
     def profile(self, images, sizes, top):
         """OpenVINO's performance counters over the second of two runs: time per layer type and the
@@ -382,7 +350,7 @@ class OpenVINORunner:
 
 def bf16_supported():
     """Whether OpenVINO's CPU plugin runs bfloat16 here (AVX-512 BF16 or AMX)."""
-    ov = import_openvino()
+    ov = predict.import_openvino()
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
@@ -754,7 +722,7 @@ def run(args):
         if path:
             predict.check_writable(path, flag)
     if ov_dir:
-        import_openvino()
+        predict.import_openvino()
         if ov_dir.exists() and not ov_dir.is_dir():
             raise ValueError(f"--openvino {ov_dir}: not a directory")
         if not ov_dir.parent.is_dir():

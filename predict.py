@@ -278,6 +278,48 @@ class TensorRTRunner:
         return {n: t.cpu().numpy() for n, t in outputs.items()}
 
 
+class OrtRunner:
+    """An ONNX file in ONNX Runtime on the CPU."""
+
+    def __init__(self, path, threads=None):
+        self.path, self.threads = path, threads
+        self.session = ort_session(path, threads)
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, images, sizes):
+        return dict(zip(self.names, self.session.run(self.names, {"images": images, "orig_target_sizes": sizes})))
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise ValueError("--openvino needs the openvino package: pip install openvino") from None
+    return openvino
+
+
+class OpenVINORunner:
+    """An IR on OpenVINO's CPU plugin, at inference precision "f32" or "bf16" (where the CPU has it).
+    On CPUs with bf16 units (this one) OpenVINO computes in bf16 unless told: on the network of
+    tests/test_predict.py its scores came out 2-4e-3 from the ONNX file's, 2e-5 in f32."""
+
+    def __init__(self, path, threads=None, precision="f32"):
+        self.path, self.config = path, {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.model = import_openvino().Core().read_model(path)
+        self.request = self.compile()
+
+    def compile(self, **extra):
+        compiled = import_openvino().Core().compile_model(self.model, "CPU", {**self.config, **extra})
+        self.names = [o.get_any_name() for o in compiled.outputs]
+        return compiled.create_infer_request()
+
+    def __call__(self, images, sizes):
+        outputs = self.request.infer({"images": images, "orig_target_sizes": sizes})
+        return {name: np.array(outputs[i]) for i, name in enumerate(self.names)}  # its buffers are reused
+
+
 # ---------------------------------------------------------------------------------------------
 # Runtimes: (images (B, 3, H, W), original sizes (B, 2) as (w, h)) -> model.select_top's outputs
 # ---------------------------------------------------------------------------------------------
@@ -309,30 +351,34 @@ class TorchRuntime:
         return {k: v.cpu() for k, v in self.deployed(images.to(self.device), sizes.to(self.device)).items()}
 
 
-class OnnxRuntime:
+class ExportedRuntime:
+    """An exported file on its runner (predict's and export's runners take and give numpy arrays)."""
+
+    resizable = False
+
+    def __call__(self, images, sizes):
+        return {k: torch.from_numpy(v) for k, v in self.runner(images.numpy(), sizes.numpy()).items()}
+
+
+class OnnxRuntime(ExportedRuntime):
     """An ONNX file of export.py's in ONNX Runtime, on the CPU."""
 
     def __init__(self, path):
         try:
-            self.session = ort_session(path)
+            self.runner = OrtRunner(path)
         except Exception as e:  # ONNX Runtime's own exception types
             raise ValueError(f"--weights {path}: ONNX Runtime cannot load it: {e}") from None
-        inputs = self.session.get_inputs()
+        inputs = self.runner.session.get_inputs()
         if [i.name for i in inputs] != ["images", "orig_target_sizes"]:
             raise ValueError(f"--weights {path}: expected the inputs images and orig_target_sizes of an export.py "
                              f"file, found {[i.name for i in inputs]}")
         batch, _, *self.size = inputs[0].shape
-        self.batch, self.resizable = batch if isinstance(batch, int) else None, False
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.names, self.category_ids = classes_from(props, path, "keypoints" in self.outputs)
-
-    def __call__(self, images, sizes):
-        values = self.session.run(self.outputs, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
-        return {k: torch.from_numpy(v) for k, v in zip(self.outputs, values)}
+        self.batch = batch if isinstance(batch, int) else None
+        props = self.runner.session.get_modelmeta().custom_metadata_map
+        self.names, self.category_ids = classes_from(props, path, "keypoints" in self.runner.names)
 
 
-class TensorRTRuntime:
+class TensorRTRuntime(ExportedRuntime):
     """A TensorRT engine (TensorRTRunner) on a CUDA GPU. An engine carries no metadata: the
     class names are read from the ONNX file of the same name beside it, which export.py builds it from."""
 
@@ -346,40 +392,27 @@ class TensorRTRuntime:
         batch, _, *self.size = engine.get_tensor_shape("images")
         # A dynamic batch (-1) is bounded by the engine's optimisation profile: (min, opt, max) shapes.
         self.batch = batch if batch > 0 else engine.get_tensor_profile_shape("images", 0)[2][0]
-        self.resizable = False
         onnx_path = pathlib.Path(path).with_suffix(".onnx")
         props = {p.key: p.value for p in onnx.load(onnx_path).metadata_props} if onnx_path.is_file() else {}
         self.names, self.category_ids = classes_from(props, f"{path} (and {onnx_path})", "keypoints" in self.runner.outputs)
 
-    def __call__(self, images, sizes):
-        return {k: torch.from_numpy(v) for k, v in self.runner(images.numpy(), sizes.numpy()).items()}
 
-
-class OpenVINORuntime:
+class OpenVINORuntime(ExportedRuntime):
     """An OpenVINO IR (.xml with its .bin) on the CPU; converted from export.py's ONNX file it keeps
     that file's metadata in rt_info under "framework"."""
 
     def __init__(self, path):
-        import openvino as ov  # only this runtime needs it
-        core = ov.Core()
         try:
-            net = core.read_model(path)
-            # On CPUs with bf16 units (this one) OpenVINO computes in bf16 unless told: on the network
-            # of tests/test_predict.py its scores came out 2-4e-3 from the ONNX file's, 2e-5 in f32.
-            self.compiled = core.compile_model(net, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            self.runner = OpenVINORunner(path)
         except RuntimeError as e:
             raise ValueError(f"--weights {path}: OpenVINO cannot load it: {e}") from None
+        net = self.runner.model
         shape = net.input("images").get_partial_shape()
         self.size = [shape[2].get_length(), shape[3].get_length()]
-        self.batch, self.resizable = shape[0].get_length() if shape[0].is_static else None, False
-        self.outputs = [o.get_any_name() for o in net.outputs]
+        self.batch = shape[0].get_length() if shape[0].is_static else None
         props = {k: net.get_rt_info(["framework", k]).astype(str) for k in ("names", "category_ids")
                  if net.has_rt_info(["framework", k])}
-        self.names, self.category_ids = classes_from(props, path, "keypoints" in self.outputs)
-
-    def __call__(self, images, sizes):
-        values = self.compiled({"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
-        return {k: torch.from_numpy(values[k]) for k in self.outputs}
+        self.names, self.category_ids = classes_from(props, path, "keypoints" in self.runner.names)
 
 
 def open_runtime(weights, runtime=None, config=None, device="cpu"):
