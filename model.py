@@ -1,7 +1,7 @@
-"""EdgeCrafter networks: ECViT, the multi-scale feature generator, the hybrid encoder, the query
-decoder with fine-grained distribution refinement (FDR), and the ECSeg mask head.
-
-The modules follow Figure 3 of the paper in the order data flows through them, and their
+"""EdgeCrafter's networks, in the order data flows through Figure 3 of the paper: ECViT (and DINOv3's
+ViT, the teacher's), the multi-scale feature generator, the hybrid encoder, query selection, the
+decoder with fine-grained distribution refinement (FDR) and its heads (ECSeg's mask head too), and
+ECPose's decoder as a variation on it; then building them from a config and loading weights. Their
 parameter names equal the original implementation's, so the released checkpoints load with
 `load_weights` and compute the same numbers. Parameters, GFLOPs and CPU latency of a preset:
 `python export.py --model ecdet_s --flops` and `--benchmark`.
@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
+
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: presets in the original's vocabulary
@@ -164,6 +165,7 @@ def default_classes(num_classes, pose=False):
         return list(COCO_NAMES), list(COCO_IDS)
     return [str(label) for label in range(num_classes)], list(range(num_classes))
 
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
@@ -200,13 +202,10 @@ class ConvNorm(nn.Module):
         self.act = activation(act)
 
     def forward(self, x):
-        if self.training or isinstance(self.norm, nn.Identity):
-            return self.act(self.norm(self.conv(x)))
-        # In eval mode BN is affine: fold it into the conv (one pass over the activations less).
-        c = self.conv
-        return self.act(F.conv2d(x, *fuse_conv_bn(c, self.norm), c.stride, c.padding, c.dilation, c.groups))
+        return self.act(self.norm(self.conv(x)))
 
     def fuse(self):
+        """Fold the BatchNorm into the convolution (deploy())."""
         if isinstance(self.norm, nn.Identity):
             return
         weight, bias = fuse_conv_bn(self.conv, self.norm)
@@ -216,8 +215,8 @@ class ConvNorm(nn.Module):
         self.norm = nn.Identity()
 
 
-class MLP(nn.Module):
-    """`num_layers` linear layers with an activation between them."""
+class MLPHead(nn.Module):
+    """DETR's prediction MLP, (..., din) -> (..., dout): `num_layers` linear layers, activations between."""
 
     def __init__(self, din, dhidden, dout, num_layers, act="relu"):
         super().__init__()
@@ -232,7 +231,7 @@ class MLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# ECViT: convolutional stem, register token, 2-D RoPE (and the DINOv3 layout of the same ViT)
+# ECViT: convolutional stem, then ViT blocks with a register token and 2-D RoPE
 # ---------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
     """Image (B, 3, H, W) -> patch grid (B, D, H/16, W/16).
@@ -294,18 +293,6 @@ def apply_rope(x, sin, cos):
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
 
 
-class MaskedKBiasLinear(nn.Linear):
-    """DINOv3's qkv projection: the key bias is multiplied by a stored 0 mask (`mask_k_bias`)."""
-
-    def __init__(self, din, dout):
-        super().__init__(din, dout)
-        self.register_buffer("bias_mask", torch.ones(dout))
-        self.bias_mask[dout // 3: 2 * dout // 3] = 0
-
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias * self.bias_mask)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE on queries and keys: (B, N, D) -> (B, N, D)."""
 
@@ -330,35 +317,15 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-class Mlp(nn.Module):
+class GeluFFN(nn.Module):
+    """The ViT's feed-forward network: Linear, GELU, Linear on (B, N, D)."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
-
-
-class SwiGLU(nn.Module):
-    """DINOv3's SwiGLU FFN; the hidden width is 2/3 of `hidden`, rounded up to a multiple of 8."""
-
-    def __init__(self, dim, hidden):
-        super().__init__()
-        hidden = int(hidden * 2 / 3)
-        hidden += -hidden % 8
-        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init))
-
-    def forward(self, x):
-        return x * self.gamma
 
 
 class Block(nn.Module):
@@ -371,7 +338,7 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, mask_k_bias)
         self.ls1 = scale()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = {"mlp": Mlp, "swiglu": SwiGLU}[ffn_layer](dim, int(dim * ffn_ratio))
+        self.mlp = {"mlp": GeluFFN, "swiglu": SwiGLU}[ffn_layer](dim, int(dim * ffn_ratio))
         self.ls2 = scale()
 
     def forward(self, x, rope):
@@ -456,6 +423,117 @@ class ViT(nn.Module):
                 "x_norm_patchtokens": x_norm[:, P:], "x_prenorm": x, "masks": None}
 
 
+# ---- DINOv3's layout of the same ViT (the teacher's backbone, teacher.py): its own parts and hub models ----
+class MaskedKBiasLinear(nn.Linear):
+    """DINOv3's qkv projection: the key bias is multiplied by a stored 0 mask (`mask_k_bias`)."""
+
+    def __init__(self, din, dout):
+        super().__init__(din, dout)
+        self.register_buffer("bias_mask", torch.ones(dout))
+        self.bias_mask[dout // 3: 2 * dout // 3] = 0
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias * self.bias_mask)
+
+
+class SwiGLU(nn.Module):
+    """DINOv3's SwiGLU FFN; the hidden width is 2/3 of `hidden`, rounded up to a multiple of 8."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = int(hidden * 2 / 3)
+        hidden += -hidden % 8
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class LayerScale(nn.Module):
+    """DINOv3's learned per-channel scale of each residual branch: (..., D) * gamma."""
+
+    def __init__(self, dim, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
+DINOV3_DEFAULTS = dict(
+    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
+    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
+    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
+    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
+    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
+# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
+DINOV3_FIXED = dict(
+    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
+    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
+    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
+NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
+
+# The hub models (dinov3/hub/backbones.py): shared settings, then each model's size.
+HUB_COMMON = dict(patch_size=16, pos_embed_rope_base=100.0, pos_embed_rope_normalize_coords="separate",
+                  pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32", layerscale_init=1e-5,
+                  norm_layer="layernormbf16", n_storage_tokens=4, mask_k_bias=True)
+DINOV3_HUB = {
+    "dinov3_vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4, ffn_layer="mlp"),
+    "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6, ffn_layer="swiglu"),
+    "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4, ffn_layer="mlp"),
+    "dinov3_vitl16": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4, ffn_layer="mlp"),
+    # No released file of this one was at hand: its layout follows from the hub's kwargs alone.
+    "dinov3_vith16plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6, ffn_layer="swiglu"),
+}
+# dinov3_vit7b16 (4096 wide, 40 blocks) has no qkv bias, a SwiGLU aligned to 64 and untied class-token
+# norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
+
+
+def dinov3_kwargs(cfg):
+    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict."""
+    if isinstance(cfg, str):
+        if cfg not in DINOV3_HUB:
+            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(DINOV3_HUB)} or a kwargs dict")
+        cfg = {**HUB_COMMON, **DINOV3_HUB[cfg]}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
+    return {**DINOV3_DEFAULTS, **cfg}
+
+
+def build_dinov3(cfg):
+    """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
+    "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as ViT(dinov3=True). Its state dict has
+    the original's names and shapes; `get_intermediate_layers` / `forward_features` take
+    (B, 3, H, W) images with H, W multiples of the patch size."""
+    kw = dinov3_kwargs(cfg)
+    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
+    if kw["norm_layer"] not in NORM_EPS:
+        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(NORM_EPS)})")
+    if kw["ffn_layer"] not in ("mlp", "swiglu"):
+        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
+    if kw["n_storage_tokens"] < 1:
+        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
+    if refused:
+        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
+    return ViT(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"], ffn_ratio=kw["ffn_ratio"],
+               ffn_layer=kw["ffn_layer"], dinov3=True, patch_size=kw["patch_size"],
+               n_storage_tokens=kw["n_storage_tokens"], layerscale_init=kw["layerscale_init"],
+               mask_k_bias=kw["mask_k_bias"], norm_eps=NORM_EPS[kw["norm_layer"]],
+               rope_rescale=kw["pos_embed_rope_rescale_coords"])
+
+
+def dinov3_shapes(cfg):
+    """The state dict of `build_dinov3(cfg)` as meta tensors: names and shapes, no memory."""
+    with torch.device("meta"):
+        return build_dinov3(cfg).state_dict()
+
+
 # ---------------------------------------------------------------------------------------------
 # Multi-scale feature generator (the original's ViTAdapter)
 # ---------------------------------------------------------------------------------------------
@@ -473,7 +551,6 @@ class ViTAdapter(nn.Module):
         self.interaction_indexes = list(interaction_indexes)
         dim = vit.embed_dim
         self.projector = nn.ModuleList(ConvNorm(dim, proj_dim or dim, 1) for _ in range(3 if proj_dim else 1))
-        self.out_channels = [proj_dim or dim] * 3
 
     def forward(self, x):
         tokens = self.backbone.get_intermediate_layers(x, n=self.interaction_indexes, norm=False)
@@ -540,22 +617,17 @@ class RepVGG(nn.Module):
     def forward(self, x):
         if hasattr(self, "conv"):
             return self.act(self.conv(x))
-        if self.training:
-            return self.act(self.conv1(x) + self.conv2(x))
-        return self.act(F.conv2d(x, *self.equivalent_conv(), padding=1))
-
-    def equivalent_conv(self):
-        """Weight and bias of the one 3x3 convolution equal to both branches in eval mode."""
-        w3, b3 = fuse_conv_bn(self.conv1.conv, self.conv1.norm)
-        w1, b1 = fuse_conv_bn(self.conv2.conv, self.conv2.norm)
-        return w3 + F.pad(w1, [1, 1, 1, 1]), b3 + b1
+        return self.act(self.conv1(x) + self.conv2(x))
 
     def fuse(self):
+        """Merge both branches, BatchNorms folded, into the one equal 3x3 convolution (deploy())."""
         if hasattr(self, "conv"):
             return
-        weight, bias = self.equivalent_conv()
+        w3, b3 = fuse_conv_bn(self.conv1.conv, self.conv1.norm)
+        w1, b1 = fuse_conv_bn(self.conv2.conv, self.conv2.norm)
+        weight = w3 + F.pad(w1, [1, 1, 1, 1])
         self.conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, 1, 1)
-        self.conv.weight.data, self.conv.bias.data = weight.detach(), bias.detach()
+        self.conv.weight.data, self.conv.bias.data = weight.detach(), (b3 + b1).detach()
         del self.conv1, self.conv2
 
 
@@ -607,16 +679,9 @@ class HybridEncoder(nn.Module):
     C = hidden_dim: intra-scale attention on stride 32, then a top-down FPN and a bottom-up PAN
     whose inputs are fused by summation and refined by RepNCSPELAN4 blocks."""
 
-    def __init__(self, in_channels=(192, 192, 192), feat_strides=(8, 16, 32), hidden_dim=256, nhead=8,
-                 dim_feedforward=1024, dropout=0.0, use_encoder_idx=(2,), num_encoder_layers=1,
-                 pe_temperature=10000, expansion=1.0, depth_mult=1.0, act="silu", csp_type="csp2", fuse_op="sum"):
+    def __init__(self, hidden_dim=256, nhead=8, dim_feedforward=1024, dropout=0.0, use_encoder_idx=(2,),
+                 num_encoder_layers=1, pe_temperature=10000, expansion=1.0, depth_mult=1.0, act="silu"):
         super().__init__()
-        if list(in_channels) != [hidden_dim] * 3 or list(feat_strides) != [8, 16, 32]:
-            raise ValueError(f"HybridEncoder expects in_channels [hidden_dim]*3 and strides [8, 16, 32], got "
-                             f"{list(in_channels)} and {list(feat_strides)} with hidden_dim {hidden_dim}")
-        if csp_type != "csp2" or fuse_op != "sum":
-            raise ValueError(f"only csp_type 'csp2' with fuse_op 'sum' (the released models) is implemented, "
-                             f"got {csp_type!r} and {fuse_op!r}")
         self.hidden_dim, self.use_encoder_idx, self.pe_temperature = hidden_dim, list(use_encoder_idx), pe_temperature
         layer = TransformerEncoderLayer(hidden_dim, nhead, dim_feedforward, dropout, act)
         self.encoder = nn.ModuleList(TransformerEncoder(layer, num_encoder_layers) for _ in self.use_encoder_idx)
@@ -655,13 +720,136 @@ class HybridEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Query decoder with fine-grained distribution refinement (FDR)
+# Query selection: anchors, the top-k encoder positions, denoising groups (ECDet, ECSeg, ECPose)
 # ---------------------------------------------------------------------------------------------
 def inverse_sigmoid(x, eps=1e-5):
     x = x.clip(0.0, 1.0)
     return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
 
 
+class QueryDecoder(nn.Module):
+    """The scaffold of both decoders (ECTransformer, ECPose's DETRTransformer): FDR's constants `up`
+    and `reg_scale`, and one anchor per feature-map cell, those of `eval_spatial_size` kept as buffers
+    as in the released checkpoints. ECDet's anchors are boxes, ECPose's points, whose checkpoints
+    hold the valid mask inverted (True where not valid)."""
+
+    def __init__(self, reg_scale, eval_spatial_size, eps, boxes):
+        super().__init__()
+        self.eps, self.boxes = eps, boxes
+        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
+        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
+        self.shapes = [[eval_spatial_size[0] // s, eval_spatial_size[1] // s] for s in (8, 16, 32)] \
+            if eval_spatial_size else None
+        if self.shapes:
+            anchors, valid = self.make_anchors(self.shapes)
+            self.register_buffer("anchors", anchors)
+            self.register_buffer("valid_mask", valid if boxes else ~valid)
+
+    def make_anchors(self, shapes, device=None):
+        """Anchors (1, L, 4 or 2) in inverse-sigmoid space, level after level: each cell's centre x, y
+        and, for boxes, a width and height of 0.05 * 2^level (then inf where not valid: never selected);
+        and the mask (1, L, 1) of those whose coordinates all lie in (eps, 1 - eps)."""
+        anchors = []
+        for level, (h, w) in enumerate(shapes):
+            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            xy = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
+            if self.boxes:
+                xy = torch.cat([xy, torch.full_like(xy, 0.05 * 2.0 ** level)], -1)
+            anchors.append(xy.reshape(1, h * w, -1))
+        anchors = torch.cat(anchors, 1)
+        valid = ((anchors > self.eps) & (anchors < 1 - self.eps)).all(-1, keepdim=True)
+        anchors = torch.log(anchors / (1 - anchors))
+        return anchors.masked_fill(~valid, torch.inf) if self.boxes else anchors, valid
+
+    def memory_and_anchors(self, feats):
+        """The encoder pyramid [(B, C, h_l, w_l)] -> memory (B, L, C) with L = sum h_l * w_l, the shapes
+        [[h_l, w_l]], and the anchors (1, L, 4 or 2) and their valid mask (1, L, 1)."""
+        shapes = [list(f.shape[-2:]) for f in feats]
+        memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+        if shapes == self.shapes and not self.training:
+            return memory, shapes, self.anchors, self.valid_mask if self.boxes else ~self.valid_mask
+        return memory, shapes, *self.make_anchors(shapes, memory.device)
+
+
+def top_k(logits, k):
+    """The k positions of logits (B, L, classes) with the highest best-class logit, as a function
+    that gathers them from any (B, L, D) tensor into (B, k, D)."""
+    index = logits.max(-1).values.topk(k, dim=1).indices
+    return lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def select_queries(memory, anchors, valid, score_head, box_head, num_queries):
+    """ECDet's query selection: the Q encoder positions with the highest class scores become the queries,
+    the memory there their content, their anchor box moved by `box_head` their reference. memory (B, L, C),
+    anchors (1, L, 4) inverse sigmoid, valid (1, L, 1) -> content (B, Q, C) and inverse-sigmoid boxes
+    (B, Q, 4), detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_boxes` (B, Q, 4)."""
+    # Positions with out-of-range anchors are zeroed for the selection only; the decoder attends to
+    # the unmasked memory.
+    selectable = valid.to(memory.dtype) * memory
+    logits = score_head(selectable)
+    gather = top_k(logits, num_queries)
+    content = gather(selectable)
+    boxes = box_head(content) + gather(anchors.expand(memory.shape[0], -1, -1))
+    return content.detach(), boxes.detach(), {"pred_logits": gather(logits), "pred_boxes": boxes.sigmoid()}
+
+
+def denoising_groups(counts, num_denoising, num_queries, device):
+    """The layout of the denoising queries (DN-DETR / DINO), boxes and keypoints alike: each of
+    max(num_denoising // G, 1) groups holds a positive and a negative copy of every image's G = max(counts)
+    target slots, N = 2 * G * groups queries before the Q matching ones. Returns the number of groups, the
+    self-attention mask (N + Q, N + Q), True = blocked (the matching queries must not see the answers; each
+    group sees itself and the matching queries), and the meta data the criterion pairs positives by."""
+    G = max(counts)
+    groups = max(num_denoising // G, 1) if G else 0
+    N = 2 * G * groups
+    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
+    mask[N:, :N] = True
+    group = torch.arange(N, device=device) // max(2 * G, 1)
+    mask[:N, :N] = group[:, None] != group[None, :]
+    positive = tuple((2 * G * torch.arange(groups, device=device)[:, None] + torch.arange(n, device=device)).flatten()
+                     for n in counts)
+    return groups, mask, {"dn_positive_idx": positive, "dn_num_group": groups, "dn_num_split": [N, num_queries]}
+
+
+def denoising_queries(targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio,
+                      box_noise_scale):
+    """ECDet's denoising queries: each group holds every ground-truth box twice, once lightly
+    (positive) and once strongly (negative) jittered, with some labels flipped.
+
+    Returns query content (B, N, C), inverse-sigmoid boxes (B, N, 4), and the attention mask and
+    meta data of `denoising_groups`.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    device = class_embed.weight.device
+    groups, mask, meta = denoising_groups(counts, num_denoising, num_queries, device)
+    B, G = len(counts), max(counts)
+    labels = torch.full((B, G), num_classes, dtype=torch.int64, device=device)
+    boxes = torch.zeros(B, G, 4, device=device)
+    real = torch.zeros(B, G, dtype=torch.bool, device=device)
+    for i, (t, n) in enumerate(zip(targets, counts)):
+        labels[i, :n], boxes[i, :n], real[i, :n] = t["labels"], t["boxes"], True
+    labels, boxes, real = labels.tile(1, 2 * groups), boxes.tile(1, 2 * groups, 1), real.tile(1, 2 * groups)
+    negative = torch.zeros(B, 2 * G, 1, device=device)
+    negative[:, G:] = 1
+    negative = negative.tile(1, groups, 1)
+
+    if label_noise_ratio > 0:
+        flip = (torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5) & real
+        labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
+    if box_noise_scale > 0:
+        # Positives move each edge by less than half the box size, negatives by between one and two halves.
+        xyxy = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
+        half = boxes[..., 2:].tile(1, 1, 2) * 0.5 * box_noise_scale
+        sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+        part = torch.rand_like(boxes)
+        part = (part + 1.0) * negative + part * (1 - negative)
+        boxes = torchvision.ops.box_convert((xyxy + sign * part * half).clip(0.0, 1.0), "xyxy", "cxcywh").abs()
+    return class_embed(labels), inverse_sigmoid(boxes), mask, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Query decoder with fine-grained distribution refinement (FDR)
+# ---------------------------------------------------------------------------------------------
 def weighting_function(reg_max, up, reg_scale):
     """FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,), symmetric around W = 0,
     nearly uniform near zero and growing geometrically towards the ends +-2*up*reg_scale."""
@@ -683,7 +871,7 @@ def distance2bbox(points, distance, reg_scale):
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
 
 
-def deformable_attention(values, shapes, locations, weights, num_points):
+def deformable_attention(values, locations, weights, num_points):
     """Multi-scale deformable attention core.
 
     values: per level (B*heads, c, h_l, w_l); locations: (B, Lq, heads, sum(num_points), 2) in
@@ -740,7 +928,7 @@ class MSDeformableAttention(nn.Module):
             cells = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
                                  dtype=query.dtype, device=query.device)
             locations = ref[:, :, None] + offsets / cells
-        return deformable_attention(values, shapes, locations, weights, self.num_points)
+        return deformable_attention(values, locations, weights, self.num_points)
 
 
 def split_values(memory, shapes, num_heads):
@@ -774,7 +962,7 @@ class LQE(nn.Module):
     def __init__(self, k, hidden, num_layers, reg_max, act, groups=4):
         super().__init__()
         self.k, self.reg_max = k, reg_max
-        self.reg_conf = MLP(groups * (k + 1), hidden, 1, num_layers, act)
+        self.reg_conf = MLPHead(groups * (k + 1), hidden, 1, num_layers, act)
         nn.init.zeros_(self.reg_conf.layers[-1].weight)
         nn.init.zeros_(self.reg_conf.layers[-1].bias)
 
@@ -813,6 +1001,154 @@ class TransformerDecoderLayer(nn.Module):
         return self.norm2(x.clamp(-65504, 65504))  # stay inside the fp16 range
 
 
+class TransformerDecoder(nn.Module):
+    """The decoder layers with FDR: every layer predicts, for each query, a distribution over
+    `reg_max + 1` bins per box edge; the residual sum of these logits across layers, integrated
+    against W(n), moves the edges of the first layer's box (fine-grained distribution refinement)."""
+
+    def __init__(self, layer, num_layers, eval_idx, up, reg_scale, reg_max, act, mask_head):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.num_heads, self.eval_idx = layer.cross_attn.num_heads, eval_idx
+        self.up, self.reg_scale, self.reg_max = up, reg_scale, reg_max
+        self.lqe_layers = nn.ModuleList(LQE(4, 64, 2, reg_max, act) for _ in range(num_layers))
+        if mask_head is not None:
+            self.segmentation_head = mask_head
+
+    def forward(self, x, ref_unact, memory, shapes, heads, attn_mask=None, spatial=None):
+        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory
+        (B, L, C). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
+        layers in training, layer eval_idx at inference), the first layer's (pre) boxes and logits,
+        and per-layer masks (or None)."""
+        values = split_values(memory, shapes, self.num_heads)
+        project = weighting_function(self.reg_max, self.up, self.reg_scale)
+        ref = ref_unact.sigmoid()
+        pos = heads["query_pos_head"](ref).clamp(-10, 10)
+        out_boxes, out_logits, out_corners, out_refs, out_hidden = [], [], [], [], []
+        x_detach = corners_sum = 0
+        for i, layer in enumerate(self.layers[:self.eval_idx + 1] if not self.training else self.layers):
+            x = layer(x, ref.unsqueeze(2), values, shapes, attn_mask, pos)
+            if i == 0:
+                # The first layer regresses a plain box from the reference; FDR refines it afterwards.
+                pre_boxes = torch.sigmoid(heads["pre_bbox_head"](x) + inverse_sigmoid(ref))
+                pre_logits = heads["dec_score_head"][0](x)
+                ref_initial = pre_boxes.detach()
+            corners = heads["dec_bbox_head"][i](x + x_detach) + corners_sum
+            offsets = corners.unflatten(-1, (4, -1)).softmax(-1) @ project  # (B, Q, 4)
+            boxes = distance2bbox(ref_initial, offsets, self.reg_scale)
+            if self.training or i == self.eval_idx:
+                out_logits.append(self.lqe_layers[i](heads["dec_score_head"][i](x), corners))
+                out_boxes.append(boxes)
+                out_corners.append(corners)
+                out_refs.append(ref_initial)
+                out_hidden.append(x)
+            corners_sum, ref, x_detach = corners, boxes.detach(), x.detach()
+        masks = self.segmentation_head(spatial, out_hidden) if spatial is not None else None
+        return (torch.stack(out_boxes), torch.stack(out_logits), torch.stack(out_corners), torch.stack(out_refs),
+                pre_boxes, pre_logits, masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction heads and the decoder's outputs (the original's ECTransformer)
+# ---------------------------------------------------------------------------------------------
+def per_layer(layers, teacher):
+    """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`,
+    each also carries the last layer's corners and logits, which teach the earlier layers (FDR's
+    decoupled distillation focal loss)."""
+    last = {"teacher_corners": layers["pred_corners"][-1], "teacher_logits": layers["pred_logits"][-1]} \
+        if teacher else {}
+    return [{**{k: v[i] for k, v in layers.items()}, **last} for i in range(len(layers["pred_logits"]))]
+
+
+def training_outputs(layers, pre, enc, dn_meta, teacher=False):
+    """The criterion's inputs, in the original's names: the last layer's outputs, `aux_outputs` (the
+    earlier layers), `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected
+    encoder queries) and, with denoising queries, `dn_outputs`, `dn_pre_outputs` and `dn_meta`.
+    layers: per-layer stacks (layers, B, N + Q, ...); pre: (B, N + Q, ...), the N denoising queries
+    first; enc: the encoder outputs (B, Q, ...)."""
+    if dn_meta is not None:  # each output's part j along dim: the denoising queries' (0) or the matching ones' (1)
+        part = lambda outs, dim, j: {k: None if v is None else v.split(dn_meta["dn_num_split"], dim)[j]
+                                     for k, v in outs.items()}
+        dn_layers, layers, dn_pre, pre = part(layers, 2, 0), part(layers, 2, 1), part(pre, 1, 0), part(pre, 1, 1)
+    out = {k: v[-1] for k, v in layers.items()}
+    out.update(aux_outputs=per_layer(layers, teacher)[:-1], pre_outputs=pre, enc_aux_outputs=[enc])
+    if dn_meta is not None:
+        out.update(dn_outputs=per_layer(dn_layers, teacher), dn_pre_outputs=dn_pre, dn_meta=dn_meta)
+    return out
+
+
+class ECTransformer(QueryDecoder):
+    """Query selection from the encoder, then the FDR decoder and the prediction heads.
+
+    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
+    `pred_logits` (B, Q, num_classes) and `pred_boxes` (B, Q, 4) normalised cx, cy, w, h (and
+    `pred_masks` (B, Q, H/4, W/4) with a mask head); in training also the per-layer, encoder,
+    pre-decoder and denoising outputs the criterion needs (`training_outputs`).
+    """
+
+    def __init__(self, num_classes=80, hidden_dim=256, num_queries=300, num_points=(3, 6, 3), nhead=8, num_layers=6,
+                 dim_feedforward=1024, dropout=0.0, activation="silu", num_denoising=100, label_noise_ratio=0.5,
+                 box_noise_scale=1.0, eval_spatial_size=None, eval_idx=-1, eps=1e-2, reg_max=32, reg_scale=4.0,
+                 mask_downsample_ratio=None):
+        super().__init__(reg_scale, eval_spatial_size, eps, boxes=True)
+        if isinstance(num_points, int):
+            num_points = [num_points] * 3
+        self.num_queries, self.num_classes = num_queries, num_classes
+        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = num_denoising, label_noise_ratio, box_noise_scale
+        self.eval_idx = eval_idx % num_layers
+        layer = TransformerDecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, activation, num_points)
+        mask_head = SegmentationHead(hidden_dim, num_layers, mask_downsample_ratio) if mask_downsample_ratio else None
+        self.decoder = TransformerDecoder(layer, num_layers, self.eval_idx, self.up, self.reg_scale, reg_max,
+                                          activation, mask_head)
+        if num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+            nn.init.normal_(self.denoising_class_embed.weight[:-1])
+        self.enc_score_head = nn.Linear(hidden_dim, num_classes)
+        self.enc_bbox_head = MLPHead(hidden_dim, hidden_dim, 4, 3, activation)
+        self.query_pos_head = MLPHead(4, hidden_dim, hidden_dim, 3, activation)
+        self.pre_bbox_head = MLPHead(hidden_dim, hidden_dim, 4, 3, activation)
+        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
+        self.dec_bbox_head = nn.ModuleList(MLPHead(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, activation)
+                                           for _ in range(num_layers))
+        prior = -math.log((1 - 0.01) / 0.01)  # class logits start at probability 0.01
+        for head in [self.enc_score_head, *self.dec_score_head]:
+            nn.init.constant_(head.bias, prior)
+        for mlp in [self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head]:
+            nn.init.zeros_(mlp.layers[-1].weight)
+            nn.init.zeros_(mlp.layers[-1].bias)
+        for layer in self.query_pos_head.layers:
+            nn.init.xavier_uniform_(layer.weight)
+
+    def forward(self, feats, targets=None, spatial=None):
+        memory, shapes, anchors, valid = self.memory_and_anchors(feats)
+        content, ref_unact, enc = select_queries(memory, anchors, valid, self.enc_score_head, self.enc_bbox_head,
+                                                 self.num_queries)
+        dn_meta = attn_mask = None
+        if self.training and self.num_denoising > 0:
+            if targets is None:
+                raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
+            dn_content, dn_ref, attn_mask, dn_meta = denoising_queries(
+                targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
+                self.label_noise_ratio, self.box_noise_scale)
+            content, ref_unact = torch.cat([dn_content, content], 1), torch.cat([dn_ref, ref_unact], 1)
+
+        heads = {"query_pos_head": self.query_pos_head, "pre_bbox_head": self.pre_bbox_head,
+                 "dec_score_head": self.dec_score_head, "dec_bbox_head": self.dec_bbox_head}
+        boxes, logits, corners, refs, pre_boxes, pre_logits, masks = self.decoder(
+            content, ref_unact, memory, shapes, heads, attn_mask, spatial)
+        if not self.training:
+            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+            return out if masks is None else {**out, "pred_masks": masks[-1]}
+
+        layers = {"pred_logits": logits, "pred_boxes": boxes, "pred_corners": corners, "ref_points": refs}
+        if masks is not None:
+            layers["pred_masks"] = torch.stack(masks)
+        # The original pairs the pre-decoder output with the last layer's masks.
+        pre = {"pred_logits": pre_logits, "pred_boxes": pre_boxes, "pred_masks": layers.get("pred_masks", [None])[-1]}
+        return {**training_outputs(layers, pre, enc, dn_meta, teacher=True), "up": self.up, "reg_scale": self.reg_scale}
+
+
+# ---- ECSeg's mask head, fed by the decoder's query features ----
 class SegmentationHead(nn.Module):
     """ECSeg's mask head: stride-8 features -> stride-4 mask features refined by depthwise-conv
     blocks; mask logits (B, Q, H/4, W/4) are dot products with MLP-transformed query features."""
@@ -822,7 +1158,7 @@ class SegmentationHead(nn.Module):
         self.downsample_ratio = downsample_ratio
         self.blocks = nn.ModuleList(DepthwiseConvBlock(dim) for _ in range(num_blocks))
         self.spatial_features_proj = nn.Conv2d(dim, dim, 1)
-        self.query_features_block = MLPBlock(dim)
+        self.query_features_block = ResidualMLP(dim)
         self.query_features_proj = nn.Linear(dim, dim)
         self.bias = nn.Parameter(torch.zeros(1))
 
@@ -857,8 +1193,8 @@ class DepthwiseConvBlock(nn.Module):
         return x + y.permute(0, 3, 1, 2)
 
 
-class MLPBlock(nn.Module):
-    """x + Linear(GELU(Linear(LayerNorm(x)))) with a 4x hidden width, on (..., C)."""
+class ResidualMLP(nn.Module):
+    """Pre-norm residual MLP block on (..., C): x + Linear(GELU(Linear(LayerNorm(x)))), 4C wide inside."""
 
     def __init__(self, dim):
         super().__init__()
@@ -872,252 +1208,8 @@ class MLPBlock(nn.Module):
         return x + y
 
 
-class TransformerDecoder(nn.Module):
-    """The decoder layers with FDR: every layer predicts, for each query, a distribution over
-    `reg_max + 1` bins per box edge; the residual sum of these logits across layers, integrated
-    against W(n), moves the edges of the first layer's box (fine-grained distribution refinement)."""
-
-    def __init__(self, layer, num_layers, eval_idx, up, reg_scale, reg_max, act, mask_head):
-        super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-        self.num_heads, self.eval_idx = layer.cross_attn.num_heads, eval_idx
-        self.up, self.reg_scale, self.reg_max = up, reg_scale, reg_max
-        self.lqe_layers = nn.ModuleList(LQE(4, 64, 2, reg_max, act) for _ in range(num_layers))
-        if mask_head is not None:
-            self.segmentation_head = mask_head
-
-    def forward(self, x, ref_unact, memory, shapes, heads, attn_mask=None, spatial=None):
-        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory
-        (B, L, C). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
-        layers in training, layer eval_idx at inference), the first layer's (pre) boxes and logits,
-        and per-layer masks (or None)."""
-        values = split_values(memory, shapes, self.num_heads)
-        project = weighting_function(self.reg_max, self.up, self.reg_scale)
-        ref = ref_unact.sigmoid()
-        pos = heads["query_pos_head"](ref).clamp(-10, 10)
-        out_boxes, out_logits, out_corners, out_refs, out_hidden = [], [], [], [], []
-        x_detach = corners_sum = 0
-        for i, layer in enumerate(self.layers[:self.eval_idx + 1] if not self.training else self.layers):
-            x = layer(x, ref.unsqueeze(2), values, shapes, attn_mask, pos)
-            if i == 0:
-                # The first layer regresses a plain box from the reference; FDR refines it afterwards.
-                pre_boxes = torch.sigmoid(heads["pre_bbox_head"](x) + inverse_sigmoid(ref))
-                pre_logits = heads["dec_score_head"][0](x)
-                ref_initial = pre_boxes.detach()
-            corners = heads["dec_bbox_head"][i](x + x_detach) + corners_sum
-            B, Q, _ = corners.shape
-            offsets = (corners.reshape(B, Q, 4, self.reg_max + 1).softmax(-1) @ project).reshape(B, Q, 4)
-            boxes = distance2bbox(ref_initial, offsets, self.reg_scale)
-            if self.training or i == self.eval_idx:
-                out_logits.append(self.lqe_layers[i](heads["dec_score_head"][i](x), corners))
-                out_boxes.append(boxes)
-                out_corners.append(corners)
-                out_refs.append(ref_initial)
-                out_hidden.append(x)
-            corners_sum, ref, x_detach = corners, boxes.detach(), x.detach()
-        masks = self.segmentation_head(spatial, out_hidden) if spatial is not None else None
-        return (torch.stack(out_boxes), torch.stack(out_logits), torch.stack(out_corners), torch.stack(out_refs),
-                pre_boxes, pre_logits, masks)
-
-
-def require_released(section, **settings):
-    """Refuse a setting, given as name=(value, released value), that no released model uses."""
-    for key, (value, released) in settings.items():
-        if value != released:
-            raise ValueError(f"{section} {key}={value!r} is not implemented; the released models use {released!r}")
-
-
-class ECTransformer(nn.Module):
-    """Query selection from the encoder, then the FDR decoder.
-
-    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
-    `pred_logits` (B, Q, num_classes) and `pred_boxes` (B, Q, 4) normalised cx, cy, w, h (and
-    `pred_masks` (B, Q, H/4, W/4) with a mask head); in training also the per-layer, encoder,
-    pre-decoder and denoising outputs the criterion needs.
-    """
-
-    def __init__(self, num_classes=80, hidden_dim=256, num_queries=300, feat_channels=(256, 256, 256),
-                 feat_strides=(8, 16, 32), num_levels=3, num_points=(3, 6, 3), nhead=8, num_layers=6,
-                 dim_feedforward=1024, dropout=0.0, activation="silu", num_denoising=100, label_noise_ratio=0.5,
-                 box_noise_scale=1.0, eval_spatial_size=None, eval_idx=-1, eps=1e-2, reg_max=32, reg_scale=4.0,
-                 layer_scale=1, cross_attn_method="default", query_select_method="default",
-                 mask_downsample_ratio=None, aux_loss=True, learn_query_content=False):
-        super().__init__()
-        if list(feat_channels) != [hidden_dim] * 3 or list(feat_strides) != [8, 16, 32] or num_levels != 3:
-            raise ValueError(f"ECTransformer expects 3 levels of width hidden_dim at strides [8, 16, 32], got "
-                             f"feat_channels {list(feat_channels)}, feat_strides {list(feat_strides)}")
-        require_released("ECTransformer", layer_scale=(layer_scale, 1),
-                         cross_attn_method=(cross_attn_method, "default"),
-                         query_select_method=(query_select_method, "default"), aux_loss=(aux_loss, True),
-                         learn_query_content=(learn_query_content, False))
-        if isinstance(num_points, int):
-            num_points = [num_points] * 3
-        self.hidden_dim, self.num_queries, self.num_classes, self.eps = hidden_dim, num_queries, num_classes, eps
-        self.num_denoising, self.label_noise_ratio, self.box_noise_scale = num_denoising, label_noise_ratio, box_noise_scale
-        self.eval_idx = eval_idx % num_layers
-        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
-        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
-        layer = TransformerDecoderLayer(hidden_dim, nhead, dim_feedforward, dropout, activation, num_points)
-        mask_head = SegmentationHead(hidden_dim, num_layers, mask_downsample_ratio) if mask_downsample_ratio else None
-        self.decoder = TransformerDecoder(layer, num_layers, self.eval_idx, self.up, self.reg_scale, reg_max,
-                                          activation, mask_head)
-        if num_denoising > 0:
-            self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
-            nn.init.normal_(self.denoising_class_embed.weight[:-1])
-        self.enc_score_head = nn.Linear(hidden_dim, num_classes)
-        self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, activation)
-        self.query_pos_head = MLP(4, hidden_dim, hidden_dim, 3, activation)
-        self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3, activation)
-        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
-        self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3, activation)
-                                           for _ in range(num_layers))
-        prior = -math.log((1 - 0.01) / 0.01)  # class logits start at probability 0.01
-        for head in [self.enc_score_head, *self.dec_score_head]:
-            nn.init.constant_(head.bias, prior)
-        for mlp in [self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head]:
-            nn.init.zeros_(mlp.layers[-1].weight)
-            nn.init.zeros_(mlp.layers[-1].bias)
-        for layer in self.query_pos_head.layers:
-            nn.init.xavier_uniform_(layer.weight)
-        self.shapes = [[eval_spatial_size[0] // s, eval_spatial_size[1] // s] for s in (8, 16, 32)] \
-            if eval_spatial_size else None
-        if self.shapes:  # anchors of the eval size are buffers, as in the released checkpoints
-            anchors, valid = self.make_anchors(self.shapes)
-            self.register_buffer("anchors", anchors)
-            self.register_buffer("valid_mask", valid)
-
-    def make_anchors(self, shapes, device=None):
-        """Anchor boxes (1, L, 4) in inverse-sigmoid space (inf outside the valid range) and the mask
-        (1, L, 1) of valid ones: one per feature-map cell, 0.05 * 2^level wide."""
-        anchors = []
-        for level, (h, w) in enumerate(shapes):
-            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-            xy = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
-            anchors.append(torch.cat([xy, torch.full_like(xy, 0.05 * 2.0 ** level)], -1).reshape(1, h * w, 4))
-        anchors = torch.cat(anchors, 1)
-        valid = ((anchors > self.eps) & (anchors < 1 - self.eps)).all(-1, keepdim=True)
-        return torch.where(valid, torch.log(anchors / (1 - anchors)), torch.inf), valid
-
-    def forward(self, feats, targets=None, spatial=None):
-        shapes = [list(f.shape[-2:]) for f in feats]
-        memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)  # (B, L, C)
-        B = memory.shape[0]
-        if shapes == self.shapes and not self.training:
-            anchors, valid = self.anchors, self.valid_mask
-        else:
-            anchors, valid = self.make_anchors(shapes, memory.device)
-
-        # Query selection: the top-scoring encoder positions become the queries and their boxes.
-        # Positions with out-of-range anchors are zeroed for the selection only; the decoder
-        # attends to the unmasked memory.
-        selectable = valid.to(memory.dtype) * memory
-        enc_logits = self.enc_score_head(selectable)
-        topk = enc_logits.max(-1).values.topk(self.num_queries, dim=1).indices  # (B, Q)
-        gather = lambda t: t.gather(1, topk.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-        enc_memory = gather(selectable)
-        enc_boxes_unact = self.enc_bbox_head(enc_memory) + gather(anchors.expand(B, -1, -1))
-        content, ref_unact = enc_memory.detach(), enc_boxes_unact.detach()
-
-        dn_meta = attn_mask = None
-        if self.training and self.num_denoising > 0:
-            if targets is None:
-                raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
-            dn_content, dn_ref, attn_mask, dn_meta = denoising_queries(
-                targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
-                self.label_noise_ratio, self.box_noise_scale)
-            content, ref_unact = torch.cat([dn_content, content], 1), torch.cat([dn_ref, ref_unact], 1)
-
-        heads = {"query_pos_head": self.query_pos_head, "pre_bbox_head": self.pre_bbox_head,
-                 "dec_score_head": self.dec_score_head, "dec_bbox_head": self.dec_bbox_head}
-        boxes, logits, corners, refs, pre_boxes, pre_logits, masks = self.decoder(
-            content, ref_unact, memory, shapes, heads, attn_mask, spatial)
-        if not self.training:
-            out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-            if masks is not None:
-                out["pred_masks"] = masks[-1]
-            return out
-
-        # The original pairs the pre-decoder output with the last layer's masks.
-        layers = {"pred_logits": logits, "pred_boxes": boxes, "pred_corners": corners, "ref_points": refs}
-        if masks is not None:
-            layers["pred_masks"] = torch.stack(masks)
-        pre = {"pred_logits": pre_logits, "pred_boxes": pre_boxes, "pred_masks": layers.get("pred_masks", [None])[-1]}
-        if dn_meta is not None:
-            split = lambda t, dim: t.split(dn_meta["dn_num_split"], dim=dim)
-            dn_layers, layers = {k: split(v, 2)[0] for k, v in layers.items()}, {k: split(v, 2)[1] for k, v in layers.items()}
-            dn_pre = {k: None if v is None else split(v, 1)[0] for k, v in pre.items()}
-            pre = {k: None if v is None else split(v, 1)[1] for k, v in pre.items()}
-        out = {k: v[-1] for k, v in layers.items()}
-        out.update(up=self.up, reg_scale=self.reg_scale, aux_outputs=per_layer(layers)[:-1],
-                   enc_aux_outputs=[{"pred_logits": gather(enc_logits), "pred_boxes": enc_boxes_unact.sigmoid()}],
-                   pre_outputs=pre, enc_meta={"class_agnostic": False})
-        if dn_meta is not None:
-            out.update(dn_outputs=per_layer(dn_layers), dn_pre_outputs=dn_pre, dn_meta=dn_meta)
-        return out
-
-
-def per_layer(layers):
-    """Stacked per-layer outputs -> a list of per-layer dicts, each also carrying the last layer's
-    corners and logits, which teach the earlier layers (decoupled distillation focal loss)."""
-    n = len(layers["pred_logits"])
-    teacher = {"teacher_corners": layers["pred_corners"][-1], "teacher_logits": layers["pred_logits"][-1]}
-    return [{**{k: v[i] for k, v in layers.items()}, **teacher} for i in range(n)]
-
-
-def denoising_queries(targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio,
-                      box_noise_scale):
-    """Contrastive denoising groups (DN-DETR / DINO): each group holds every ground-truth box twice,
-    once lightly (positive) and once strongly (negative) jittered, with some labels flipped.
-
-    Returns query content (B, N, C), inverse-sigmoid boxes (B, N, 4), the (N + Q, N + Q) attention
-    mask (True = blocked) that keeps groups and matching queries apart, and the meta data the
-    criterion uses to pair positives with their targets.
-    """
-    counts = [len(t["labels"]) for t in targets]
-    device = class_embed.weight.device
-    B, G = len(counts), max(counts)
-    groups = max(num_denoising // G, 1) if G else 0
-    labels = torch.full((B, G), num_classes, dtype=torch.int64, device=device)
-    boxes = torch.zeros(B, G, 4, device=device)
-    real = torch.zeros(B, G, dtype=torch.bool, device=device)
-    for i, (t, n) in enumerate(zip(targets, counts)):
-        labels[i, :n], boxes[i, :n], real[i, :n] = t["labels"], t["boxes"], True
-    labels, boxes, real = labels.tile(1, 2 * groups), boxes.tile(1, 2 * groups, 1), real.tile(1, 2 * groups)
-    negative = torch.zeros(B, 2 * G, 1, device=device)
-    negative[:, G:] = 1
-    negative = negative.tile(1, groups, 1)
-    positive_idx = torch.nonzero((1 - negative.squeeze(-1)) * real)[:, 1].split([n * groups for n in counts])
-    N = 2 * G * groups
-
-    if label_noise_ratio > 0:
-        flip = (torch.rand(labels.shape, device=device) < label_noise_ratio * 0.5) & real
-        labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
-    if box_noise_scale > 0:
-        # Positives move each edge by less than half the box size, negatives by between one and two halves.
-        xyxy = torchvision.ops.box_convert(boxes, "cxcywh", "xyxy")
-        half = boxes[..., 2:].tile(1, 1, 2) * 0.5 * box_noise_scale
-        sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
-        part = torch.rand_like(boxes)
-        part = (part + 1.0) * negative + part * (1 - negative)
-        boxes = torchvision.ops.box_convert((xyxy + sign * part * half).clip(0.0, 1.0), "xyxy", "cxcywh").abs()
-
-    meta = {"dn_positive_idx": positive_idx, "dn_num_group": groups, "dn_num_split": [N, num_queries]}
-    return class_embed(labels), inverse_sigmoid(boxes), denoising_mask(N, 2 * G, num_queries, device), meta
-
-
-def denoising_mask(N, group_size, num_queries, device):
-    """Self-attention mask (N + Q, N + Q), True = blocked, for N denoising queries in groups of
-    `group_size` followed by Q matching queries: the matching queries must not see the answers, and
-    each group sees only itself and the matching queries."""
-    mask = torch.zeros(N + num_queries, N + num_queries, dtype=torch.bool, device=device)
-    mask[N:, :N] = True
-    group = torch.arange(N, device=device) // max(group_size, 1)
-    mask[:N, :N] = group[:, None] != group[None, :]
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------
-# ECPose: the DETRPose decoder (instance + keypoint queries, keypoint FDR)
+# ECPose: the DETRPose decoder, a variation on the above (instance + keypoint queries, keypoint FDR)
 # ---------------------------------------------------------------------------------------------
 # Each query is one person: an instance token and K = 17 keypoint tokens, (B, Q, 1 + K, C), with a
 # reference point per token (the keypoints, and their mean for the instance token). Keypoints are
@@ -1140,6 +1232,79 @@ def keypoint_features(feat, keypoints):
     """The stride-8 feature vectors (B, Q, K, C) at keypoints (B, Q, K, 2) in [0, 1] (bilinear)."""
     return F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
                          align_corners=False).permute(0, 2, 3, 1)
+
+
+def select_keypoint_queries(memory, anchors, valid, heads, num_queries):
+    """ECPose's query selection: the Q encoder positions with the highest class scores regress K keypoints
+    from their anchor point; the keypoints and their mean are the reference points of the query's tokens.
+    memory (B, L, C), anchors (1, L, 2) inverse sigmoid, valid (1, L, 1) -> reference points (B, Q, 1 + K, 2)
+    in [0, 1], detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_keypoints` (B, Q, 2K)."""
+    selectable = heads["enc_output_norm"](heads["enc_output"](memory.masked_fill(~valid, 0.0)))
+    logits = heads["enc_out_class_embed"](selectable)
+    gather = top_k(logits, num_queries)
+    delta = heads["enc_pose_embed"](gather(selectable)).unflatten(-1, (-1, 2))
+    keypoints = torch.sigmoid(delta + gather(anchors.expand(memory.shape[0], -1, -1))[:, :, None])  # (B, Q, K, 2)
+    ref = torch.cat([keypoints.mean(2, keepdim=True), keypoints], 2).detach()
+    return ref, {"pred_logits": gather(logits), "pred_keypoints": keypoints.flatten(-2)}
+
+
+def keypoint_denoising_queries(targets, num_queries, label_enc, pose_enc, image_size, dn_number=20,
+                               label_noise_ratio=0.5, num_classes=80):
+    """ECPose's denoising queries (DETRPose's): each group holds every person twice, once with its visible
+    keypoints moved a little (positive) and once further (negative), some labels flipped.
+
+    A keypoint of sigma s gets a distance d with d^2 = 2 * alpha * area * (2s)^2 (an OKS of exp(-alpha)
+    with the original) for alpha in [0, log 2) (positives) or [log 2, log 10) (negatives); see below
+    for how far it actually moves.
+
+    targets: dicts with `labels` (n,), `boxes` (n, 4) normalised cx, cy, w, h, `keypoints` (n, 3K)
+    (K normalised x, y pairs, then K visibilities) and `area` (n,) normalised by the image area.
+    image_size: (H, W) of the input. Returns query content (B, N, 1 + K, C), reference points
+    (B, N, 1 + K, 2) in [0, 1], and the attention mask and meta data of `denoising_groups`.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    device = label_enc.weight.device
+    groups, mask, meta = denoising_groups(counts, dn_number, num_queries, device)
+    B, G, T = len(counts), max(counts), sum(counts)
+    copies = 2 * groups  # copy 2g is group g's positive, 2g + 1 its negative
+    K = pose_enc.num_embeddings
+
+    labels = torch.cat([t["labels"] for t in targets]).repeat(copies)
+    flip = (torch.rand_like(labels, dtype=torch.float) < label_noise_ratio * 0.5).nonzero().flatten()
+    labels = labels.scatter(0, flip, torch.randint_like(flip, 0, num_classes))
+
+    boxes = torch.cat([t["boxes"] for t in targets])
+    keypoints = torch.cat([t["keypoints"] for t in targets])
+    area = torch.cat([t["area"] for t in targets]) if "area" in targets[0] else boxes[:, 2] * boxes[:, 3] * 0.53
+    # The instance token's point: the original averages the box's halves as if it were x1, y1, x2,
+    # y2, giving ((cx + w) / 2, (cy + h) / 2); the released models were trained so.
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    points = torch.cat([centre[:, None], keypoints[:, :2 * K].unflatten(-1, (K, 2))], 1).repeat(copies, 1, 1)
+    # The centre and invisible keypoints stay put.
+    fixed = torch.cat([torch.zeros_like(keypoints[:, :1]), keypoints[:, 2 * K:]], 1).repeat(copies, 1) == 0
+    variance = (2 * torch.cat([torch.tensor([0.1]), COCO_SIGMAS]).to(device)) ** 2
+    # The original means a unit direction but writes F.normalize(u, -1): -1 is taken as the norm order
+    # p, over dim 1, the 1 + K points. Each coordinate moves by u * sum_points(1 / u) instead, u in
+    # [0, 1): often tens of times d, and only right and down. The released models were trained so.
+    direction = F.normalize(torch.rand_like(points), p=-1, dim=1)
+    alpha = torch.zeros_like(points[..., :1]).uniform_(-math.log(1), -math.log(0.5))
+    negative = (torch.arange(groups, device=device)[:, None] * 2 * T + T + torch.arange(T, device=device)).flatten()
+    alpha[negative] = alpha[negative].uniform_(-math.log(0.5), -math.log(0.1))
+    H, W = image_size
+    pixel_area = area.repeat(copies)[:, None, None] * H * W
+    distance = (alpha * (2 * (pixel_area + torch.finfo(torch.float32).eps) * variance[:, None])).sqrt() / max(H, W)
+    points = points + distance.masked_fill(fixed[..., None], 0.0) * direction
+
+    content = torch.cat([label_enc(labels)[:, None], pose_enc.weight.expand(len(labels), -1, -1)], 1)
+    image = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(counts)]).repeat(copies)
+    slot = (torch.cat([torch.arange(n, device=device) for n in counts])
+            + G * torch.arange(copies, device=device)[:, None]).flatten()
+    N = copies * G
+    dn_content = content.new_zeros(B, N, 1 + K, content.shape[-1])
+    dn_content[image, slot] = content
+    dn_ref = points.new_zeros(B, N, 1 + K, 2)  # empty slots sit at sigmoid(0) = 0.5
+    dn_ref[image, slot] = inverse_sigmoid(points, 1e-3)
+    return dn_content, dn_ref.sigmoid(), mask, meta
 
 
 class PoseDecoderLayer(nn.Module):
@@ -1189,7 +1354,7 @@ class PoseTransformerDecoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.num_heads = layer.cross_attn.num_heads
-        self.half_pose_ref_point_head = MLP(hidden_dim, hidden_dim, hidden_dim, 2)
+        self.half_pose_ref_point_head = MLPHead(hidden_dim, hidden_dim, hidden_dim, 2)
         dim_t = torch.arange(hidden_dim // 2, dtype=torch.float32)
         self.register_buffer("dim_t", 10000 ** (2 * (dim_t // 2) / (hidden_dim // 2)))
 
@@ -1227,7 +1392,7 @@ class PoseTransformerDecoder(nn.Module):
         return torch.stack(out_keypoints), torch.stack(out_logits), pre_keypoints, pre_logits
 
 
-class DETRTransformer(nn.Module):
+class DETRTransformer(QueryDecoder):
     """ECPose's decoder (DETRPose): two-stage query selection, then the keypoint FDR decoder.
 
     Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
@@ -1238,30 +1403,17 @@ class DETRTransformer(nn.Module):
     aux_pre_outputs, aux_interm_outputs, dn_aux_outputs, dn_aux_pre_outputs).
 
     The denoising constants are fixed in the original: 20 groups' worth of objects, half the label
-    noise ratio of 0.5 as flips to a random one of 80 classes (label_enc has 81 entries).
+    noise ratio of 0.5 as flips to a random one of 80 classes (label_enc has 81 entries). So are the
+    17 keypoints and the 4 sampling points per head and level (RELEASED_ONLY).
     """
 
     def __init__(self, num_classes=2, hidden_dim=256, nhead=8, num_queries=300, num_decoder_layers=6,
-                 dim_feedforward=2048, dropout=0.0, activation="relu", num_feature_levels=1, dec_n_points=4,
-                 num_body_points=17, feat_strides=(8, 16, 32), reg_max=32, reg_scale=4.0, eval_spatial_size=None,
-                 learnable_tgt_init=False, two_stage_type="no", aux_loss=True, dec_pred_class_embed_share=False,
-                 dec_pred_pose_embed_share=False, two_stage_class_embed_share=True, two_stage_bbox_embed_share=True,
-                 cls_no_bias=False, normalize_before=False, return_intermediate_dec=False, enc_n_points=4):
-        super().__init__()
-        # normalize_before, return_intermediate_dec and enc_n_points do nothing, in the original too.
-        # Defaults are the original's, so a config that leaves out a released setting fails here.
-        require_released("DETRTransformer", num_feature_levels=(num_feature_levels, 3),
-                         feat_strides=(list(feat_strides), [8, 16, 32]), dec_n_points=(dec_n_points, 4),
-                         num_body_points=(num_body_points, 17), learnable_tgt_init=(learnable_tgt_init, True),
-                         two_stage_type=(two_stage_type, "standard"), aux_loss=(aux_loss, True),
-                         dec_pred_class_embed_share=(dec_pred_class_embed_share, False),
-                         dec_pred_pose_embed_share=(dec_pred_pose_embed_share, False),
-                         two_stage_class_embed_share=(two_stage_class_embed_share, False),
-                         two_stage_bbox_embed_share=(two_stage_bbox_embed_share, False),
-                         cls_no_bias=(cls_no_bias, False))
-        K, C = num_body_points, hidden_dim
-        self.num_queries, self.num_classes, self.num_body_points, self.reg_max = num_queries, num_classes, K, reg_max
-        layer = PoseDecoderLayer(C, nhead, dim_feedforward, dropout, activation, [dec_n_points] * 3)
+                 dim_feedforward=2048, dropout=0.0, activation="relu", reg_max=32, reg_scale=4.0,
+                 eval_spatial_size=None):
+        super().__init__(reg_scale, eval_spatial_size, 0.01, boxes=False)
+        K, C = len(KEYPOINT_NAMES), hidden_dim
+        self.num_queries, self.num_body_points, self.reg_max = num_queries, K, reg_max
+        layer = PoseDecoderLayer(C, nhead, dim_feedforward, dropout, activation, [4] * 3)
         self.decoder = PoseTransformerDecoder(layer, num_decoder_layers, C)
         self.keypoint_embedding = nn.Embedding(K, C)
         self.instance_embedding = nn.Embedding(1, C)
@@ -1275,9 +1427,9 @@ class DETRTransformer(nn.Module):
         self.enc_output, self.enc_output_norm = nn.Linear(C, C), nn.LayerNorm(C)
         class_embed = nn.Linear(C, num_classes)
         nn.init.constant_(class_embed.bias, -math.log((1 - 0.01) / 0.01))  # probability 0.01 at start
-        pose_embed = MLP(C, C, 2 * (reg_max + 1), 3)
-        self.pre_pose_embed = MLP(C, C, 2, 3)
-        self.enc_pose_embed = MLP(C, 2 * C, 2 * K, 4)
+        pose_embed = MLPHead(C, C, 2 * (reg_max + 1), 3)
+        self.pre_pose_embed = MLPHead(C, C, 2, 3)
+        self.enc_pose_embed = MLPHead(C, 2 * C, 2 * K, 4)
         for mlp in (pose_embed, self.pre_pose_embed, self.enc_pose_embed):
             nn.init.zeros_(mlp.layers[-1].weight)
             nn.init.zeros_(mlp.layers[-1].bias)
@@ -1287,47 +1439,14 @@ class DETRTransformer(nn.Module):
         self.pose_embed = nn.ModuleList(copy.deepcopy(pose_embed) for _ in range(num_decoder_layers))
         self.lqe_embed = nn.ModuleList(copy.deepcopy(lqe) for _ in range(num_decoder_layers))
         self.enc_out_class_embed = copy.deepcopy(class_embed)
-        self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
-        self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
-        self.shapes = [[eval_spatial_size[0] // s, eval_spatial_size[1] // s] for s in (8, 16, 32)] \
-            if eval_spatial_size else None
-        if self.shapes:
-            anchors, invalid = self.make_anchors(self.shapes)
-            self.register_buffer("anchors", anchors)
-            self.register_buffer("valid_mask", invalid)  # named so in the checkpoints, True where invalid
-
-    @staticmethod
-    def make_anchors(shapes, device=None):
-        """Anchor points (1, L, 2): the feature-map cell centres in inverse-sigmoid space, and the mask
-        (1, L, 1) of those within 0.01 of the image border (True = not selectable)."""
-        anchors = []
-        for h, w in shapes:
-            ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-            xy = (torch.stack([xs, ys], -1) + 0.5) / torch.tensor([w, h], dtype=torch.float32, device=device)
-            anchors.append(xy.reshape(1, h * w, 2))
-        anchors = torch.cat(anchors, 1)
-        invalid = ~((anchors > 0.01) & (anchors < 0.99)).all(-1, keepdim=True)
-        return torch.log(anchors / (1 - anchors)), invalid
 
     def forward(self, feats, targets=None):
-        shapes = [list(f.shape[-2:]) for f in feats]
-        memory = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)  # (B, L, C)
+        memory, shapes, anchors, valid = self.memory_and_anchors(feats)
         B, _, C = memory.shape
         Q, K = self.num_queries, self.num_body_points
-        if shapes == self.shapes and not self.training:
-            anchors, invalid = self.anchors, self.valid_mask
-        else:
-            anchors, invalid = self.make_anchors(shapes, memory.device)
-
-        # Query selection: the top-scoring encoder positions regress 17 keypoints from their anchor
-        # point; the keypoints and their mean are the reference points of the query's tokens.
-        selectable = self.enc_output_norm(self.enc_output(memory.masked_fill(invalid, 0.0)))
-        enc_logits = self.enc_out_class_embed(selectable)
-        topk = enc_logits.max(-1).values.topk(Q, dim=1).indices  # (B, Q)
-        gather = lambda t: t.gather(1, topk.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-        delta = self.enc_pose_embed(gather(selectable)).unflatten(-1, (K, 2))
-        enc_keypoints = torch.sigmoid(delta + gather(anchors.expand(B, -1, -1))[:, :, None])  # (B, Q, K, 2)
-        ref = torch.cat([enc_keypoints.mean(2, keepdim=True), enc_keypoints], 2).detach()
+        heads = {"enc_output": self.enc_output, "enc_output_norm": self.enc_output_norm,
+                 "enc_out_class_embed": self.enc_out_class_embed, "enc_pose_embed": self.enc_pose_embed}
+        ref, enc = select_keypoint_queries(memory, anchors, valid, heads, Q)
         # Query content is learned: per query (tgt_embed) plus per keypoint, not taken from the encoder.
         keypoint_tokens = self.keypoint_embedding.weight + self.tgt_embed.weight[:, None]  # (Q, K, C)
         x = torch.cat([self.instance_embedding.weight.expand(B, Q, 1, C), keypoint_tokens.expand(B, -1, -1, -1)], 2)
@@ -1346,85 +1465,9 @@ class DETRTransformer(nn.Module):
             x, ref, memory, shapes, feats[0], heads, project, self.reg_scale, attn_mask)
         if not self.training:
             return {"pred_logits": logits[-1], "pred_keypoints": keypoints[-1].flatten(-2)}
-
         layers = {"pred_logits": logits, "pred_keypoints": keypoints.flatten(-2)}
         pre = {"pred_logits": pre_logits, "pred_keypoints": pre_keypoints.flatten(-2)}
-        if dn_meta is not None:  # the denoising queries come first
-            split = lambda outs, dim: [dict(zip(outs, parts)) for parts in
-                                       zip(*(v.split(dn_meta["dn_num_split"], dim) for v in outs.values()))]
-            (dn_layers, layers), (dn_pre, pre) = split(layers, 2), split(pre, 1)
-        per_layer = lambda stack: [{k: v[i] for k, v in stack.items()} for i in range(len(stack["pred_logits"]))]
-        out = {k: v[-1] for k, v in layers.items()}
-        out.update(aux_outputs=per_layer(layers)[:-1], pre_outputs=pre,
-                   enc_aux_outputs=[{"pred_logits": gather(enc_logits), "pred_keypoints": enc_keypoints.flatten(-2)}])
-        if dn_meta is not None:
-            out.update(dn_outputs=per_layer(dn_layers), dn_pre_outputs=dn_pre, dn_meta=dn_meta)
-        return out
-
-
-def keypoint_denoising_queries(targets, num_queries, label_enc, pose_enc, image_size, dn_number=20,
-                               label_noise_ratio=0.5, num_classes=80):
-    """DETRPose's denoising groups: each group holds every person twice, once with its visible
-    keypoints moved a little (positive) and once further (negative), some labels flipped.
-
-    A keypoint of sigma s gets a distance d with d^2 = 2 * alpha * area * (2s)^2 (an OKS of exp(-alpha)
-    with the original) for alpha in [0, log 2) (positives) or [log 2, log 10) (negatives); see below
-    for how far it actually moves.
-
-    targets: dicts with `labels` (n,), `boxes` (n, 4) normalised cx, cy, w, h, `keypoints` (n, 3K)
-    (K normalised x, y pairs, then K visibilities) and `area` (n,) normalised by the image area.
-    image_size: (H, W) of the input. Returns query content (B, N, 1 + K, C), reference points
-    (B, N, 1 + K, 2) in [0, 1], the (N + Q, N + Q) attention mask (True = blocked) and the meta data
-    the criterion pairs the positives with their targets by.
-    """
-    counts = [len(t["labels"]) for t in targets]
-    device = label_enc.weight.device
-    B, G, T = len(counts), max(counts), sum(counts)
-    groups = max(dn_number // G, 1)
-    copies = 2 * groups  # copy 2g is group g's positive, 2g + 1 its negative
-    K = pose_enc.num_embeddings
-
-    labels = torch.cat([t["labels"] for t in targets]).repeat(copies)
-    flip = (torch.rand_like(labels, dtype=torch.float) < label_noise_ratio * 0.5).nonzero().flatten()
-    labels = labels.scatter(0, flip, torch.randint_like(flip, 0, num_classes))
-
-    boxes = torch.cat([t["boxes"] for t in targets])
-    keypoints = torch.cat([t["keypoints"] for t in targets])
-    area = torch.cat([t["area"] for t in targets]) if "area" in targets[0] else boxes[:, 2] * boxes[:, 3] * 0.53
-    # The instance token's point: the original averages the box's halves as if it were x1, y1, x2,
-    # y2, giving ((cx + w) / 2, (cy + h) / 2); the released models were trained so.
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-    points = torch.cat([centre[:, None], keypoints[:, :2 * K].unflatten(-1, (K, 2))], 1).repeat(copies, 1, 1)
-    # The centre and invisible keypoints stay put.
-    fixed = torch.cat([torch.zeros_like(keypoints[:, :1]), keypoints[:, 2 * K:]], 1).repeat(copies, 1) == 0
-    variance = (2 * torch.cat([torch.tensor([0.1]), COCO_SIGMAS]).to(device)) ** 2
-    # The original means a unit direction but writes F.normalize(u, -1): -1 is taken as the norm order
-    # p, over dim 1, the 1 + K points. Each coordinate moves by u * sum_points(1 / u) instead, u in
-    # [0, 1): often tens of times d, and only right and down. The released models were trained so.
-    direction = F.normalize(torch.rand_like(points), p=-1, dim=1)
-    alpha = torch.zeros_like(points[..., :1]).uniform_(-math.log(1), -math.log(0.5))
-    negative = (torch.arange(groups, device=device)[:, None] * 2 * T + T + torch.arange(T, device=device)).flatten()
-    alpha[negative] = alpha[negative].uniform_(-math.log(0.5), -math.log(0.1))
-    H, W = image_size
-    pixel_area = area.repeat(copies)[:, None, None] * H * W
-    distance = (alpha * (2 * (pixel_area + torch.finfo(torch.float32).eps) * variance[:, None])).sqrt() / max(H, W)
-    points = points + distance.masked_fill(fixed[..., None], 0.0) * direction
-
-    content = torch.cat([label_enc(labels)[:, None], pose_enc.weight.expand(len(labels), -1, -1)], 1)
-    image = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(counts)]).repeat(copies)
-    slot = (torch.cat([torch.arange(n, device=device) for n in counts])
-            + G * torch.arange(copies, device=device)[:, None]).flatten()
-    N = copies * G
-    dn_content = content.new_zeros(B, N, 1 + K, content.shape[-1])
-    dn_content[image, slot] = content
-    dn_ref = points.new_zeros(B, N, 1 + K, 2)  # empty slots sit at sigmoid(0) = 0.5
-    dn_ref[image, slot] = inverse_sigmoid(points, 1e-3)
-
-    mask = denoising_mask(N, 2 * G, num_queries, device)
-    positive = [(2 * G * torch.arange(groups, device=device)[:, None] + torch.arange(n, device=device)).flatten()
-                for n in counts]
-    meta = {"dn_positive_idx": tuple(positive), "dn_num_group": groups, "dn_num_split": [N, num_queries]}
-    return dn_content, dn_ref.sigmoid(), mask, meta
+        return training_outputs(layers, pre, enc, dn_meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1439,10 +1482,9 @@ class ECModel(nn.Module):
     ECPose's also `keypoints` (n, 51) and `area` (n,), see `keypoint_denoising_queries`).
     """
 
-    def __init__(self, backbone, encoder, decoder, config=None):
+    def __init__(self, backbone, encoder, decoder):
         super().__init__()
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
-        self.config = config
         self.has_masks = hasattr(decoder.decoder, "segmentation_head")
 
     memory_format = torch.contiguous_format  # deploy() switches the convolutions to channels-last
@@ -1479,97 +1521,58 @@ def check_images(images):
                          f"resize or pad to e.g. {(H + 31) // 32 * 32}x{(W + 31) // 32 * 32}")
 
 
-def make_section(cls, cfg, name, **shared):
-    """Build `cls(**cfg[name], **shared)`, turning a bad key into an error that names the section."""
+def same_width(section):  # the encoder and the decoder keep one width, hidden_dim (256 if unset), at every level
+    return [section.get("hidden_dim", 256)] * 3
+
+
+# Settings that every released model has and that this code implements only so, per config section
+# (a function of the section where the value depends on another key). config_section checks them and
+# drops them, so the constructors take only what they use. A key left out takes the original's
+# default: for UNRELEASED_DEFAULTS one that was never released, so such a config is refused.
+RELEASED_ONLY = {
+    "ViTAdapter": {"num_levels": 3, "embed_layer": "ConvPyramidPatchEmbed", "patch_size": 16},
+    "HybridEncoder": {"in_channels": same_width, "feat_strides": [8, 16, 32], "csp_type": "csp2", "fuse_op": "sum"},
+    "ECTransformer": {"feat_channels": same_width, "feat_strides": [8, 16, 32], "num_levels": 3, "layer_scale": 1,
+                      "cross_attn_method": "default", "query_select_method": "default", "aux_loss": True,
+                      "learn_query_content": False},
+    "DETRTransformer": {"num_feature_levels": 3, "feat_strides": [8, 16, 32], "dec_n_points": 4,
+                        "num_body_points": 17, "learnable_tgt_init": True, "two_stage_type": "standard",
+                        "aux_loss": True, "dec_pred_class_embed_share": False, "dec_pred_pose_embed_share": False,
+                        "two_stage_class_embed_share": False, "two_stage_bbox_embed_share": False,
+                        "cls_no_bias": False},
+}
+UNRELEASED_DEFAULTS = {"DETRTransformer": {"num_feature_levels": 1, "learnable_tgt_init": False, "two_stage_type": "no",
+                                           "two_stage_class_embed_share": True, "two_stage_bbox_embed_share": True}}
+# Keys that do nothing, in the original too.
+IGNORED = {"DETRTransformer": ("normalize_before", "return_intermediate_dec", "enc_n_points")}
+
+
+def config_section(cfg, name):
+    """cfg[name] without its RELEASED_ONLY settings, once they are checked, and its IGNORED keys."""
     if name not in cfg:
         raise ValueError(f"config has no section {name!r} (sections present: {sorted(cfg)})")
+    section = {k: v for k, v in cfg[name].items() if k not in IGNORED.get(name, ())}
+    for key, released in RELEASED_ONLY.get(name, {}).items():
+        released = released(section) if callable(released) else released
+        value = section.pop(key, UNRELEASED_DEFAULTS.get(name, {}).get(key, released))
+        value = list(value) if isinstance(value, tuple) else value
+        if value != released:
+            raise ValueError(f"{name} {key}={value!r} is not implemented; the released models use {released!r}")
+    return section
+
+
+def make_section(cls, cfg, name, **shared):
+    """Build `cls(**config_section(cfg, name), **shared)`; a bad key gets an error naming the section."""
     try:
-        return cls(**{**cfg[name], **shared})
+        return cls(**{**config_section(cfg, name), **shared})
     except TypeError as e:
         raise ValueError(f"config section {name!r}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# DINOv3's ViT as a preset of ViT (the teacher's backbone, teacher.py)
-# ---------------------------------------------------------------------------------------------
-# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
-DINOV3_DEFAULTS = dict(
-    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
-    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
-    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
-    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
-    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
-# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
-DINOV3_FIXED = dict(
-    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
-    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
-    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
-NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
-
-# The hub models (dinov3/hub/backbones.py): shared settings, then each model's size.
-HUB_COMMON = dict(patch_size=16, pos_embed_rope_base=100.0, pos_embed_rope_normalize_coords="separate",
-                  pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32", layerscale_init=1e-5,
-                  norm_layer="layernormbf16", n_storage_tokens=4, mask_k_bias=True)
-DINOV3_HUB = {
-    "dinov3_vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4, ffn_layer="mlp"),
-    "dinov3_vits16plus": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=6, ffn_layer="swiglu"),
-    "dinov3_vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4, ffn_layer="mlp"),
-    "dinov3_vitl16": dict(embed_dim=1024, depth=24, num_heads=16, ffn_ratio=4, ffn_layer="mlp"),
-    # No released file of this one was at hand: its layout follows from the hub's kwargs alone.
-    "dinov3_vith16plus": dict(embed_dim=1280, depth=32, num_heads=20, ffn_ratio=6, ffn_layer="swiglu"),
-}
-# dinov3_vit7b16 (4096 wide, 40 blocks) has no qkv bias, a SwiGLU aligned to 64 and untied class-token
-# norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
-
-
-def dinov3_kwargs(cfg):
-    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict."""
-    if isinstance(cfg, str):
-        if cfg not in DINOV3_HUB:
-            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(DINOV3_HUB)} or a kwargs dict")
-        cfg = {**HUB_COMMON, **DINOV3_HUB[cfg]}
-    if not isinstance(cfg, dict):
-        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
-    return {**DINOV3_DEFAULTS, **cfg}
-
-
-def build_dinov3(cfg):
-    """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
-    "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as ViT(dinov3=True). Its state dict has
-    the original's names and shapes; `get_intermediate_layers` / `forward_features` take
-    (B, 3, H, W) images with H, W multiples of the patch size."""
-    kw = dinov3_kwargs(cfg)
-    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
-    if kw["norm_layer"] not in NORM_EPS:
-        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(NORM_EPS)})")
-    if kw["ffn_layer"] not in ("mlp", "swiglu"):
-        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
-    if kw["n_storage_tokens"] < 1:
-        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
-    if refused:
-        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
-    return ViT(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"],
-                     ffn_ratio=kw["ffn_ratio"], ffn_layer=kw["ffn_layer"], dinov3=True,
-                     patch_size=kw["patch_size"], n_storage_tokens=kw["n_storage_tokens"],
-                     layerscale_init=kw["layerscale_init"], mask_k_bias=kw["mask_k_bias"],
-                     norm_eps=NORM_EPS[kw["norm_layer"]], rope_rescale=kw["pos_embed_rope_rescale_coords"])
-
-
-def dinov3_shapes(cfg):
-    """The state dict of `build_dinov3(cfg)` as meta tensors: names and shapes, no memory."""
-    with torch.device("meta"):
-        return build_dinov3(cfg).state_dict()
 
 
 def build_vit(adapter):
     """The ViT of a ViTAdapter config section: ECViT from the original's keys, or, with a `dinov3`
     key (a hub name such as "dinov3_vitb16" or DINOv3 kwargs), the DINOv3 ViT of the teacher."""
-    keys = {"embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer"}
+    keys = {"embed_dim", "num_heads", "depth", "ffn_ratio", "ffn_layer"}
     vit = {k: v for k, v in adapter.items() if k in keys}
     if "dinov3" in adapter:
         if vit:
@@ -1580,8 +1583,6 @@ def build_vit(adapter):
         vit.norm.requires_grad_(False)
         vit.mask_token.requires_grad_(False)
         return vit
-    if vit.pop("embed_layer", "ConvPyramidPatchEmbed") != "ConvPyramidPatchEmbed" or vit.pop("patch_size", 16) != 16:
-        raise ValueError("ViTAdapter: only the ECViT convolutional stem with patch_size 16 is implemented")
     return ViT(**vit)
 
 
@@ -1596,13 +1597,11 @@ def build_model(cfg):
     for key in ("num_classes", "ViTAdapter"):
         if key not in cfg:
             raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
-    adapter = dict(cfg["ViTAdapter"])
-    known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "num_levels",
-             "embed_dim", "num_heads", "depth", "ffn_ratio", "patch_size", "embed_layer", "ffn_layer", "dinov3"}
+    adapter = config_section(cfg, "ViTAdapter")
+    known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "embed_dim",
+             "num_heads", "depth", "ffn_ratio", "ffn_layer", "dinov3"}
     if set(adapter) - known:
         raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - known)}")
-    if adapter.get("num_levels", 3) != 3:
-        raise ValueError("ViTAdapter: only num_levels 3 is implemented")
     vit = build_vit(adapter)
     # The original's default, [10, 11], is the last two blocks of its depth-12 ECViTs.
     last_two = [len(vit.blocks) - 2, len(vit.blocks) - 1]
@@ -1612,7 +1611,7 @@ def build_model(cfg):
     decoder_cls = DETRTransformer if "DETRTransformer" in cfg else ECTransformer
     decoder = make_section(decoder_cls, cfg, decoder_cls.__name__, num_classes=cfg["num_classes"],
                            eval_spatial_size=size)
-    return ECModel(backbone, encoder, decoder, config=cfg)
+    return ECModel(backbone, encoder, decoder)
 
 
 def checkpoint_state_dict(ckpt):

@@ -162,8 +162,7 @@ def synthetic_outputs(g, sizes, Q=10, K=6, layers=3, reg_max=8, num_denoising=Tr
     out.update(up=torch.tensor([0.5]), reg_scale=torch.tensor([4.0]),
                aux_outputs=[layer(i, match) for i in range(layers - 1)],
                pre_outputs={'pred_logits': logits[0][:, match] * 0.9, 'pred_boxes': boxes[0][:, match]},
-               enc_aux_outputs=[{'pred_logits': logits[0][:, match] * 1.1, 'pred_boxes': boxes[0][:, match] * 0.9}],
-               enc_meta={'class_agnostic': False})
+               enc_aux_outputs=[{'pred_logits': logits[0][:, match] * 1.1, 'pred_boxes': boxes[0][:, match] * 0.9}])
     if num_denoising:
         M = max(sizes)
         out.update(dn_outputs=[layer(i, dn) for i in range(layers)],
