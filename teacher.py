@@ -117,7 +117,7 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
     levels to it, as in ECDet-L/X. The feature generator reads the last two blocks.
     """
     depth = model.dinov3_kwargs(arch)["depth"]
-    cfg = model.preset_config(base)
+    cfg = train_det.ECCriterion.preset_config(base)
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": proj_dim}
     cfg["HybridEncoder"]["in_channels"] = [proj_dim] * 3
     return cfg
