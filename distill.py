@@ -240,11 +240,7 @@ class AlignHead(nn.Module):
     @torch.no_grad()
     def update_statistics(self, targets):
         flat = torch.stack([t.float().flatten(0, 1) for t in targets])  # (L, B*N, D_t)
-        stats = torch.cat([flat.mean(1), flat.var(1)])  # (2L, D_t)
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            stats /= dist.get_world_size()
-        mean, var = stats.chunk(2)
+        mean, var = train_det.average_over_ranks(torch.cat([flat.mean(1), flat.var(1)])).chunk(2)  # (L, D_t) each
         self.updates += 1
         w = max(1.0 / self.updates.item(), self.momentum)
         self.mean.lerp_(mean, w)
@@ -333,6 +329,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         raise ValueError(f"--images {args.images}: {len(args.paths)} images, fewer than one batch of {args.batch_size}")
     val_loader = make_loader(args.val_paths, False, args, rank, world) if args.val_paths else None
     path, start, ckpt = os.path.join(args.output_dir, f"{name}_last.pth"), 0, None
+    log = os.path.join(args.output_dir, "log.jsonl")
     if args.resume and os.path.exists(path):
         ckpt = model.read_checkpoint(path, "--resume")
         try:
@@ -348,8 +345,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         for what, now, before in (("epochs", epochs, ckpt.get("epochs")), ("lr", args.lr, ckpt.get("lr"))):
             if before is not None and now != before and rank == 0:
                 print(f"--resume: {name} {what} {now} (so far {before}) applies from epoch {start + 1} on")
-        history = train_det.restore_log(ckpt, os.path.join(args.output_dir, "log.jsonl"),
-                                        lambda line: line.get("stage") != name or line["epoch"] <= start)
+        history = train_det.restore_log(ckpt, log, lambda line: line.get("stage") != name or line["epoch"] <= start)
     net = train_det.distributed(distiller, args.device, world)
     steps = len(train_loader)
     total, warmup = epochs * steps, min(args.warmup_epochs * steps, epochs * steps)
@@ -374,14 +370,13 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
             with train_det.autocast(args):
                 loss, cosines = net(images, teacher_targets(teachers, images, teacher_images))
             terms = {"loss": loss, **{f"cosine_{t}": c for t, c in enumerate(cosines)}}
-            train_det.optimise(loss, terms, net, optimizer, scaler, TRAINING["clip_max_norm"], (f"{name} ", epoch, i, path))
+            train_det.optimise(loss, terms, net, optimizer, scaler, TRAINING["clip_max_norm"], f"{name} ", epoch, i, path)
             sums += torch.cat([loss.detach()[None], cosines])
             count += 1
             skipped.update(passed_over)
             bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{cosines.mean().item():.3f}")
+        train_det.average_over_ranks(sums)
         if dist.is_initialized():
-            dist.all_reduce(sums)
-            sums /= dist.get_world_size()
             gathered = [None] * world
             dist.all_gather_object(gathered, skipped)
             skipped = set().union(*gathered)
@@ -463,11 +458,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except train_det.USER_ERRORS as e:
-        train_det.exit_with_error("distill.py", e)
+    train_det.run_script("distill.py", run, parse_args(argv))
 
 
 def run(args):

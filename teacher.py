@@ -152,10 +152,7 @@ def main(argv=None):
     args = train_det.parse_args(rest, TASK)
     if not (args.demo or own.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
-    try:
-        return run(own, args)
-    except train_det.USER_ERRORS as e:
-        train_det.exit_with_error("teacher.py", e)
+    return train_det.run_script("teacher.py", run, own, args)
 
 
 def run(own, args):

@@ -655,11 +655,15 @@ def denoising_matches(dn_meta, targets):
 
 def mean_over_ranks(n, device):
     """n averaged over the DDP ranks when torch.distributed is initialised, at least 1, a float."""
-    n = torch.as_tensor([n], dtype=torch.float, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return n.clamp(min=1).item()
+    return average_over_ranks(torch.as_tensor([n], dtype=torch.float, device=device)).clamp(min=1).item()
+
+
+def average_over_ranks(x):
+    """Float tensor x, in place, averaged over the DDP ranks when torch.distributed is initialised."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
 
 
 def batch_index(indices):
@@ -1106,14 +1110,17 @@ def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
             os.remove(path)
 
 
-# The exceptions that mean bad input (or a diverged run) rather than a bug: main() reports them in one line.
+# The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def exit_with_error(script, error):
-    """argparse's way out: one line `SCRIPT: error: ...` on stderr, exit code 2."""
-    print(f"{script}: error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+def run_script(script, fn, *args):
+    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def diverged(what, epoch, step, terms, checkpoint):
@@ -1205,10 +1212,9 @@ def set_epoch(loader, epoch, seed, rank):
     torch.manual_seed(stream)
 
 
-def optimise(loss, terms, net, optimizer, scaler, clip_max_norm, where):
+def optimise(loss, terms, net, optimizer, scaler, clip_max_norm, stage, epoch, step, checkpoint):
     """One step on `loss`, the gradient norm clipped to clip_max_norm (if > 0). A non-finite loss (on any
-    rank) or gradient norm stops the run: diverged() with `terms` and where = (stage, epoch, step, checkpoint)."""
-    stage, epoch, step, checkpoint = where
+    rank) or gradient norm stops the run: diverged() names the stage, where, the `terms` and checkpoint."""
     finite = torch.isfinite(loss.detach()).float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -1237,17 +1243,14 @@ def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, ep
             outputs = net(images, targets)
         losses = criterion(to_float(outputs), targets)
         loss = sum(losses.values())
-        optimise(loss, losses, net, optimizer, scaler, args.clip_max_norm,
-                 ("", epoch, i, os.path.join(args.output_dir, "last.pth")))
+        optimise(loss, losses, net, optimizer, scaler, args.clip_max_norm, "", epoch, i,
+                 os.path.join(args.output_dir, "last.pth"))
         ema.update(net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.item()
         count += 1
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-    means = torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device)
-    if dist.is_initialized():
-        dist.all_reduce(means)
-        means /= dist.get_world_size()
+    means = average_over_ranks(torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device))
     return dict(zip(sorted(sums), means.tolist()))
 
 
@@ -1607,10 +1610,7 @@ DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16)
 def main(argv=None, task=None):
     task = task or Task()
     args = parse_args(argv, task)
-    try:
-        return demo(args, task) if args.demo else run(args, task)
-    except USER_ERRORS as e:
-        exit_with_error(task.script, e)
+    return run_script(task.script, demo if args.demo else run, args, task)
 
 
 if __name__ == "__main__":

@@ -457,12 +457,9 @@ class DETRPoseCriterion(ECCriterion):
     """The ECPose training loss: ECDet's criterion (train_det.ECCriterion: its outputs, matchings,
     names and normalisation) with these terms:
 
-    - VFL (varifocal loss): ECDet's MAL with the matched query's OKS with its person as the quality
-      and no power on the target; unmatched entries weigh α p^γ (α = 0.25, γ = 2), matched ones
-      their target.
+    - VFL (varifocal loss): MAL with the OKS of the matched query with its person as the quality and
+      no power on the target; unmatched entries weigh α p^γ (α = 0.25, γ = 2), matched ones their target.
     - Keypoint L1 over visible keypoints, and 1 − OKS, on the union of the matchings.
-
-    The first decoder layer's regression is the `_pre` output; there are no corners, so no FGL or DDF.
     """
 
     section, family, preset = "DETRPoseCriterion", "ecpose", CRITERION

@@ -22,7 +22,6 @@ def test_preset_matches_released_schema(name):
     released = copy.deepcopy(schema["config"])
     for key in ("weights_path", "skip_load_backbone"):
         released["ViTAdapter"].pop(key)
-    # The loss sections are the training stages' recipes.
     criterion = {"ecdet": train_det.ECCriterion, "ecseg": train_seg.ECSegCriterion, "ecpose": train_pose.DETRPoseCriterion}
     assert criterion[name.split("_")[0]].preset_config(name) == released
 
