@@ -334,7 +334,7 @@ class DetTransforms:
         else:
             image, target = self.resize(image, target)
         target = dict(target, boxes=normalised_cxcywh(target["boxes"]))
-        target = {k: v.as_subclass(torch.Tensor) if isinstance(v, tv_tensors.TVTensor) else v for k, v in target.items()}
+        target = {k: v.as_subclass(torch.Tensor) if isinstance(v, tv_tensors.Mask) else v for k, v in target.items()}
         return model.normalize(image), target  # the networks' input convention, as predict.py feeds them
 
 
