@@ -240,11 +240,7 @@ class AlignHead(nn.Module):
     @torch.no_grad()
     def update_statistics(self, targets):
         flat = torch.stack([t.float().flatten(0, 1) for t in targets])  # (L, B*N, D_t)
-        stats = torch.cat([flat.mean(1), flat.var(1)])  # (2L, D_t)
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            stats /= dist.get_world_size()
-        mean, var = stats.chunk(2)
+        mean, var = train_det.average_over_ranks(torch.cat([flat.mean(1), flat.var(1)])).chunk(2)  # (L, D_t) each
         self.updates += 1
         w = max(1.0 / self.updates.item(), self.momentum)
         self.mean.lerp_(mean, w)
@@ -301,7 +297,7 @@ def held_out_cosine(distiller, teachers, loader, args):
     for images, teacher_images, _ in loader:
         images = images.to(args.device)
         teacher_images = None if teacher_images is None else teacher_images.to(args.device)
-        with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+        with train_det.autocast(args):
             _, cosines = distiller(images, teacher_targets(teachers, images, teacher_images))
         total, count = total + cosines * len(images), count + len(images)
     distiller.train()
@@ -332,10 +328,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
     if len(train_loader) == 0:
         raise ValueError(f"--images {args.images}: {len(args.paths)} images, fewer than one batch of {args.batch_size}")
     val_loader = make_loader(args.val_paths, False, args, rank, world) if args.val_paths else None
-    optimizer = torch.optim.AdamW(train_det.param_groups(distiller, args.lr, args.lr, args.weight_decay),
-                                  lr=args.lr, betas=TRAINING["betas"])
-    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp_dtype == torch.float16)
-    path, start = os.path.join(args.output_dir, f"{name}_last.pth"), 0
+    path, start, ckpt = os.path.join(args.output_dir, f"{name}_last.pth"), 0, None
     log = os.path.join(args.output_dir, "log.jsonl")
     if args.resume and os.path.exists(path):
         ckpt = model.read_checkpoint(path, "--resume")
@@ -346,24 +339,14 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         start = ckpt["epoch"]
         if epochs < start:
             raise ValueError(f"--resume: {path} has done {start} epochs, more than the {epochs} asked for")
-        initial = [group["initial_lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, lr in zip(optimizer.param_groups, initial):  # this run's --lr applies from here
-            group["initial_lr"] = lr
-        scaler.load_state_dict(ckpt["scaler"])
+    optimizer, scaler = train_det.make_optimizer(train_det.param_groups(distiller, args.lr, args.lr, args.weight_decay),
+                                                 TRAINING["betas"], args, ckpt)
+    if ckpt is not None:
         for what, now, before in (("epochs", epochs, ckpt.get("epochs")), ("lr", args.lr, ckpt.get("lr"))):
             if before is not None and now != before and rank == 0:
                 print(f"--resume: {name} {what} {now} (so far {before}) applies from epoch {start + 1} on")
-        history = ckpt["log"] if "log" in ckpt else train_det.read_log(  # from before the log moved into it
-            log, lambda line: line.get("stage") != name or line["epoch"] <= start)
-        if rank == 0:  # its lines, exactly, whenever the run was killed
-            train_det.write_log(history, log)
-    net = distiller
-    if world > 1:
-        if args.device.type == "cuda":
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(distiller)
-        ids = [args.device] if args.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        history = train_det.restore_log(ckpt, log, lambda line: line.get("stage") != name or line["epoch"] <= start)
+    net = train_det.distributed(distiller, args.device, world)
     steps = len(train_loader)
     total, warmup = epochs * steps, min(args.warmup_epochs * steps, epochs * steps)
     schedule = lambda step, lr: train_det.flat_cosine(step, total, warmup, warmup, 0, lr, lr * TRAINING["min_lr_ratio"])
@@ -384,30 +367,16 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
                 group["lr"] = schedule(epoch * steps + i, group["initial_lr"])
             images = images.to(args.device, non_blocking=True)
             teacher_images = None if teacher_images is None else teacher_images.to(args.device, non_blocking=True)
-            with torch.autocast(args.device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+            with train_det.autocast(args):
                 loss, cosines = net(images, teacher_targets(teachers, images, teacher_images))
             terms = {"loss": loss, **{f"cosine_{t}": c for t, c in enumerate(cosines)}}
-            finite = torch.isfinite(loss.detach()).float()
-            if dist.is_initialized():
-                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if not finite.item():
-                raise train_det.diverged(f"{name} loss", epoch, i, terms, path)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(distiller.parameters(), TRAINING["clip_max_norm"])
-            # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
-            if not scaler.is_enabled() and not torch.isfinite(norm):
-                raise train_det.diverged(f"{name} gradient norm", epoch, i, {**terms, "gradient_norm": norm}, path)
-            scaler.step(optimizer)
-            scaler.update()
+            train_det.optimise(loss, terms, net, optimizer, scaler, TRAINING["clip_max_norm"], f"{name} ", epoch, i, path)
             sums += torch.cat([loss.detach()[None], cosines])
             count += 1
             skipped.update(passed_over)
             bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{cosines.mean().item():.3f}")
+        train_det.average_over_ranks(sums)
         if dist.is_initialized():
-            dist.all_reduce(sums)
-            sums /= dist.get_world_size()
             gathered = [None] * world
             dist.all_gather_object(gathered, skipped)
             skipped = set().union(*gathered)
@@ -489,21 +458,11 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        run(args)
-    except train_det.USER_ERRORS as e:
-        train_det.exit_with_error("distill.py", e)
+    train_det.run_script("distill.py", run, parse_args(argv))
 
 
 def run(args):
-    rank, world, device = train_det.setup_distributed(args.device)
-    args.device = device
-    args.amp_dtype = None
-    if args.amp:
-        args.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    rank, world = train_det.start_run(args)
     train_det.check_output_dir(args, RUN_FILES)
     stages = ["proxy", "student"] if args.proxy else ["student"]
     if args.resume:
@@ -528,7 +487,7 @@ def run(args):
     arches = [teacher.parse_arch(a, "--teacher-arch") for a in args.teacher_arch or [None]]
     arches = arches * len(args.teacher) if len(arches) == 1 else arches
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
-    teachers = [(vit.to(device), layers) for vit, layers in teachers]
+    teachers = [(vit.to(args.device), layers) for vit, layers in teachers]
     history = []
     if args.proxy:
         epochs = args.proxy_epochs or args.epochs

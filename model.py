@@ -41,29 +41,6 @@ SIZES = {
     "l": ("ecvits", 256, 1024, 1024, 0.75, 1),
     "x": ("ecvitsplus", 256, 2048, 2048, 1.5, 1),
 }
-# Loss weights and matching costs of the released recipes.
-CRITERIA = {
-    "detection": {
-        "weight_dict": {"loss_mal": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5},
-        "losses": ["mal", "boxes", "local"], "gamma": 1.5, "alpha": 0.75, "reg_max": 32,
-        "matcher": {"type": "HungarianMatcher", "weight_dict": {"cost_class": 2, "cost_bbox": 5, "cost_giou": 2},
-                    "alpha": 0.25, "gamma": 2.0},
-    },
-    "segmentation": {
-        "weight_dict": {"loss_mal": 2.0, "loss_bbox": 1, "loss_giou": 1, "loss_fgl": 0.15, "loss_ddf": 1.5,
-                        "loss_mask_ce": 5.0, "loss_mask_dice": 5.0},
-        "losses": ["mal", "boxes", "local", "masks"], "gamma": 1.5, "alpha": 0.75, "reg_max": 32,
-        "matcher": {"type": "HungarianMatcher", "weight_dict": {"cost_class": 2, "cost_bbox": 1, "cost_giou": 1,
-                                                                "cost_mask_ce": 5, "cost_mask_dice": 5},
-                    "alpha": 0.25, "gamma": 2.0, "mask_point_sample_ratio": 16},
-    },
-    "pose": {
-        "num_classes": 2, "weight_dict": {"loss_vfl": 2.0, "loss_keypoints": 10.0, "loss_oks": 4.0},
-        "focal_alpha": 0.25, "losses": ["vfl", "keypoints"], "num_body_points": 17,
-        "matcher": {"type": "DETRPoseHungarianMatcher", "cost_class": 2.0, "cost_keypoints": 10.0, "cost_oks": 4.0,
-                    "focal_alpha": 0.25},
-    },
-}
 # ECPose's decoder (the original's DETRTransformer) in every size; hidden_dim, dim_feedforward and
 # num_decoder_layers vary.
 POSE_DECODER = {"dropout": 0.0, "nhead": 8, "num_queries": 60, "normalize_before": False,
@@ -98,12 +75,10 @@ def preset_config(name):
                "query_select_method": "default", "activation": "silu", "dim_feedforward": dec_ffn}
     if task == "segmentation":
         decoder["mask_downsample_ratio"] = 4
-    heads = {"ECTransformer": decoder, "ECCriterion": copy.deepcopy(CRITERIA[task]),
-             "PostProcessor": {"num_top_queries": 300}}
+    heads = {"ECTransformer": decoder, "PostProcessor": {"num_top_queries": 300}}
     if task == "pose":  # its decoder FFN is as wide as the encoder's; S has 3 decoder layers
         heads = {"DETRTransformer": {**POSE_DECODER, "hidden_dim": hidden, "dim_feedforward": enc_ffn,
                                      "num_decoder_layers": 3 if size == "s" else 4},
-                 "DETRPoseCriterion": copy.deepcopy(CRITERIA[task]),
                  "DETRPosePostProcessor": {"num_select": 60, "num_body_points": 17}}
     return {
         "task": task, "model": model, "ViTAdapter": adapter,

@@ -117,7 +117,7 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
     levels to it, as in ECDet-L/X. The feature generator reads the last two blocks.
     """
     depth = model.dinov3_kwargs(arch)["depth"]
-    cfg = model.preset_config(base)
+    cfg = train_det.ECCriterion.preset_config(base)
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": proj_dim}
     cfg["HybridEncoder"]["in_channels"] = [proj_dim] * 3
     return cfg
@@ -152,10 +152,7 @@ def main(argv=None):
     args = train_det.parse_args(rest, TASK)
     if not (args.demo or own.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
-    try:
-        return run(own, args)
-    except train_det.USER_ERRORS as e:
-        train_det.exit_with_error("teacher.py", e)
+    return train_det.run_script("teacher.py", run, own, args)
 
 
 def run(own, args):

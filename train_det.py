@@ -49,7 +49,7 @@ import model
 import predict
 from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
 
-# The training recipe per preset (the original's configs/ecdet/ecdet_*.yml and ecseg/ecseg_*.yml):
+# The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
 # mixup while epoch < mosaic_epoch, strong augmentation off from stop_epoch on).
 _RECIPE = ("epochs", "lr", "backbone_lr", "weight_decay", "mosaic_prob", "mosaic_epoch", "stop_epoch")
@@ -58,10 +58,6 @@ RECIPES = {name: dict(zip(_RECIPE, values)) for name, values in {
     "ecdet_m": (62, 5e-4, 2.5e-5, 1e-4, 0.75, 30, 60),
     "ecdet_l": (50, 5e-4, 5e-6, 1.25e-4, 1.0, 24, 48),
     "ecdet_x": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
-    "ecseg_s": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
-    "ecseg_m": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
-    "ecseg_l": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
-    "ecseg_x": (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48),
     # The CPU demo: a randomly initialised ViT learns at the full rate; a short mosaic phase.
     "demo": (20, 1e-3, 1e-3, 1e-4, 0.5, 4, 18),
 }.items()}
@@ -70,9 +66,9 @@ RECIPES = {name: dict(zip(_RECIPE, values)) for name, values in {
 TRAINING = dict(batch_size=32, betas=(0.9, 0.999), warmup_iter=2000, lr_gamma=0.5, ema_decay=0.9999,
                 ema_warmups=1000, clip_max_norm=0.1)
 
-# Target entries with one row per object: Mosaic and MixUp concatenate them, SanitizeBoxes filters
-# them together. "keypoints" (a tv_tensors.KeyPoints) and "area" are for the pose stage.
-INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area")
+# The target entries that describe the whole image; every other entry has one row per object (boxes,
+# labels, and what a stage adds), which Mosaic and MixUp concatenate and SanitizeBoxes filters together.
+IMAGE_KEYS = ("image_id", "orig_size")
 
 
 # ---- Data: COCO-format data set ----
@@ -220,11 +216,10 @@ class CocoDetection(torch.utils.data.Dataset):
 def merge_instances(targets):
     """One target with the objects of all `targets` (same canvas); other entries from targets[0]."""
     merged = dict(targets[0])
-    for key in INSTANCE_KEYS:
-        if key in merged:
-            parts = [t[key] for t in targets]
-            cat = torch.cat(parts)
-            merged[key] = tv_tensors.wrap(cat, like=parts[0]) if isinstance(parts[0], tv_tensors.TVTensor) else cat
+    for key in set(merged) - set(IMAGE_KEYS):
+        parts = [t[key] for t in targets]
+        cat = torch.cat(parts)
+        merged[key] = tv_tensors.wrap(cat, like=parts[0]) if isinstance(parts[0], tv_tensors.TVTensor) else cat
     return merged
 
 
@@ -274,7 +269,8 @@ class SanitizeBoxes(T.SanitizeBoundingBoxes):
     @staticmethod
     def _per_object(sample):
         target = sample[1]  # boxes and masks are found by type; the rest by key
-        return [target[k] for k in INSTANCE_KEYS if k in target and not isinstance(target[k], (tv_tensors.BoundingBoxes, tv_tensors.Mask))]
+        return [v for k, v in target.items()
+                if k not in IMAGE_KEYS and not isinstance(v, (tv_tensors.BoundingBoxes, tv_tensors.Mask))]
 
     def transform(self, inpt, params):
         out = super().transform(inpt, params)
@@ -338,8 +334,7 @@ class DetTransforms:
         else:
             image, target = self.resize(image, target)
         target = dict(target, boxes=normalised_cxcywh(target["boxes"]))
-        if "masks" in target:
-            target["masks"] = target["masks"].as_subclass(torch.Tensor)
+        target = {k: v.as_subclass(torch.Tensor) if isinstance(v, tv_tensors.Mask) else v for k, v in target.items()}
         return model.normalize(image), target  # the networks' input convention, as predict.py feeds them
 
 
@@ -461,23 +456,25 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0,
 
 # ---- Evaluation: COCO AP (predict.CocoEvaluator) and pictures ----
 
-def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4):
+def scale_boxes(result, scale):
+    """A result of model.postprocess in pixels of another size: boxes times scale (2,) = (sx, sy)."""
+    return dict(result, boxes=result["boxes"] * scale.repeat(2))
+
+
+def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4, rescale=scale_boxes):
     """Save a PNG grid of images with their detections drawn by predict.draw; returns path.
 
     images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
-    brings the results, in the original image's pixels, to the tensor's size); results: per image,
-    model.postprocess's (labels, scores, boxes; masks; keypoints); names: class name per label.
-    Detections scoring below score_threshold are not drawn.
+    brings the results, in the original image's pixels, to the tensor's size with `rescale`, which a
+    stage whose results hold more coordinates replaces); results: per image, model.postprocess's;
+    names: class name per label. Detections scoring below score_threshold are not drawn.
     """
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     tiles = []
     for image, target, res in zip(images, targets, results):
         pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
         (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
-        scale = torch.tensor([w / orig_w, h / orig_h], device=res["scores"].device)
-        res = dict(res, boxes=res["boxes"] * scale.repeat(2))
-        if "keypoints" in res:
-            res["keypoints"] = (res["keypoints"].unflatten(-1, (-1, 3)) * torch.cat([scale, scale.new_ones(1)])).flatten(-2)
+        res = rescale(res, torch.tensor([w / orig_w, h / orig_h], device=res["scores"].device))
         tiles.append(predict.draw(Image.fromarray(pixels.permute(1, 2, 0).numpy()), res, names, score_threshold))
     if not tiles:
         raise ValueError("draw_predictions() got no images")
@@ -581,24 +578,33 @@ class HungarianMatcher(nn.Module):
     picks the min(Q, T) pairs of least total cost; the other queries are matched to nothing.
     """
 
+    config_type = 'HungarianMatcher'  # the original's `type` of the matcher section
+    config_keys = ('weight_dict', 'alpha', 'gamma')  # the matcher section's required keys
+    costs = ('cost_class', 'cost_bbox', 'cost_giou')  # the λs, read from weight_dict
+
     def __init__(self, weight_dict, alpha, gamma):
         super().__init__()
-        self.cost_class = weight_dict['cost_class']
-        self.cost_bbox = weight_dict['cost_bbox']
-        self.cost_giou = weight_dict['cost_giou']
+        missing = [c for c in self.costs if c not in weight_dict]
+        if missing:
+            raise KeyError(f"criterion config: the matcher's weight_dict has no {', '.join(map(repr, missing))}")
+        for c in self.costs:
+            setattr(self, c, weight_dict[c])
         self.alpha, self.gamma = alpha, gamma
 
-    def cost(self, outputs, targets):
-        """C for the whole batch, (B·Q, T_1 + ... + T_B). A subclass adds its own terms here."""
+    def class_cost(self, outputs, targets):
+        """cost_cls of every query for every object's class, (B·Q, T_1 + ... + T_B)."""
         p = outputs['pred_logits'].flatten(0, 1).sigmoid()[:, torch.cat([t['labels'] for t in targets])]
+        cost_pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
+        cost_neg = (1 - self.alpha) * p ** self.gamma * -(1 - p + 1e-8).log()
+        return cost_pos - cost_neg
+
+    def cost(self, outputs, targets):
+        """C for the whole batch, (B·Q, T_1 + ... + T_B). A subclass adds or replaces terms here."""
         b = outputs['pred_boxes'].flatten(0, 1)
         b_hat = torch.cat([t['boxes'] for t in targets])
-        alpha, gamma = self.alpha, self.gamma
-        cost_pos = alpha * (1 - p) ** gamma * -(p + 1e-8).log()
-        cost_neg = (1 - alpha) * p ** gamma * -(1 - p + 1e-8).log()
         cost_l1 = torch.cdist(b, b_hat, p=1)
         cost_giou = -generalized_box_iou(cxcywh_to_xyxy(b), cxcywh_to_xyxy(b_hat))
-        return self.cost_bbox * cost_l1 + self.cost_class * (cost_pos - cost_neg) + self.cost_giou * cost_giou
+        return self.cost_bbox * cost_l1 + self.cost_class * self.class_cost(outputs, targets) + self.cost_giou * cost_giou
 
     @torch.no_grad()
     def forward(self, outputs, targets):
@@ -649,11 +655,15 @@ def denoising_matches(dn_meta, targets):
 
 def mean_over_ranks(n, device):
     """n averaged over the DDP ranks when torch.distributed is initialised, at least 1, a float."""
-    n = torch.as_tensor([n], dtype=torch.float, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return n.clamp(min=1).item()
+    return average_over_ranks(torch.as_tensor([n], dtype=torch.float, device=device)).clamp(min=1).item()
+
+
+def average_over_ranks(x):
+    """Float tensor x, in place, averaged over the DDP ranks when torch.distributed is initialised."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
 
 
 def batch_index(indices):
@@ -687,6 +697,15 @@ def fgl_targets(ref_points, boxes, reg_max, up, reg_scale):
     return left, 1 - weight_right, weight_right
 
 
+# Loss weights and matching costs of the released ECDet recipe (the original's ECCriterion section).
+CRITERION = {
+    "weight_dict": {"loss_mal": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5},
+    "losses": ["mal", "boxes", "local"], "gamma": 1.5, "alpha": 0.75, "reg_max": 32,
+    "matcher": {"type": "HungarianMatcher", "weight_dict": {"cost_class": 2, "cost_bbox": 5, "cost_giou": 2},
+                "alpha": 0.25, "gamma": 2.0},
+}
+
+
 class ECCriterion(nn.Module):
     """The ECDet training loss: weighted terms, each normalised by the (DDP-averaged) number of
     matched objects.
@@ -708,11 +727,14 @@ class ECCriterion(nn.Module):
     to the objects they were made from. An output without corners gets no FGL or DDF.
 
     The original's `enc_meta` (class-agnostic query selection) is not read: ECDet never enables it.
-    A subclass adds terms by extending `loss_functions`. A term function takes (out, targets,
-    indices, num_boxes, shared), shared holding what all outputs share (up, reg_scale, DDF's
-    balance), and returns {} for an output that lacks its prediction.
+    A subclass adds or replaces terms in `loss_functions`. A term function takes (out, targets,
+    indices, num_boxes, shared), shared holding what all outputs share (shared_terms), and returns {}
+    for an output that lacks its prediction. The class attributes tell build_criterion its config.
     """
 
+    section, family, preset = 'ECCriterion', 'ecdet', CRITERION
+    config_keys = ('weight_dict', 'losses', 'gamma', 'reg_max', 'matcher')
+    unused_keys = ('alpha',)  # the original's focal/VFL weight; MAL has none
     union_losses = ('boxes', 'local')  # computed on the union of the layers' matchings
     T = 5  # DDF temperature
 
@@ -725,24 +747,41 @@ class ECCriterion(nn.Module):
         if unknown:
             raise ValueError(f"unknown losses {sorted(unknown)}; known: {sorted(self.loss_functions())}")
 
+    @classmethod
+    def preset_config(cls, name):
+        """model.preset_config(name) with the loss section of the preset's family, this class's or a parent's."""
+        cfg = model.preset_config(name)
+        for c in cls.__mro__:
+            if name.startswith(f"{vars(c).get('family')}_"):
+                cfg[c.section] = copy.deepcopy(c.preset)
+                break
+        return cfg
+
     def loss_functions(self):
         return {'mal': self.loss_mal, 'boxes': self.loss_boxes, 'local': self.loss_local}
 
-    def loss_mal(self, out, targets, indices, num_boxes, shared):
-        logits = out['pred_logits']
+    def quality_target(self, q, p, onehot):
+        """MAL's target and weight per logit; q (B, Q, K): the match's quality at its class, p = sigmoid."""
+        return q.pow(self.gamma), p.pow(self.gamma) * (1 - onehot) + onehot
+
+    def quality_loss(self, logits, targets, indices, quality, num_boxes):
+        """Sigmoid BCE of every class logit (B, Q, K) toward `quality` (IoU, OKS: one per match), by quality_target."""
         idx = batch_index(indices)
-        iou = paired_iou(cxcywh_to_xyxy(out['pred_boxes'][idx]), cxcywh_to_xyxy(matched(targets, indices, 'boxes')))
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         classes[idx] = matched(targets, indices, 'labels')
         onehot = F.one_hot(classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
         q = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
-        q[idx] = iou.detach().to(logits.dtype)
-        target = (q[..., None] * onehot).pow(self.gamma)
-        weight = logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + onehot
+        q[idx] = quality.detach().to(logits.dtype)
+        target, weight = self.quality_target(q[..., None] * onehot, logits.detach().sigmoid(), onehot)
         loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction='none')
         if not logits.shape[1]:  # denoising queries of a batch without objects: the mean below would be 0/0
-            return {'loss_mal': loss.sum()}
-        return {'loss_mal': loss.mean(1).sum() * logits.shape[1] / num_boxes}
+            return loss.sum()
+        return loss.mean(1).sum() * logits.shape[1] / num_boxes
+
+    def loss_mal(self, out, targets, indices, num_boxes, shared):
+        idx = batch_index(indices)
+        iou = paired_iou(cxcywh_to_xyxy(out['pred_boxes'][idx]), cxcywh_to_xyxy(matched(targets, indices, 'boxes')))
+        return {'loss_mal': self.quality_loss(out['pred_logits'], targets, indices, iou, num_boxes)}
 
     def loss_boxes(self, out, targets, indices, num_boxes, shared):
         b = out['pred_boxes'][batch_index(indices)]
@@ -793,6 +832,13 @@ class ECCriterion(nn.Module):
             terms.update(functions[name](out, targets, *(union if name in self.union_losses else own), shared))
         return {k + suffix: v * self.weight_dict[k] for k, v in terms.items() if k in self.weight_dict}
 
+    def shared_terms(self, outputs, union):
+        """FDR's up and reg_scale, and DDF's balance: the union's corners counted as if each rank held 8 images."""
+        B, Q = outputs['pred_logits'].shape[:2]
+        n_pos = torch.tensor(4 * sum(len(q) for q, _ in union), device=outputs['pred_logits'].device)
+        balance = ((n_pos * (8 / B)) ** 0.5, ((4 * B * Q - n_pos) * (8 / B)) ** 0.5)
+        return {'up': outputs['up'], 'reg_scale': outputs['reg_scale'], 'ddf_balance': balance}
+
     def forward(self, outputs, targets):
         """outputs: the network's training dict: pred_logits (B, Q, K), pred_boxes (B, Q, 4)
         cx, cy, w, h, pred_corners (B, Q, 4 (reg_max + 1)), ref_points (B, Q, 4), up and
@@ -806,12 +852,7 @@ class ECCriterion(nn.Module):
         indices, layer_indices, pre_indices, encoder_indices, union = match_all(self.matcher, outputs, targets)
         num_union = mean_over_ranks(sum(len(q) for q, _ in union), device)
         num_boxes = mean_over_ranks(sum(len(t['labels']) for t in targets), device)
-
-        # DDF's balance counts the union's corners, as if each rank held 8 images.
-        B, Q = outputs['pred_logits'].shape[:2]
-        n_pos = torch.tensor(4 * sum(len(q) for q, _ in union), device=device)
-        balance = ((n_pos * (8 / B)) ** 0.5, ((4 * B * Q - n_pos) * (8 / B)) ** 0.5)
-        shared = {'up': outputs['up'], 'reg_scale': outputs['reg_scale'], 'ddf_balance': balance}
+        shared = self.shared_terms(outputs, union)
 
         groups = [('', outputs, indices),
                   *[(f'_aux_{i}', o, ix) for i, (o, ix) in enumerate(zip(layers, layer_indices))],
@@ -838,26 +879,32 @@ def _require(section, keys, where):
 
 
 def build_criterion(cfg, matcher_cls=HungarianMatcher, criterion_cls=ECCriterion):
-    """The ECDet criterion from a preset name or a config dict in the original's vocabulary:
-    {'num_classes': 80, 'ECCriterion': {'weight_dict', 'losses', 'gamma', 'reg_max',
-    'matcher': {'type', 'weight_dict', 'alpha', 'gamma'}}}. Other keys of the two sections go to
-    the classes' constructors (a subclass for segmentation takes its own there)."""
+    """A criterion from a preset name or a config dict in the original's vocabulary, ECDet's by default:
+    {'num_classes': 80, 'ECCriterion': {'weight_dict', 'losses', 'gamma', 'reg_max', 'matcher': {'type',
+    'weight_dict', 'alpha', 'gamma'}}}; ECSeg and ECPose pass their classes, which name the section and its
+    keys. num_classes is the section's own, else the config's."""
     if isinstance(cfg, str):
-        cfg = model.preset_config(cfg)
+        cfg = criterion_cls.preset_config(cfg)
     if not isinstance(cfg, Mapping):
         raise TypeError(f"build_criterion takes a preset name or a config dict, got {type(cfg).__name__}")
-    _require(cfg, ['num_classes', 'ECCriterion'], 'the config')
-    section = dict(cfg['ECCriterion'])
-    _require(section, ['weight_dict', 'losses', 'gamma', 'reg_max', 'matcher'], "'ECCriterion'")
+    name = criterion_cls.section
+    if name not in cfg:
+        raise ValueError(f"config has no section '{name}' (sections present: {sorted(cfg)})")
+    section = {k: v for k, v in cfg[name].items() if k not in criterion_cls.unused_keys}
+    _require(section, criterion_cls.config_keys, f"'{name}'")
     matcher_cfg = dict(section.pop('matcher'))
-    _require(matcher_cfg, ['weight_dict', 'alpha', 'gamma'], "'ECCriterion.matcher'")
-    _require(matcher_cfg['weight_dict'], ['cost_class', 'cost_bbox', 'cost_giou'], "'ECCriterion.matcher.weight_dict'")
-    if matcher_cfg.pop('type', 'HungarianMatcher') != 'HungarianMatcher':
-        raise ValueError("criterion config: 'ECCriterion.matcher.type' must be 'HungarianMatcher'")
+    _require(matcher_cfg, matcher_cls.config_keys, f"'{name}.matcher'")
+    if matcher_cfg.pop('type', matcher_cls.config_type) != matcher_cls.config_type:
+        raise ValueError(f"criterion config: '{name}.matcher.type' must be '{matcher_cls.config_type}'")
     if not cfg.get('use_focal_loss', True):
-        raise ValueError("criterion config: ECDet's matcher uses the focal class cost; use_focal_loss must be true")
-    section.pop('alpha', None)  # the original's focal/VFL weight; MAL has none
-    return criterion_cls(matcher_cls(**matcher_cfg), num_classes=cfg['num_classes'], **section)
+        raise ValueError("criterion config: the matcher uses the focal class cost; use_focal_loss must be true")
+    if 'num_classes' not in section:
+        _require(cfg, ['num_classes'], 'the config')
+        section['num_classes'] = cfg['num_classes']
+    try:
+        return criterion_cls(matcher_cls(**matcher_cfg), **section)
+    except TypeError as e:
+        raise ValueError(f"criterion config: '{name}': {e}") from None
 
 
 # ---- Training: optimizer, schedule, EMA ----
@@ -933,6 +980,32 @@ def setup_distributed(device):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return rank, world, device
+
+
+def start_run(args):
+    """(rank, world size), and args.device, device_type and amp_dtype: with --amp bf16 on CPUs and on GPUs
+    that support it, else fp16 (with make_optimizer's gradient scaler)."""
+    rank, world, device = setup_distributed(args.device)
+    args.device, args.device_type = device, device.type
+    args.amp_dtype = None
+    if args.amp:
+        args.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    return rank, world
+
+
+def autocast(args):
+    return torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None)
+
+
+def distributed(net, device, world):
+    """`net` as the training step sees it: with several processes, DDP (BatchNorm synchronised on GPUs)."""
+    if world == 1:
+        return net
+    if device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
 
 def write_atomically(path, write):
@@ -1037,14 +1110,17 @@ def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
             os.remove(path)
 
 
-# The exceptions that mean bad input (or a diverged run) rather than a bug: main() reports them in one line.
+# The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def exit_with_error(script, error):
-    """argparse's way out: one line `SCRIPT: error: ...` on stderr, exit code 2."""
-    print(f"{script}: error: {error}", file=sys.stderr)
-    raise SystemExit(2)
+def run_script(script, fn, *args):
+    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def diverged(what, epoch, step, terms, checkpoint):
@@ -1087,6 +1163,7 @@ class Task:
     dataset_kwargs: dict = dataclasses.field(default_factory=dict)
     transforms: type = DetTransforms
     build_criterion: object = build_criterion  # cfg -> criterion
+    criterion: type = ECCriterion  # its preset_config adds the loss section to a preset's
     make_synthetic: object = make_synthetic_coco
     draw: object = draw_predictions
     demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
@@ -1094,6 +1171,13 @@ class Task:
 
     def postprocess(self, outputs, orig_sizes, cfg):
         return model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
+
+    def demo_heads(self, cfg):
+        """demo_config's decoder: 64 wide, 3 layers, 50 queries."""
+        cfg["ECTransformer"].update(feat_channels=[64] * 3, hidden_dim=64, dim_feedforward=128, num_layers=3,
+                                    num_queries=50, num_denoising=30)
+        cfg["PostProcessor"]["num_top_queries"] = 50
+        return cfg
 
 
 def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):
@@ -1128,44 +1212,45 @@ def set_epoch(loader, epoch, seed, rank):
     torch.manual_seed(stream)
 
 
+def optimise(loss, terms, net, optimizer, scaler, clip_max_norm, stage, epoch, step, checkpoint):
+    """One step on `loss`, the gradient norm clipped to clip_max_norm (if > 0). A non-finite loss (on any
+    rank) or gradient norm stops the run: diverged() names the stage, where, the `terms` and checkpoint."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        raise diverged(f"{stage}loss", epoch, step, terms, checkpoint)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # a no-op without fp16
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip_max_norm if clip_max_norm > 0 else math.inf)
+    # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
+    if not scaler.is_enabled() and not torch.isfinite(norm):
+        raise diverged(f"{stage}gradient norm", epoch, step, {**terms, "gradient_norm": norm}, checkpoint)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, epoch, args, rank):
     net.train()
     sums, count = {}, 0
-    steps = len(loader)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=rank != 0, dynamic_ncols=True)
     for i, (images, targets) in enumerate(bar):
-        step = epoch * steps + i
         for group in optimizer.param_groups:
-            group["lr"] = schedule(step, group["initial_lr"])
+            group["lr"] = schedule(epoch * len(loader) + i, group["initial_lr"])
         images, targets = images.to(args.device, non_blocking=True), to_device(targets, args.device)
-        with torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+        with autocast(args):
             outputs = net(images, targets)
         losses = criterion(to_float(outputs), targets)
         loss = sum(losses.values())
-        finite = torch.isfinite(loss.detach()).float()
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        checkpoint = os.path.join(args.output_dir, "last.pth")
-        if not finite.item():
-            raise diverged("loss", epoch, i, losses, checkpoint)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # a no-op without fp16
-        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_max_norm if args.clip_max_norm > 0 else math.inf)
-        # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
-        if not scaler.is_enabled() and not torch.isfinite(norm):
-            raise diverged("gradient norm", epoch, i, {**losses, "gradient_norm": norm}, checkpoint)
-        scaler.step(optimizer)
-        scaler.update()
+        optimise(loss, losses, net, optimizer, scaler, args.clip_max_norm, "", epoch, i,
+                 os.path.join(args.output_dir, "last.pth"))
         ema.update(net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net)
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v.item()
         count += 1
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-    means = torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device)
-    if dist.is_initialized():
-        dist.all_reduce(means)
-        means /= dist.get_world_size()
+    means = average_over_ranks(torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device))
     return dict(zip(sorted(sums), means.tolist()))
 
 
@@ -1177,7 +1262,7 @@ def evaluate(net, loader, task, cfg, args, rank, picture=None):
     data = loader.dataset
     evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
     for images, targets in tqdm(loader, desc="eval", disable=rank != 0, dynamic_ncols=True, leave=False):
-        with torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
+        with autocast(args):
             outputs = net(images.to(args.device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(args.device)
         results = task.postprocess(to_float(outputs), sizes, cfg)
@@ -1218,7 +1303,7 @@ def model_config(args, task, num_classes):
             raise ValueError(f"--model {args.model}: expected a JSON object (a model config), found a {type(cfg).__name__}")
     else:
         try:
-            cfg = model.preset_config(args.model)
+            cfg = task.criterion.preset_config(args.model)
         except ValueError as e:
             raise ValueError(f"--model: {e}") from None
     cfg = copy.deepcopy(cfg)
@@ -1262,26 +1347,42 @@ def restore_run_files(args, ckpt):
     came at: log.jsonl holds exactly its epochs' lines, and best.pth its best epoch: the resumed one
     when that was the best (a kill between writing last.pth and best.pth), else the best.pth beside
     --resume (a run continued in another folder). Returns the log lines."""
-    log, best = os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "best.pth")
-    history = ckpt["log"] if "log" in ckpt else read_log(  # from before the log moved into checkpoints
-        log, lambda line: line["epoch"] <= ckpt["epoch"])
+    best = os.path.join(args.output_dir, "best.pth")
+    history = restore_log(ckpt, os.path.join(args.output_dir, "log.jsonl"), lambda line: line["epoch"] <= ckpt["epoch"])
     if int(os.environ.get("RANK", 0)) == 0:
-        write_log(history, log)
         resumed_is_best = ckpt.get("best_epoch") == ckpt["epoch"]
         source = args.resume if resumed_is_best else os.path.join(os.path.dirname(args.resume), "best.pth")
         if (not os.path.exists(best) or checkpoint_epoch(best) != ckpt.get("best_epoch")) and \
                 os.path.exists(source) and checkpoint_epoch(source) == ckpt.get("best_epoch"):
             save_checkpoint(ckpt if resumed_is_best else model.read_checkpoint(source), best)
+    return history
+
+
+def restore_log(ckpt, path, keep):
+    """The log lines `ckpt` carries (an older one: those of `path` where keep(line)), rewritten to `path`."""
+    history = ckpt["log"] if "log" in ckpt else read_log(path, keep)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_log(history, path)
     return list(history)
 
 
-def load_optimizer(optimizer, state):
-    """Load an optimiser's saved state but keep this run's learning rates (each group's initial_lr,
-    which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
+def make_optimizer(groups, betas, args, ckpt=None):
+    """AdamW over param groups (with lr, initial_lr, weight_decay) and the gradient scaler, restored from `ckpt`."""
+    optimizer = torch.optim.AdamW(groups, betas=betas)
+    scaler = torch.amp.GradScaler(args.device_type, enabled=args.amp_dtype == torch.float16)
+    if ckpt is not None:
+        restore_optimizer(optimizer, scaler, ckpt)
+    return optimizer, scaler
+
+
+def restore_optimizer(optimizer, scaler, ckpt):
+    """Load the optimiser's and the scaler's saved state but keep this run's learning rates (each group's
+    initial_lr, which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
     initial = [group["initial_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(ckpt["optimizer"])
     for group, lr in zip(optimizer.param_groups, initial):
         group["initial_lr"] = lr
+    scaler.load_state_dict(ckpt["scaler"])
 
 
 def restart_from_best(path, net, ema, optimizer, scaler, rank):
@@ -1294,42 +1395,32 @@ def restart_from_best(path, net, ema, optimizer, scaler, rank):
     ckpt = model.read_checkpoint(path)
     net.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
-    load_optimizer(optimizer, ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    restore_optimizer(optimizer, scaler, ckpt)
     if rank == 0:
         print(f"strong augmentation off: continuing from {path} (epoch {ckpt['epoch']}, AP {ckpt['best']:.4f})")
 
 
-def run(args, task):
-    """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
-    rank, world, device = setup_distributed(args.device)
-    args.device, args.device_type = device, device.type
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
-    check_output_dir(args)
-    ckpt = resume_checkpoint(args) if args.resume else None
-    amp_dtype = None
-    if args.amp:
-        amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    args.amp_dtype = amp_dtype
+def training_recipe(args, task):
+    """--recipe's (default: the --model preset's, else the task's default model's) over TRAINING, with
+    --epochs, --lr and --backbone-lr, which it sets in args (saved with the run)."""
     name = args.recipe or (args.model if args.model in task.recipes else task.default_model)
     if name not in task.recipes:
         raise ValueError(f"--recipe {name!r} is unknown; expected one of {', '.join(task.recipes)}")
     base = task.recipes[name]
-    backbone_lr_given = args.backbone_lr is not None
-    recipe = dict(base)
+    recipe = {**TRAINING, **base}
     recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
     # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
     # number of final epochs without strong augmentation.
     recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
     recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
-    training = {k: recipe.get(k, v) for k, v in TRAINING.items()}
-    args.epochs, args.lr, args.backbone_lr = recipe["epochs"], recipe["lr"], recipe["backbone_lr"]  # saved with the run
-    args.clip_max_norm = training["clip_max_norm"]
+    args.epochs, args.lr, args.backbone_lr = recipe["epochs"], recipe["lr"], recipe["backbone_lr"]
+    args.clip_max_norm = recipe["clip_max_norm"]
+    return recipe
 
-    train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
-    val_loader = make_loader(task, val_dir, val_ann, False, args, recipe, rank, world)
-    cfg = model_config(args, task, len(val_loader.dataset.names))
+
+def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
+    """The criterion, and the network with the ViT's weights (unless --resume or --tune bring them),
+    then --tune's and --resume's. A random ViT trains at the head's rate unless --backbone-lr is given."""
     try:
         criterion = task.build_criterion(cfg)
     except (KeyError, TypeError, ValueError) as e:
@@ -1343,7 +1434,6 @@ def run(args, task):
     if not (args.resume or args.tune) or args.backbone_weights not in (None, "none"):
         if not load_backbone(net, cfg, args, rank, backbone_lr_given) and not backbone_lr_given:
             recipe["backbone_lr"] = args.backbone_lr = recipe["lr"]  # a random ViT learns only at the head's rate
-    start_epoch, best, best_epoch, history = 0, -1.0, 0, []
     if args.tune:
         released = args.tune in model.PRESETS and not os.path.exists(args.tune)
         tune = model.released_checkpoint(args.tune) if released else model.read_checkpoint(args.tune, "--tune")
@@ -1353,40 +1443,44 @@ def run(args, task):
             model.load_weights(net, ckpt["model"])
         except ValueError as e:
             raise ValueError(f"--resume {args.resume}: {e}") from None
-        start_epoch, best, best_epoch = ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", 0)
-    net.to(device)
-    ema = ModelEMA(net, training["ema_decay"], training["ema_warmups"])
+    return criterion, net.to(args.device)
+
+
+def run(args, task):
+    """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
+    rank, world = start_run(args)
+    check_output_dir(args)
+    ckpt = resume_checkpoint(args) if args.resume else None
+    backbone_lr_given = args.backbone_lr is not None
+    recipe = training_recipe(args, task)
+    train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
+    val_loader = make_loader(task, val_dir, val_ann, False, args, recipe, rank, world)
+    cfg = model_config(args, task, len(val_loader.dataset.names))
+    criterion, net = initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank)
+    start_epoch, best, best_epoch = (ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", 0)) if ckpt else (0, -1.0, 0)
+    ema = ModelEMA(net, recipe["ema_decay"], recipe["ema_warmups"])
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
-
+    picture = os.path.join(args.output_dir, "predictions.png")
     if args.eval_only:
-        stats = evaluate(ema.module, val_loader, task, cfg, args, rank, os.path.join(args.output_dir, "predictions.png"))
-        return {f"coco_{k}": v for k, v in stats.items()}
+        return {f"coco_{k}": v for k, v in evaluate(ema.module, val_loader, task, cfg, args, rank, picture).items()}
 
     train_loader = make_loader(task, train_dir, train_ann, True, args, recipe, rank, world)
     if len(train_loader.dataset.names) != cfg["num_classes"] or train_loader.dataset.names != val_loader.dataset.names:
         raise ValueError(f"{train_ann} and {val_ann} have different categories")
-    train_net = net
-    if world > 1:
-        if device.type == "cuda":
-            train_net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        train_net = torch.nn.parallel.DistributedDataParallel(train_net, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
-                                  lr=recipe["lr"], betas=training["betas"], weight_decay=recipe["weight_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if ckpt is not None:
-        load_optimizer(optimizer, ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        history = restore_run_files(args, ckpt)
+    train_net = distributed(net, args.device, world)
+    optimizer, scaler = make_optimizer(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
+                                       recipe["betas"], args, ckpt)
+    history = restore_run_files(args, ckpt) if ckpt is not None else []
     steps = len(train_loader)
     total, no_aug = args.epochs * steps, (args.epochs - recipe["stop_epoch"]) * steps
-    warmup, flat = min(training["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
-    schedule = lambda step, lr: flat_cosine(step, total, warmup, flat, no_aug, lr, lr * training["lr_gamma"])
+    warmup, flat = min(recipe["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
+    schedule = lambda step, lr: flat_cosine(step, total, warmup, flat, no_aug, lr, lr * recipe["lr_gamma"])
 
     if rank == 0:
         print(f"{task.name}: {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters), "
               f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
-              f"{world} process(es) on {device}, batch {args.batch_size}, {args.epochs} epochs"
+              f"{world} process(es) on {args.device}, batch {args.batch_size}, {args.epochs} epochs"
               + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
     metrics = {}
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
@@ -1395,7 +1489,7 @@ def run(args, task):
             restart_from_best(os.path.join(args.output_dir, "best.pth"), net, ema, optimizer, scaler, rank)
         set_epoch(train_loader, epoch, args.seed, rank)
         losses = train_one_epoch(train_net, criterion, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
-        stats = evaluate(ema.module, val_loader, task, cfg, args, rank, os.path.join(args.output_dir, "predictions.png"))
+        stats = evaluate(ema.module, val_loader, task, cfg, args, rank, picture)
         ap = stats[task.iou_types[-1]][0]
         metrics = {"epoch": epoch + 1, "loss": sum(losses.values()), "losses": losses,
                    **{f"coco_{k}": v for k, v in stats.items()}, "time": round(time.time() - t0, 1)}
@@ -1472,21 +1566,12 @@ def parse_args(argv=None, task=Task()):
 
 
 def demo_config(task):
-    """A small network for the CPU demo: ECDet-S's layout at a quarter of its width and depth (ECPose:
-    with a 64-wide, 3-layer pose decoder of 2 heads, as the demo ViT has, and 3 queries, one per
-    figure the pose demo's images hold at most: in a run as short as the demo, every spare query
-    still finds a figure already found and scores nearly as high as the first one)."""
-    cfg = model.preset_config(task.default_model)
+    """A small network for the CPU demo: the task's default model (ECDet-S's layout) with the ViT and
+    encoder at a quarter of their width and depth, and the heads that task.demo_heads makes."""
+    cfg = task.criterion.preset_config(task.default_model)
     cfg["ViTAdapter"].update(embed_dim=64, num_heads=2, depth=4, interaction_indexes=[2, 3])
     cfg["HybridEncoder"].update(in_channels=[64] * 3, hidden_dim=64, dim_feedforward=128)
-    if "DETRTransformer" in cfg:  # ECPose's decoder
-        cfg["DETRTransformer"].update(hidden_dim=64, dim_feedforward=128, nhead=2, num_queries=3)
-        cfg["DETRPosePostProcessor"]["num_select"] = 3
-        return cfg
-    cfg["ECTransformer"].update(feat_channels=[64] * 3, hidden_dim=64, dim_feedforward=128, num_layers=3,
-                                num_queries=50, num_denoising=30)
-    cfg["PostProcessor"]["num_top_queries"] = 50
-    return cfg
+    return task.demo_heads(cfg)
 
 
 def demo(args, task, cfg=None):
@@ -1525,10 +1610,7 @@ DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16)
 def main(argv=None, task=None):
     task = task or Task()
     args = parse_args(argv, task)
-    try:
-        return demo(args, task) if args.demo else run(args, task)
-    except USER_ERRORS as e:
-        exit_with_error(task.script, e)
+    return run_script(task.script, demo if args.demo else run, args, task)
 
 
 if __name__ == "__main__":

@@ -20,27 +20,25 @@ flipped box (torchvision and the original flip keypoints as pixel indices, x -> 
 - Results (model.postprocess) hold `keypoints` (n, 51) = per keypoint pixel x, y in the
   original image and a score, and `labels` that already are category ids.
 """
+import dataclasses
 import functools
 import random
 import warnings
-from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw
-from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 
 import model
 import predict
 import train_det as td
 from model import KEYPOINT_NAMES, SKELETON
-from train_det import (INSTANCE_KEYS, CocoDetection, Mosaic, Task, batch_index, denoising_matches, match_all, matched,
-                       mean_over_ranks, merge_instances, normalised_cxcywh)
+from train_det import (IMAGE_KEYS, CocoDetection, ECCriterion, HungarianMatcher, Mosaic, Task, batch_index, matched,
+                       merge_instances, normalised_cxcywh)
 
 # ---------------------------------------------------------------------------------------------
 # Data: COCO keypoints
@@ -236,7 +234,7 @@ def to_targets(target):
     target = dict(target, boxes=boxes, keypoints=torch.cat([xy.flatten(1), visible.to(xy.dtype)], 1),
                   area=target["area"] * boxes[:, 2] * boxes[:, 3])
     keep = visible.any(-1)
-    return {k: v[keep] if k in INSTANCE_KEYS else v for k, v in target.items()}
+    return {k: v if k in IMAGE_KEYS else v[keep] for k, v in target.items()}
 
 
 class PoseTransforms:
@@ -417,168 +415,125 @@ def split_keypoints(keypoints):
     return keypoints[..., :2 * K], keypoints[..., 2 * K:]
 
 
-class DETRPoseHungarianMatcher(nn.Module):
-    """One-to-one assignment of queries to persons (DETR's bipartite matching).
+# Loss weights and matching costs of the released ECPose recipe (the original's DETRPoseCriterion).
+CRITERION = {
+    "num_classes": 2, "weight_dict": {"loss_vfl": 2.0, "loss_keypoints": 10.0, "loss_oks": 4.0},
+    "focal_alpha": 0.25, "losses": ["vfl", "keypoints"], "num_body_points": 17,
+    "matcher": {"type": "DETRPoseHungarianMatcher", "cost_class": 2.0, "cost_keypoints": 10.0, "cost_oks": 4.0,
+                "focal_alpha": 0.25},
+}
+
+
+class DETRPoseHungarianMatcher(HungarianMatcher):
+    """ECDet's matcher (train_det.HungarianMatcher) with keypoint costs in place of the box costs.
 
     For an image with Q queries and T persons, query i and person j cost
 
         C_ij = λ_cls · cost_cls(p_i[c_j]) + λ_kpt · Σ_k v_jk |z_ik − ẑ_jk| + λ_oks · (1 − OKS(z_i, ẑ_j))
 
-    where p_i = sigmoid(logits_i), c_j the person's class, z and ẑ the predicted and true
-    normalised keypoints, v_jk the visibilities (the L1 term sums |Δx| + |Δy| of visible keypoints). The
-    class cost is the sigmoid focal loss at the person's class, positive minus negative (α = 0.25,
-    γ = 2):
-
-        cost_cls(p) = α (1 − p)^γ · (−log(p + 1e-8)) − (1 − α) p^γ · (−log(1 − p + 1e-8))
-
-    ECPose weighs λ_cls = 2, λ_kpt = 10, λ_oks = 4. Per image, scipy's `linear_sum_assignment` picks
-    the min(Q, T) pairs of least total cost.
+    with ECDet's focal class cost (α = 0.25, γ = 2), z and ẑ the predicted and true normalised
+    keypoints, v_jk the visibilities (the L1 term sums |Δx| + |Δy| of visible keypoints). ECPose
+    weighs λ_cls = 2, λ_kpt = 10, λ_oks = 4. The original's config gives the λs and α flat.
     """
 
-    def __init__(self, cost_class=1.0, cost_keypoints=1.0, cost_oks=0.01, focal_alpha=0.25):
-        super().__init__()
-        self.cost_class, self.cost_keypoints, self.cost_oks = cost_class, cost_keypoints, cost_oks
-        self.alpha, self.gamma = focal_alpha, 2.0
+    config_type, config_keys = "DETRPoseHungarianMatcher", ()
+    costs = ("cost_class", "cost_keypoints", "cost_oks")
 
-    @torch.no_grad()
-    def forward(self, outputs, targets):
-        """outputs: pred_logits (B, Q, num_classes), pred_keypoints (B, Q, 2K). Returns B pairs (query
-        indices, person indices), int64 CPU tensors, query indices ascending."""
-        B, Q = outputs["pred_logits"].shape[:2]
-        p = outputs["pred_logits"].flatten(0, 1).sigmoid()[:, torch.cat([t["labels"] for t in targets])]
+    def __init__(self, cost_class=1.0, cost_keypoints=1.0, cost_oks=0.01, focal_alpha=0.25):
+        super().__init__(dict(cost_class=cost_class, cost_keypoints=cost_keypoints, cost_oks=cost_oks), focal_alpha, 2.0)
+
+    def cost(self, outputs, targets):
+        """outputs: pred_logits (B, Q, num_classes), pred_keypoints (B, Q, 2K) -> C, (B·Q, T_1 + ... + T_B)."""
         z = outputs["pred_keypoints"].flatten(0, 1)[:, None]  # (B*Q, 1, 2K)
         z_hat, v = split_keypoints(torch.cat([t["keypoints"] for t in targets]))
         area = torch.cat([t["area"] for t in targets])
-        cost_pos = self.alpha * (1 - p) ** self.gamma * -(p + 1e-8).log()
-        cost_neg = (1 - self.alpha) * p ** self.gamma * -(1 - p + 1e-8).log()
         cost_l1 = ((z - z_hat).abs() * v.repeat_interleave(2, 1)).sum(-1)
         cost_oks = 1 - keypoint_oks(z, z_hat, v, area)
-        C = self.cost_class * (cost_pos - cost_neg) + self.cost_keypoints * cost_l1 + self.cost_oks * cost_oks
-        sizes = [len(t["labels"]) for t in targets]
-        # A diverged network's NaN costs still get matched (as in ECDet's matcher), so that the loss,
-        # not scipy, reports them.
-        C = C.view(B, Q, sum(sizes)).cpu().nan_to_num(nan=1.0)
-        return [tuple(torch.as_tensor(x, dtype=torch.int64) for x in linear_sum_assignment(c[b]))
-                for b, c in enumerate(C.split(sizes, -1))]
+        return (self.cost_class * self.class_cost(outputs, targets) + self.cost_keypoints * cost_l1
+                + self.cost_oks * cost_oks)
 
 
-class DETRPoseCriterion(nn.Module):
-    """The ECPose training loss: weighted terms, each normalised by the (DDP-averaged) number of
-    persons or of matched queries.
+class DETRPoseCriterion(ECCriterion):
+    """The ECPose training loss: ECDet's criterion (train_det.ECCriterion: its outputs, matchings,
+    names and normalisation) with these terms:
 
-    - VFL (varifocal loss): sigmoid BCE on every class logit, the target being the matched
-      query's OKS with its person at the person's class, 0 elsewhere; unmatched entries weigh
-      α p^γ (p = sigmoid(logit), α = 0.25, γ = 2), matched ones their target.
-    - Keypoint L1 over visible keypoints, and 1 − OKS, on the matched queries.
-
-    Every decoder layer (`_{i}`, the last unsuffixed), the first layer's regression (`_pre`) and
-    the encoder's query selection (`_enc_0`) gets the terms; VFL uses each output's own matching,
-    the keypoint terms the union of all their matchings (normalised by its size). Denoising queries
-    (`_dn_{i}`, `_dn_pre`) are matched to the persons they were made from. Matching helpers are
-    ECDet's (train_det).
+    - VFL (varifocal loss): MAL with the OKS of the matched query with its person as the quality and
+      no power on the target; unmatched entries weigh α p^γ (α = 0.25, γ = 2), matched ones their target.
+    - Keypoint L1 over visible keypoints, and 1 − OKS, on the union of the matchings.
     """
 
+    section, family, preset = "DETRPoseCriterion", "ecpose", CRITERION
+    config_keys, unused_keys = ("matcher",), ()
+    union_losses = ("keypoints",)
+
     def __init__(self, matcher, weight_dict, losses, num_classes, num_body_points=17, focal_alpha=0.25, gamma=2.0):
-        super().__init__()
-        unknown = set(losses) - {"vfl", "keypoints"}
-        if unknown:
-            raise ValueError(f"DETRPoseCriterion: losses {sorted(unknown)} are not implemented; the released models "
-                             f"use ['vfl', 'keypoints']")
         if num_body_points != 17:
             raise ValueError(f"DETRPoseCriterion: num_body_points={num_body_points}; only COCO's 17 are implemented")
-        self.matcher, self.weight_dict, self.losses = matcher, dict(weight_dict), list(losses)
-        self.num_classes, self.alpha, self.gamma = num_classes, focal_alpha, gamma
+        super().__init__(matcher, weight_dict, losses, gamma, num_classes, reg_max=None)
+        self.alpha = focal_alpha
 
-    def loss_vfl(self, out, targets, indices, num_boxes):
-        logits = out["pred_logits"]
-        idx = batch_index(indices)
+    def loss_functions(self):
+        return {"vfl": self.loss_vfl, "keypoints": self.loss_keypoints}
+
+    def shared_terms(self, outputs, union):
+        return {}
+
+    def quality_target(self, q, p, onehot):
+        return q, self.alpha * p.pow(self.gamma) * (1 - onehot) + q
+
+    def loss_vfl(self, out, targets, indices, num_boxes, shared=None):
         z_hat, v = split_keypoints(matched(targets, indices, "keypoints"))
-        oks = keypoint_oks(out["pred_keypoints"][idx], z_hat, v, matched(targets, indices, "area")).detach()
-        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        classes[idx] = matched(targets, indices, "labels")
-        onehot = F.one_hot(classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
-        q = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
-        q[idx] = oks.to(logits.dtype)
-        target = q[..., None] * onehot
-        weight = self.alpha * logits.detach().sigmoid().pow(self.gamma) * (1 - onehot) + target
-        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="none")
-        return {"loss_vfl": loss.mean(1).sum() * logits.shape[1] / num_boxes}
+        oks = keypoint_oks(out["pred_keypoints"][batch_index(indices)], z_hat, v, matched(targets, indices, "area"))
+        return {"loss_vfl": self.quality_loss(out["pred_logits"], targets, indices, oks, num_boxes)}
 
-    def loss_keypoints(self, out, targets, indices, num_boxes):
+    def loss_keypoints(self, out, targets, indices, num_boxes, shared=None):
         z = out["pred_keypoints"][batch_index(indices)]
         z_hat, v = split_keypoints(matched(targets, indices, "keypoints"))
         l1 = F.l1_loss(z, z_hat, reduction="none") * v.repeat_interleave(2, 1)
         oks = keypoint_oks(z, z_hat, v, matched(targets, indices, "area"))
         return {"loss_keypoints": l1.sum() / num_boxes, "loss_oks": (1 - oks).sum() / num_boxes}
 
-    def weighted_terms(self, out, targets, own, union, suffix):
-        """All terms of one output, weighted, names suffixed. own and union: (indices, normaliser)
-        for VFL and for the keypoint terms."""
-        terms = {}
-        if "vfl" in self.losses:
-            terms.update(self.loss_vfl(out, targets, *own))
-        if "keypoints" in self.losses:
-            terms.update(self.loss_keypoints(out, targets, *union))
-        return {k + suffix: v * self.weight_dict[k] for k, v in terms.items() if k in self.weight_dict}
-
-    def forward(self, outputs, targets):
-        """outputs: the network's training dict (see model.DETRTransformer): pred_logits (B, Q, C),
-        pred_keypoints (B, Q, 2K), aux_outputs, pre_outputs, enc_aux_outputs and, with denoising,
-        dn_outputs, dn_pre_outputs, dn_meta. Returns the weighted terms; their sum is the loss."""
-        device = outputs["pred_logits"].device
-        layers, pre, encoder = outputs["aux_outputs"], outputs["pre_outputs"], outputs["enc_aux_outputs"]
-        indices, layer_indices, pre_indices, encoder_indices, union = match_all(self.matcher, outputs, targets)
-        num_union = mean_over_ranks(sum(len(q) for q, _ in union), device)
-        num_boxes = mean_over_ranks(sum(len(t["labels"]) for t in targets), device)
-
-        groups = [("", outputs, indices), *[(f"_{i}", o, ix) for i, (o, ix) in enumerate(zip(layers, layer_indices))],
-                  ("_pre", pre, pre_indices),
-                  *[(f"_enc_{i}", o, ix) for i, (o, ix) in enumerate(zip(encoder, encoder_indices))]]
-        losses = {}
-        for suffix, out, ix in groups:
-            losses.update(self.weighted_terms(out, targets, (ix, num_boxes), (union, num_union), suffix))
-
-        if "dn_outputs" in outputs:
-            dn = (denoising_matches(outputs["dn_meta"], targets), num_boxes * outputs["dn_meta"]["dn_num_group"])
-            for suffix, out in [*[(f"_dn_{i}", o) for i, o in enumerate(outputs["dn_outputs"])],
-                                ("_dn_pre", outputs["dn_pre_outputs"])]:
-                losses.update(self.weighted_terms(out, targets, dn, dn, suffix))
-        return losses
-
 
 def build_criterion(cfg):
     """The ECPose criterion from a preset name ("ecpose_s", ...) or a config dict in the original's
     vocabulary: {'num_classes': 2, 'DETRPoseCriterion': {'weight_dict', 'losses', 'focal_alpha',
-    'num_body_points', 'matcher': {'type', 'cost_class', 'cost_keypoints', 'cost_oks',
-    'focal_alpha'}}} (the section's own num_classes, when present, wins, as in the original)."""
-    if isinstance(cfg, str):
-        cfg = model.preset_config(cfg)
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"build_criterion takes a preset name or a config dict, got {type(cfg).__name__}")
-    if "DETRPoseCriterion" not in cfg:
-        raise ValueError(f"config has no section 'DETRPoseCriterion' (sections present: {sorted(cfg)})")
-    section = dict(cfg["DETRPoseCriterion"])
-    if "matcher" not in section:
-        raise ValueError("config section 'DETRPoseCriterion' has no 'matcher'")
-    matcher_cfg = dict(section.pop("matcher"))
-    if matcher_cfg.pop("type", "DETRPoseHungarianMatcher") != "DETRPoseHungarianMatcher":
-        raise ValueError("config section 'DETRPoseCriterion': matcher type must be 'DETRPoseHungarianMatcher'")
-    if "num_classes" not in section:
-        if "num_classes" not in cfg:
-            raise ValueError("config has no 'num_classes' (neither in 'DETRPoseCriterion' nor at the top level)")
-        section["num_classes"] = cfg["num_classes"]
-    try:
-        return DETRPoseCriterion(DETRPoseHungarianMatcher(**matcher_cfg), **section)
-    except TypeError as e:
-        raise ValueError(f"config section 'DETRPoseCriterion': {e}") from None
+    'num_body_points', 'matcher': {'type', 'cost_class', 'cost_keypoints', 'cost_oks', 'focal_alpha'}}}
+    (the section's own num_classes, when present, wins, as in the original); train_det.build_criterion."""
+    return td.build_criterion(cfg, DETRPoseHungarianMatcher, DETRPoseCriterion)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training: ECPose in train_det's loop, and the demo
 # ---------------------------------------------------------------------------------------------
+def scale_poses(result, scale):
+    """train_det.scale_boxes for a pose result: its keypoints' x, y too (their scores stay)."""
+    result = td.scale_boxes(result, scale)
+    result["keypoints"] = (result["keypoints"].unflatten(-1, (-1, 3)) * torch.cat([scale, scale.new_ones(1)])).flatten(-2)
+    return result
+
+
+@dataclasses.dataclass
 class PoseTask(Task):
-    """train_det's Task for ECPose: model.postprocess's results, with each person's box the extent of
-    its keypoints (as COCO's keypoint evaluation takes it) for the pictures."""
+    """What ECPose changes in train_det's loop: keypoint data, recipe and criterion, `keypoints` AP,
+    and pictures of poses, each person's box the extent of its keypoints (as COCO's keypoint
+    evaluation takes it). The original's ECPose engine does not restart from the best checkpoint."""
+    name: str = "pose"
+    script: str = "train_pose.py"
+    default_model: str = "ecpose_s"
+    ann_prefix: str = "person_keypoints"
+    iou_types: tuple = ("keypoints",)
+    recipes: dict = dataclasses.field(default_factory=lambda: POSE_RECIPES)
+    dataset: type = CocoKeypoints
+    transforms: type = PoseTransforms
+    build_criterion: object = build_criterion
+    criterion: type = DETRPoseCriterion
+    make_synthetic: object = make_synthetic_pose
+    # The demo (train_det.DEMO with these changes) trains on 1024 images of 128 x 128 pixels at most, 2
+    # figures each on average, in batches of 4: many small steps (2304 in the 9 epochs), which the
+    # keypoint queries need more than large images.
+    demo: dict = dataclasses.field(default_factory=lambda: dict(num_train=1024, img_size=128, batch_size=4))
+    draw: object = functools.partial(td.draw_predictions, score_threshold=0.3, rescale=scale_poses)
+    restart_from_best: bool = False
 
     def postprocess(self, outputs, orig_sizes, cfg):
         results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
@@ -586,15 +541,21 @@ class PoseTask(Task):
             r["boxes"] = predict.keypoint_boxes(r["keypoints"])
         return results
 
+    def demo_heads(self, cfg):
+        """A 64-wide, 3-layer pose decoder of 2 heads, as the demo ViT has, and 3 queries, one per
+        figure the demo's images hold at most: in a run as short as the demo, every spare query still
+        finds a figure already found and scores nearly as high as the first one."""
+        cfg["DETRTransformer"].update(hidden_dim=64, dim_feedforward=128, nhead=2, num_queries=3)
+        cfg["DETRPosePostProcessor"]["num_select"] = 3
+        return cfg
 
-# The demo (train_det.DEMO with these changes) trains on 1024 images of 128 x 128 pixels at most, 2
-# figures each on average, in batches of 4: many small steps (2304 in the 9 epochs), which the
-# keypoint queries need more than large images.
-POSE = PoseTask(name="pose", script="train_pose.py", default_model="ecpose_s", ann_prefix="person_keypoints",
-                iou_types=("keypoints",), recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=PoseTransforms,
-                build_criterion=build_criterion, make_synthetic=make_synthetic_pose,
-                demo=dict(num_train=1024, img_size=128, batch_size=4),
-                draw=functools.partial(td.draw_predictions, score_threshold=0.3), restart_from_best=False)
+
+POSE = PoseTask()
+
+
+def main(argv=None):
+    return td.main(argv, PoseTask())
+
 
 if __name__ == "__main__":
-    td.main(task=POSE)
+    main()

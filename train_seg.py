@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -189,12 +188,11 @@ class MaskHungarianMatcher(HungarianMatcher):
     are matched on the box costs alone, as in the original.
     """
 
+    config_keys = HungarianMatcher.config_keys + ("mask_point_sample_ratio",)
+    costs = HungarianMatcher.costs + ("cost_mask_ce", "cost_mask_dice")
+
     def __init__(self, weight_dict, alpha, gamma, mask_point_sample_ratio):
         super().__init__(weight_dict, alpha, gamma)
-        missing = {"cost_mask_ce", "cost_mask_dice"} - set(weight_dict)
-        if missing:
-            raise KeyError(f"criterion config: 'ECCriterion.matcher.weight_dict' has no {sorted(missing)}")
-        self.cost_mask_ce, self.cost_mask_dice = weight_dict["cost_mask_ce"], weight_dict["cost_mask_dice"]
         self.mask_point_sample_ratio = mask_point_sample_ratio
 
     def cost(self, outputs, targets):
@@ -210,6 +208,17 @@ class MaskHungarianMatcher(HungarianMatcher):
         return C + self.cost_mask_ce * pairwise_mask_bce(x, y) + self.cost_mask_dice * pairwise_dice(x, y)
 
 
+# Loss weights and matching costs of the released ECSeg recipe (its ECCriterion section).
+CRITERION = {
+    "weight_dict": {"loss_mal": 2.0, "loss_bbox": 1, "loss_giou": 1, "loss_fgl": 0.15, "loss_ddf": 1.5,
+                    "loss_mask_ce": 5.0, "loss_mask_dice": 5.0},
+    "losses": ["mal", "boxes", "local", "masks"], "gamma": 1.5, "alpha": 0.75, "reg_max": 32,
+    "matcher": {"type": "HungarianMatcher", "weight_dict": {"cost_class": 2, "cost_bbox": 1, "cost_giou": 1,
+                                                            "cost_mask_ce": 5, "cost_mask_dice": 5},
+                "alpha": 0.25, "gamma": 2.0, "mask_point_sample_ratio": 16},
+}
+
+
 class ECSegCriterion(ECCriterion):
     """The ECDet criterion (train_det.ECCriterion) plus ECSeg's mask terms, for every output that
     has masks: the decoder layers, the pre-decoder head (with the last layer's masks) and the
@@ -222,6 +231,8 @@ class ECSegCriterion(ECCriterion):
     (oversample_ratio, importance_sample_ratio), both summed over masks and divided by the number
     of objects, like the box terms.
     """
+
+    family, preset = "ecseg", CRITERION
 
     def __init__(self, matcher, weight_dict, losses, gamma, num_classes, reg_max, oversample_ratio=3,
                  importance_sample_ratio=0.75):
@@ -260,14 +271,17 @@ def build_criterion(cfg):
     """The ECSeg criterion from a preset name ("ecseg_s", ...) or a config dict in the original's
     vocabulary, as train_det.build_criterion, with the matcher's mask_point_sample_ratio and
     cost_mask_ce / cost_mask_dice, and loss_mask_ce / loss_mask_dice weights."""
-    if isinstance(cfg, str):
-        cfg = model.preset_config(cfg)
-    if isinstance(cfg, Mapping) and "mask_point_sample_ratio" not in cfg.get("ECCriterion", {}).get("matcher", {}):
-        raise KeyError("criterion config: 'ECCriterion.matcher' has no 'mask_point_sample_ratio' (not an ECSeg config?)")
     return train_det.build_criterion(cfg, MaskHungarianMatcher, ECSegCriterion)
 
 
 # ---- Evaluation and the task ----
+
+# The training recipe per preset (the original's configs/ecseg/ecseg_*.yml; S and M share one, L and
+# X another) in train_det.RECIPES' terms, and its CPU demo's.
+SEG_RECIPES = {f"ecseg_{size}": dict(zip(train_det._RECIPE, values)) for sizes, values in [
+    ("sm", (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72)), ("lx", (50, 5e-4, 2.5e-6, 1.25e-4, 1.0, 24, 48))] for size in sizes}
+SEG_RECIPES["demo"] = train_det.RECIPES["demo"]
+
 
 @dataclasses.dataclass
 class SegTask(train_det.Task):
@@ -276,8 +290,10 @@ class SegTask(train_det.Task):
     script: str = "train_seg.py"
     default_model: str = "ecseg_s"
     iou_types: tuple = ("bbox", "segm")
+    recipes: dict = dataclasses.field(default_factory=lambda: SEG_RECIPES)
     dataset: type = CocoSegmentation
     build_criterion: object = build_criterion
+    criterion: type = ECSegCriterion
     # ECSeg weighs the box terms less than ECDet, and its class scores follow the box IoU (MAL):
     # after the short CPU demo they sit near 0.3-0.5. The demo learns faster at twice ECDet's lr
     # (24 epochs of an earlier schedule: mask AP 0.32 against 0.17 at 1e-3; `--demo` now: 0.142
