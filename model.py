@@ -54,7 +54,8 @@ TASKS = {"ecdet": ("detection", "ECDet", ""), "ecseg": ("segmentation", "ECSeg",
 
 
 def preset_config(name):
-    """The full configuration of a released model, e.g. "ecdet_s", in the original's vocabulary."""
+    """The network and postprocessor configuration of a released model, e.g. "ecdet_s", in the original's
+    vocabulary; the loss section comes from its training file (`ECCriterion.preset_config`)."""
     family, _, size = name.partition("_")
     if family not in TASKS or size not in SIZES:
         raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")

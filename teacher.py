@@ -27,6 +27,9 @@ import torch
 import model
 import train_det
 
+build_dinov3 = model.build_dinov3  # where ../shared/parity/README.md's API looks for it
+
+
 def check_dinov3(sd, arch, what):
     """ValueError unless state dict `sd` is one of DINOv3 `arch` (names and shapes), naming the hub
     model it does match when there is one."""

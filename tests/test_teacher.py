@@ -15,7 +15,7 @@ RELEASED = list(load_schema("dinov3"))  # the hub models whose released files' n
 
 def tiny_dinov3():
     fx = load_fixture("dinov3_tiny")
-    vit = model.build_dinov3(fx["config"])
+    vit = teacher.build_dinov3(fx["config"])  # the parity API's name (../shared/parity/README.md)
     vit.load_state_dict(fx["state_dict"], strict=True)
     return fx, vit.eval()
 
