@@ -91,13 +91,11 @@ class CocoDetection(torch.utils.data.Dataset):
     normalised with ImageNet mean/std and target holds
         boxes (n, 4) float, normalised cx, cy, w, h in [0, 1]
         labels (n,) int64, contiguous
-        masks (n, H, W) uint8, only with return_masks (decoded from polygons or RLE)
         image_id int; orig_size (2,) int64, (w, h) of the image on disk
     """
 
-    def __init__(self, img_dir, ann_file, transforms=None, return_masks=False):
-        self.img_dir, self.ann_file = img_dir, ann_file
-        self.transforms, self.return_masks = transforms, return_masks
+    def __init__(self, img_dir, ann_file, transforms=None):
+        self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
         self.coco = predict.load_coco(ann_file)
         for c, cat in self.coco.cats.items():
             if not isinstance(cat.get("name"), str):
@@ -192,9 +190,6 @@ class CocoDetection(torch.utils.data.Dataset):
             "image_id": image_id,
             "orig_size": torch.tensor([w, h]),
         }
-        if self.return_masks:
-            masks = [torch.from_numpy(self.coco.annToMask(ann)) for ann, _, _ in objects]
-            target["masks"] = tv_tensors.Mask(torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8))
         return im, target
 
     def _skip(self, path, reason):

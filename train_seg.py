@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+from torchvision import tv_tensors
 
 import model
 import train_det
@@ -110,8 +111,14 @@ class CocoSegmentation(train_det.CocoDetection):
     object at all is an error.
     """
 
-    def __init__(self, img_dir, ann_file, transforms=None):
-        super().__init__(img_dir, ann_file, transforms, return_masks=True)
+    def load(self, idx):
+        """CocoDetection's sample with masks, (n, H, W) uint8 tv_tensors.Mask of the image's objects."""
+        sample = super().load(idx)
+        if sample is not None:
+            h, w = sample[1]["boxes"].canvas_size
+            masks = [torch.from_numpy(self.coco.annToMask(ann)) for ann, _, _ in self.instances.get(self.ids[idx], [])]
+            sample[1]["masks"] = tv_tensors.Mask(torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8))
+        return sample
 
     def _select_instances(self):
         instances, dropped = super()._select_instances()  # also checks every annotation's fields

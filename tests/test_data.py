@@ -15,6 +15,7 @@ from torchvision import tv_tensors
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import predict  # noqa: E402
 import train_det as td  # noqa: E402
+import train_seg  # noqa: E402
 
 # pycocotools' mask decoder trips numpy 2's __array__ copy-keyword deprecation on every mask
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -38,8 +39,9 @@ def coco_root(tmp_path_factory):
     return td.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=24, num_val=16, img_size=SOURCE_SIZE)
 
 
-def dataset(root, split="train2017", **kwargs):
-    return td.CocoDetection(os.path.join(root, split), os.path.join(root, "annotations", f"instances_{split}.json"), **kwargs)
+def dataset(root, split="train2017", masks=False, **kwargs):
+    cls = train_seg.CocoSegmentation if masks else td.CocoDetection
+    return cls(os.path.join(root, split), os.path.join(root, "annotations", f"instances_{split}.json"), **kwargs)
 
 
 def write_json(path, data):
@@ -66,7 +68,7 @@ def test_synthetic_round_trip_and_remap(coco_root, tmp_path):
     for im in data["images"]:
         assert Image.open(os.path.join(coco_root, "train2017", im["file_name"])).size == sizes[im["id"]]
 
-    ds = dataset(coco_root, return_masks=True)
+    ds = dataset(coco_root, masks=True)
     assert ds.label_to_cat == {0: 1, 1: 3, 2: 7} and ds.names == ["circle", "square", "triangle"]
     assert ds.num_missing == ds.num_dropped_boxes == 0
     anns_by_image = {}
@@ -159,7 +161,7 @@ def test_train_transforms_keep_boxes_and_masks_together(coco_root, mosaic_prob, 
     hull of the rotated corners: those only contain the mask."""
     tf = td.DetTransforms(True, IMG_SIZE, mosaic_prob=mosaic_prob, mosaic_epoch=10, stop_epoch=20, mosaic_size=IMG_SIZE)
     tf.mosaic.affine.degrees = [-rotation, rotation]
-    ds = dataset(coco_root, transforms=tf, return_masks=True)
+    ds = dataset(coco_root, transforms=tf, masks=True)
     tight_checks = 0
     for idx in range(len(ds)):
         image, target = ds[idx]
@@ -183,8 +185,8 @@ def test_train_transforms_keep_boxes_and_masks_together(coco_root, mosaic_prob, 
 
 
 def test_val_transforms(coco_root):
-    ds = dataset(coco_root, "val2017", transforms=td.DetTransforms(False, IMG_SIZE), return_masks=True)
-    raw = dataset(coco_root, "val2017", return_masks=True)
+    ds = dataset(coco_root, "val2017", transforms=td.DetTransforms(False, IMG_SIZE), masks=True)
+    raw = dataset(coco_root, "val2017", masks=True)
     image, target = ds[0]
     raw_image, raw_target = raw[0]
     w, h = raw_image.size
@@ -263,7 +265,7 @@ def test_pipeline_carries_keypoints(coco_root):
 # ---- collation and MixUp ----
 
 def test_mixup_collate(coco_root):
-    ds = dataset(coco_root, transforms=td.DetTransforms(False, IMG_SIZE), return_masks=True)
+    ds = dataset(coco_root, transforms=td.DetTransforms(False, IMG_SIZE), masks=True)
     batch = [ds[i] for i in range(4)]
     collate = td.BatchImageCollate(mixup_prob=1.0, mixup_epoch=2)
     images, targets = collate(batch)
