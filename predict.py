@@ -138,14 +138,19 @@ def load_image(image):
 # exported file's metadata, atomic output, and the runtimes' sessions
 # ---------------------------------------------------------------------------------------------
 class Deployed(nn.Module):
-    """The network plus in-graph postprocessing: (images, orig_target_sizes) -> dict of outputs."""
+    """The network plus in-graph postprocessing: (images, orig_target_sizes) -> dict of outputs. With
+    `bf16`, the network runs under autocast and the postprocessing on its outputs cast back to float32."""
 
-    def __init__(self, net, num_top_queries):
+    def __init__(self, net, num_top_queries, bf16=False):
         super().__init__()
-        self.net, self.num_top_queries = net, num_top_queries
+        self.net, self.num_top_queries, self.bf16 = net, num_top_queries, bf16
 
     def forward(self, images, orig_target_sizes):
-        return model.select_top(self.net(images), orig_target_sizes, self.num_top_queries)
+        with torch.autocast(images.device.type, torch.bfloat16, enabled=self.bf16):
+            outputs = {k: v for k, v in self.net(images).items() if v is not None}  # the original's: pred_masks None
+        if self.bf16:
+            outputs = {k: v.float() for k, v in outputs.items()}
+        return model.select_top(outputs, orig_target_sizes, self.num_top_queries)
 
 
 def load_network(spec, weights):
@@ -298,6 +303,12 @@ def import_openvino():
     return openvino
 
 
+def bf16_supported():
+    """Whether OpenVINO's CPU plugin computes in bfloat16 here (AVX-512 BF16 or AMX); elsewhere its bf16
+    hint falls back to float32."""
+    return "BF16" in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 class OpenVINORunner:
     """An IR on OpenVINO's CPU plugin, at inference precision "f32" or "bf16" (where the CPU has it).
     On CPUs with bf16 units (this one) OpenVINO computes in bf16 unless told: on the network of
@@ -327,6 +338,9 @@ class OpenVINORunner:
 # `batch` (the largest batch it takes; None: any), `names` and `category_ids` (by label).
 RUNTIMES = {"torch": (".pth", ".pt"), "onnxruntime": (".onnx",), "tensorrt": (".engine", ".plan"),
             "openvino": (".xml",)}
+# Precisions of the float parts: PyTorch (autocast) and OpenVINO (its inference precision hint, also for
+# what an INT8 IR leaves in float). ONNX Runtime and TensorRT files carry their own.
+PRECISIONS = ("fp32", "bf16")
 
 
 def classes_from(props, what, pose):
@@ -338,12 +352,13 @@ def classes_from(props, what, pose):
 
 
 class TorchRuntime:
-    """A checkpoint in PyTorch, deployed (Deployed: the network and model.select_top)."""
+    """A checkpoint in PyTorch, deployed (Deployed: the network and model.select_top), in float32 or
+    under bf16 autocast."""
 
-    def __init__(self, weights, config, device):
+    def __init__(self, weights, config, device, precision="fp32"):
         net, cfg, _, (self.names, self.category_ids) = load_network(config, weights)
         self.device = torch.device(device)
-        self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg)).to(self.device)
+        self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg), precision == "bf16").to(self.device)
         self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
 
     @torch.inference_mode()
@@ -401,9 +416,12 @@ class OpenVINORuntime(ExportedRuntime):
     """An OpenVINO IR (.xml with its .bin) on the CPU; converted from export.py's ONNX file it keeps
     that file's metadata in rt_info under "framework"."""
 
-    def __init__(self, path):
+    def __init__(self, path, precision="fp32"):
+        if precision == "bf16" and not bf16_supported():
+            raise ValueError("--precision bf16: this CPU has no bfloat16 units (AVX-512 BF16 or AMX), on which "
+                             "OpenVINO would run float32; use --precision fp32")
         try:
-            self.runner = OpenVINORunner(path)
+            self.runner = OpenVINORunner(path, precision={"fp32": "f32", "bf16": "bf16"}[precision])
         except RuntimeError as e:
             raise ValueError(f"--weights {path}: OpenVINO cannot load it: {e}") from None
         net = self.runner.model
@@ -415,11 +433,14 @@ class OpenVINORuntime(ExportedRuntime):
         self.names, self.category_ids = classes_from(props, path, "keypoints" in self.runner.names)
 
 
-def open_runtime(weights, runtime=None, config=None, device="cpu"):
-    """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given."""
+def open_runtime(weights, runtime=None, config=None, device="cpu", precision="fp32"):
+    """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given;
+    `precision` (PRECISIONS) of PyTorch and OpenVINO."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if runtime in (None, "torch") and weights in model.PRESETS and not os.path.exists(weights):
         # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
-        return TorchRuntime(model.released_checkpoint(weights), config or weights, device)
+        return TorchRuntime(model.released_checkpoint(weights), config or weights, device, precision)
     if runtime is None:
         runtime = next((r for r, ext in RUNTIMES.items() if str(weights).lower().endswith(ext)), None)
         if runtime is None:
@@ -437,13 +458,16 @@ def open_runtime(weights, runtime=None, config=None, device="cpu"):
         raise ValueError(f"--device {device}: no CUDA GPU is visible")
     if runtime in ("onnxruntime", "openvino") and on_gpu:
         raise ValueError(f"--device {device}: {runtime} runs on the CPU here; on a GPU use the .pth or a TensorRT engine")
+    if precision != "fp32" and runtime in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"--precision {precision}: {runtime} runs {weights} in the precision it was exported in; "
+                         f"{precision} is for PyTorch and OpenVINO")
     if runtime == "tensorrt":
         return TensorRTRuntime(weights)
     if runtime == "onnxruntime":
         return OnnxRuntime(weights)
     if runtime == "openvino":
-        return OpenVINORuntime(weights)
-    return TorchRuntime(weights, config, device)
+        return OpenVINORuntime(weights, precision)
+    return TorchRuntime(weights, config, device, precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,11 +500,14 @@ class Predictor:
         keypoints (n, 51): per keypoint (model.KEYPOINT_NAMES) pixel x, y and a score (ECPose)
     config: a preset or JSON config for a released checkpoint (which carries none); img_size (H, W):
     the input size of a checkpoint's network (default: its eval_spatial_size); runtime: a RUNTIMES
-    key, to override the file's extension. The steps prepare, infer and finish are p(images) in parts.
+    key, to override the file's extension; precision: "fp32" or "bf16" (PyTorch's autocast, OpenVINO's
+    hint; an INT8 IR with "bf16" is the fastest CPU deployment measured on BF16 CPUs). The steps
+    prepare, infer and finish are p(images) in parts.
     """
 
-    def __init__(self, weights, device="cpu", conf=0.4, config=None, img_size=None, runtime=None, batch_size=1):
-        self.runtime = open_runtime(weights, runtime, config, device)
+    def __init__(self, weights, device="cpu", conf=0.4, config=None, img_size=None, runtime=None, batch_size=1,
+                 precision="fp32"):
+        self.runtime = open_runtime(weights, runtime, config, device, precision)
         self.conf, self.batch_size = conf, batch_size
         self.names, self.category_ids = self.runtime.names, self.runtime.category_ids
         size = list(img_size) if img_size else list(self.runtime.size)
@@ -798,7 +825,8 @@ def coco_images(ann_file, folder):
 def run(args):
     """Predict on every image and video frame of args.source; returns {"images": images and frames
     done, "skipped": images skipped, and with --coco-ann "coco": {iou_type: the COCO stats}}."""
-    predictor = Predictor(args.weights, args.device, args.conf, args.model, args.img_size, args.runtime, args.batch_size)
+    predictor = Predictor(args.weights, args.device, args.conf, args.model, args.img_size, args.runtime, args.batch_size,
+                          args.precision)
     if args.coco_ann:
         coco, annotated = coco_images(args.coco_ann, args.source)
         root, paths = args.source, list(annotated)
@@ -916,6 +944,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch; TensorRT always runs on CUDA)")
     parser.add_argument("--batch-size", type=int, default=1, help="images or frames per network call")
     parser.add_argument("--runtime", choices=list(RUNTIMES), help="default: from the --weights file's extension")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of PyTorch (bf16: autocast) and "
+                        "OpenVINO (its inference precision hint, also for what an INT8 IR keeps in float; bf16 needs a "
+                        "CPU with AVX-512 BF16 or AMX); ONNX Runtime and TensorRT run a file as exported")
     parser.add_argument("--coco-ann", help="a COCO annotation file of the images in --source: also write the COCO "
                         "results (every detection, whatever --conf) and print COCO AP")
     args = parser.parse_args(argv)

@@ -1,5 +1,6 @@
 """predict.py: the Predictor against the network, every runtime, --coco-ann against training's
 evaluation, videos, image modes, and bad input."""
+import importlib.util
 import json
 import os
 
@@ -101,6 +102,52 @@ def test_onnx_and_openvino_give_the_pytorch_detections(tiny, tmp_path, capsys):
             assert diff["labels"] == 0 and diff["scores"] <= 1e-3 and diff["boxes"] * side <= 0.5, (path, diff)
             assert g["names"] == [NAMES[i] for i in g["labels"].tolist()]
     assert "carries no class names" not in capsys.readouterr().err
+
+
+def has_bf16():
+    """Whether OpenVINO computes in bfloat16 on this CPU (AVX-512 BF16 or AMX)."""
+    return importlib.util.find_spec("openvino") is not None and predict.bf16_supported()
+
+
+def test_pytorch_bf16_follows_fp32(tiny):
+    """bf16 autocast on any CPU (PyTorch emulates it where the CPU lacks BF16 units): the confident
+    detections stay where fp32 puts them."""
+    images = [os.path.join(tiny["images"], name) for name in sorted(os.listdir(tiny["images"]))[:3]]
+    fp32, bf16 = (predict.Predictor(tiny["ckpt"], conf=0.0, precision=p)(images) for p in ("fp32", "bf16"))
+    for r, g in zip(fp32, bf16):
+        assert g["scores"].dtype == torch.float32 and g["boxes"].shape == r["boxes"].shape
+        assert (g["scores"] - r["scores"]).abs().max() < 0.05
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="the optional openvino package is missing")
+def test_openvino_bf16_needs_a_cpu_with_bf16(tiny, tmp_path, monkeypatch, capsys):
+    """Any CPU: --precision bf16 for OpenVINO is refused in one line where the CPU has no BF16."""
+    import openvino as ov
+    export.main(["--weights", tiny["ckpt"], "--onnx", str(tmp_path / "det.onnx"), "--threads", "1"])
+    ov.save_model(ov.convert_model(str(tmp_path / "det.onnx")), str(tmp_path / "det.xml"))
+    capsys.readouterr()
+    monkeypatch.setattr(predict, "bf16_supported", lambda: False)
+    with pytest.raises(SystemExit) as error:
+        cli("--weights", tmp_path / "det.xml", "--source", tiny["images"], "--output-dir", tmp_path / "out",
+            "--precision", "bf16")
+    assert error.value.code == 2
+    assert capsys.readouterr().err.strip() == ("predict.py: error: --precision bf16: this CPU has no bfloat16 units "
+                                               "(AVX-512 BF16 or AMX), on which OpenVINO would run float32; use "
+                                               "--precision fp32")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not has_bf16(), reason="needs a CPU with bfloat16 units (AVX-512 BF16 or AMX)")
+def test_openvino_bf16_runs_where_the_cpu_has_it(tiny, tmp_path):
+    import openvino as ov
+    export.main(["--weights", tiny["ckpt"], "--onnx", str(tmp_path / "det.onnx"), "--threads", "1"])
+    ov.save_model(ov.convert_model(str(tmp_path / "det.onnx")), str(tmp_path / "det.xml"))
+    images = [os.path.join(tiny["images"], name) for name in sorted(os.listdir(tiny["images"]))[:3]]
+    p = predict.Predictor(tmp_path / "det.xml", conf=0.0, precision="bf16")
+    assert p.runtime.runner.config["INFERENCE_PRECISION_HINT"] == "bf16"
+    fp32 = predict.Predictor(tmp_path / "det.xml", conf=0.0)(images)
+    for r, g in zip(fp32, p(images)):
+        assert (g["scores"] - r["scores"]).abs().max() < 0.05
 
 
 def test_coco_ann_gives_the_ap_of_train_det_eval_only(tiny, tmp_path):
@@ -232,6 +279,8 @@ def test_unreadable_images_are_skipped_and_counted(tiny, tmp_path, capsys):
     ("checkpoint unlike --model", ["--model", "ecdet_s"], "--weights {ckpt}: checkpoint does not match the model"),
     ("undecodable video", ["--source", "{tmp}/broken.mp4"], "--source {tmp}/broken.mp4: cannot decode it as a video"),
     ("ONNX Runtime on a GPU", ["--weights", "{tmp}/det.onnx", "--device", "cuda"], "--device cuda"),
+    ("ONNX Runtime in bf16", ["--weights", "{tmp}/det.onnx", "--precision", "bf16"],
+     "--precision bf16: onnxruntime runs {tmp}/det.onnx in the precision it was exported in"),
 ])
 def test_bad_input_gets_one_line(tiny, tmp_path, capsys, case, args, message):
     (tmp_path / "empty").mkdir()
