@@ -51,7 +51,8 @@ from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
-# mixup while epoch < mosaic_epoch, strong augmentation off from stop_epoch on).
+# mixup while epoch < mosaic_epoch: DEIM's Dense O2O, more objects per image and so more one-to-one
+# matches; strong augmentation off from stop_epoch on).
 _RECIPE = ("epochs", "lr", "backbone_lr", "weight_decay", "mosaic_prob", "mosaic_epoch", "stop_epoch")
 RECIPES = {name: dict(zip(_RECIPE, values)) for name, values in {
     "ecdet_s": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
@@ -219,7 +220,7 @@ def merge_instances(targets):
 
 
 class Mosaic:
-    """Mosaic of four images, as in the original (from D-FINE/DEIM).
+    """Mosaic of four images (YOLOv4's), as in the original: DEIM's Dense O2O (Huang et al., 2025).
 
     The current sample is resized to short side `output_size` and added to a cache of at most
     `max_cached_images` samples (when full, a random one but the newest is dropped if `random_pop`,

@@ -431,7 +431,7 @@ CRITERION = {
 
 
 class DETRPoseHungarianMatcher(HungarianMatcher):
-    """ECDet's matcher (train_det.HungarianMatcher) with keypoint costs in place of the box costs.
+    """ECDet's matcher (train_det.HungarianMatcher) with DETRPose's keypoint costs in place of the box costs.
 
     For an image with Q queries and T persons, query i and person j cost
 

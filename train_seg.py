@@ -201,7 +201,7 @@ def mask_dice_loss(x, y, num_boxes):
 # ---- Loss: matching and the ECSeg criterion ----
 
 class MaskHungarianMatcher(HungarianMatcher):
-    """ECDet's matcher (train_det.HungarianMatcher) with ECSeg's mask costs added to C:
+    """ECDet's matcher (train_det.HungarianMatcher) with ECSeg's mask costs (Mask2Former's) added to C:
 
         C_ij += λ_ce · BCE(m_i, m̂_j) + λ_dice · dice(m_i, m̂_j)
 
