@@ -791,7 +791,7 @@ class ECCriterion(nn.Module):
             weight w = 1 at the matched object's class, p^γ at every other logit
             L_MAL = (1 / N) Σ_{b, i, k} w · −[t log p + (1 − t) log(1 − p)],    γ = 1.5
 
-        so an unmatched logit costs as in the focal loss, and a matched one asks for a confidence
+        so an unmatched logit costs as in the focal loss (without α), and a matched one asks for a confidence
         equal to its box's (powered) IoU."""
         return {'loss_mal': self.quality_loss(out['pred_logits'], targets, indices, matched_iou(out, targets, indices),
                                               num_boxes)}
