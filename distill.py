@@ -12,17 +12,18 @@ The result, `student.pth` in --output-dir, is the ViT's bare state dict: the rel
 format that train_det.py --backbone-weights and model.load_weights read.
 
 Where each part comes from:
-- EdgeCrafter: a DINOv3 ViT adapted to detection is the task-specialized teacher whose
-  representations are distilled into the compact student backbone. We align the blocks each
-  detector reads: the student's last two (its feature generator's interaction blocks) with the
-  teacher's last two (its ECDet's), through a learned projection per block, student width ->
-  teacher width.
-- EUPE (its abstract, and summaries of the paper): several domain-expert teachers are first
-  distilled into one large proxy (scaling up), and only the proxy into the efficient student
-  (scaling down); one trainable adapter per teacher maps the student's tokens into that teacher's
-  space; teachers' features are normalised before the loss so that no teacher dominates. Without
-  --proxy the teachers go straight into the student, the baseline EUPE improves on. EUPE also
-  matches class tokens; we match patch tokens only, as the detectors read no class token.
+- EdgeCrafter ("Compact ViTs for Edge Dense Prediction via Task-Specialized Distillation", 2026): a
+  DINOv3 ViT adapted to detection is the task-specialized teacher whose representations are
+  distilled into the compact student backbone. We align the blocks each detector reads: the
+  student's last two (its feature generator's interaction blocks) with the teacher's last two (its
+  ECDet's), through a learned projection per block, student width -> teacher width.
+- EUPE (Zhu et al., "Efficient Universal Perception Encoder", 2026; its abstract, and summaries of
+  the paper): several domain-expert teachers are first distilled into one large proxy (scaling up),
+  and only the proxy into the efficient student (scaling down); one trainable adapter per teacher
+  maps the student's tokens into that teacher's space; teachers' features are normalised before the
+  loss so that no teacher dominates. Without --proxy the teachers go straight into the student, the
+  baseline EUPE improves on. EUPE also matches class tokens; we match patch tokens only, as the
+  detectors read no class token.
 - Our choices, where the papers' text gave no detail we could read: targets are the raw
   (un-normed) tokens the detectors use, standardised per teacher and channel with running
   statistics (as in UNIC and PHI-S's "standardize"); the loss is AM-RADIO's feature loss,
@@ -220,13 +221,28 @@ def resize_tokens(tokens, grid, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
 
 
+def feature_loss(pred, target):
+    """The distillation loss of one aligned block, AM-RADIO's feature loss (Ranzinger et al.,
+    "AM-RADIO: Agglomerative Vision Foundation Model -- Reduce All Domains Into One", 2024), on the
+    projected student tokens pred and the standardised teacher tokens target, both (B, N, D_t):
+
+        L = 0.9 · (1 − (1 / BN) Σ_n cos(pred_n, target_n)) + 0.1 · (1 / BND) Σ smooth_L1(pred − target)
+
+    with smooth_L1(d) = d² / 2 for |d| < 1, else |d| − 1/2. Returns L and the mean cosine (detached)."""
+    cos = F.cosine_similarity(pred, target, dim=-1).mean()
+    smooth_l1 = F.smooth_l1_loss(pred, target)
+    return LOSS_WEIGHTS["cosine"] * (1 - cos) + LOSS_WEIGHTS["smooth_l1"] * smooth_l1, cos.detach()
+
+
 class AlignHead(nn.Module):
-    """One teacher's adapter: the student's aligned blocks -> that teacher's token space, and the loss.
+    """One teacher's adapter (EUPE's per-teacher adapter): the student's aligned blocks -> that
+    teacher's token space, and the loss, feature_loss averaged over the blocks.
 
     Each aligned block l has a linear projection D_s -> D_t. Targets are the teacher's tokens
     standardised per channel with running mean and variance (buffers: mean, var (L, D_t)), so every
-    teacher's targets have unit scale whatever its activation statistics. Running statistics start
-    as the cumulative average and become an exponential one with weight `momentum` per step.
+    teacher's targets have unit scale whatever its activation statistics (the "standardize" of UNIC,
+    Sariyildiz et al., 2024, and PHI-S, Ranzinger et al., 2024). Running statistics start as the
+    cumulative average and become an exponential one with weight `momentum` per step.
     """
 
     def __init__(self, student_dim, teacher_dim, num_layers, momentum=0.01):
@@ -254,17 +270,17 @@ class AlignHead(nn.Module):
         losses, cosines = [], []
         for l, (s, t) in enumerate(zip(student, targets)):
             pred = self.proj[l](resize_tokens(s, grid, teacher_grid)).float()
-            target = (t.float() - self.mean[l]) / (self.var[l] + 1e-6).sqrt()
-            cos = F.cosine_similarity(pred, target, dim=-1).mean()
-            smooth_l1 = F.smooth_l1_loss(pred, target)
-            losses.append(LOSS_WEIGHTS["cosine"] * (1 - cos) + LOSS_WEIGHTS["smooth_l1"] * smooth_l1)
-            cosines.append(cos.detach())
+            loss, cos = feature_loss(pred, (t.float() - self.mean[l]) / (self.var[l] + 1e-6).sqrt())
+            losses.append(loss)
+            cosines.append(cos)
         return torch.stack(losses).mean(), torch.stack(cosines).mean()
 
 
 class Distiller(nn.Module):
     """The trained part: the student ViT and one AlignHead per teacher. The loss is the mean over
-    teachers, each already on a unit scale."""
+    the T teachers and the L aligned blocks, each teacher's targets already on a unit scale:
+
+        L_distill = (1 / T) Σ_teachers (1 / L) Σ_blocks feature_loss(proj_l(student_l), standardised teacher_l)"""
 
     def __init__(self, student, layers, teacher_dims):
         super().__init__()
@@ -489,7 +505,7 @@ def run(args):
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
     teachers = [(vit.to(args.device), layers) for vit, layers in teachers]
     history = []
-    if args.proxy:
+    if args.proxy:  # EUPE's route: the teachers into the large proxy first, then the proxy alone into the student
         epochs = args.proxy_epochs or args.epochs
         proxy, done, history = distill(teachers, proxy, proxy_layers, "proxy", epochs, args, rank, world, history)
         if not done:

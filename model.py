@@ -3,7 +3,9 @@ ViT, the teacher's), the multi-scale feature generator, the hybrid encoder, quer
 decoder with fine-grained distribution refinement (FDR) and its heads (ECSeg's mask head too), and
 ECPose's decoder as a variation on it; then building them from a config and loading weights. Their
 parameter names equal the original implementation's, so the released checkpoints load with
-`load_weights` and compute the same numbers. Parameters, GFLOPs and CPU latency of a preset:
+`load_weights` and compute the same numbers. Each part names the paper that defines it; where the
+code departs from a paper's math to reproduce the released checkpoints, a comment says so ("the
+released models were trained so"). Parameters, GFLOPs and CPU latency of a preset:
 `python export.py --model ecdet_s --flops` and `--benchmark`.
 """
 import copy
@@ -207,7 +209,8 @@ class MLPHead(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# ECViT: convolutional stem, then ViT blocks with a register token and 2-D RoPE
+# Stem and ViT blocks: ECViT (EdgeCrafter, "Compact ViTs for Edge Dense Prediction via
+# Task-Specialized Distillation", 2026): convolutional stem, ViT blocks with a register token, 2-D RoPE
 # ---------------------------------------------------------------------------------------------
 class PatchEmbed(nn.Module):
     """Image (B, 3, H, W) -> patch grid (B, D, H/16, W/16).
@@ -234,7 +237,8 @@ class PatchEmbed(nn.Module):
 
 
 class RoPE2D(nn.Module):
-    """2-D rotary position embedding of DINOv3, shared by every block.
+    """2-D rotary position embedding (RoFormer's rotation, Su et al., 2021) in DINOv3's form, shared
+    by every block; ECViT takes it from DINOv3.
 
     Patch centres are normalised to [-1, 1] separately along y and x; each head's D_h channels
     rotate by angles 2*pi*coord/period with D_h/4 periods base^(2i/(D_h/2)) per axis. Returns sin
@@ -325,9 +329,11 @@ class Block(nn.Module):
 class ViT(nn.Module):
     """The plain ViT of ECViT and of DINOv3, one class for both layouts.
 
-    ECViT (`dinov3=False`): convolutional stem, one learned register token, no final norm.
-    DINOv3 (`dinov3=True`): 16x16 patch embedding, class token and `n_storage_tokens` storage
-    tokens, layer scale, masked key bias, a final LayerNorm, and a (unused at inference) mask token.
+    ECViT (`dinov3=False`, EdgeCrafter): convolutional stem, one learned register token (Darcet et
+    al., "Vision Transformers Need Registers", 2024), no final norm.
+    DINOv3 (`dinov3=True`; Siméoni et al., "DINOv3", 2025): 16x16 patch embedding, class token and
+    `n_storage_tokens` storage (register) tokens, layer scale, masked key bias, a final LayerNorm,
+    and a (unused at inference) mask token.
     Tokens are laid out (B, P + h*w, D) with the P prefix tokens first.
     """
 
@@ -399,7 +405,8 @@ class ViT(nn.Module):
                 "x_norm_patchtokens": x_norm[:, P:], "x_prenorm": x, "masks": None}
 
 
-# ---- DINOv3's layout of the same ViT (the teacher's backbone, teacher.py): its own parts and hub models ----
+# ---- DINOv3's layout of the same ViT (Siméoni et al., "DINOv3", 2025; the teacher's backbone, teacher.py):
+# its own parts and hub models ----
 class MaskedKBiasLinear(nn.Linear):
     """DINOv3's qkv projection: the key bias is multiplied by a stored 0 mask (`mask_k_bias`)."""
 
@@ -413,7 +420,8 @@ class MaskedKBiasLinear(nn.Linear):
 
 
 class SwiGLU(nn.Module):
-    """DINOv3's SwiGLU FFN; the hidden width is 2/3 of `hidden`, rounded up to a multiple of 8."""
+    """DINOv3's SwiGLU FFN (Shazeer, "GLU Variants Improve Transformer", 2020); the hidden width is
+    2/3 of `hidden`, rounded up to a multiple of 8."""
 
     def __init__(self, dim, hidden):
         super().__init__()
@@ -426,7 +434,8 @@ class SwiGLU(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """DINOv3's learned per-channel scale of each residual branch: (..., D) * gamma."""
+    """DINOv3's learned per-channel scale of each residual branch (CaiT's LayerScale, Touvron et al.,
+    2021): (..., D) * gamma."""
 
     def __init__(self, dim, init):
         super().__init__()
@@ -511,10 +520,10 @@ def dinov3_shapes(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Multi-scale feature generator (the original's ViTAdapter)
+# Feature generator (EdgeCrafter, 2026; the original's ViTAdapter): ViT tokens -> a 3-level pyramid
 # ---------------------------------------------------------------------------------------------
 class ViTAdapter(nn.Module):
-    """Single-scale ViT tokens -> a stride 8/16/32 pyramid.
+    """EdgeCrafter's feature generator: single-scale ViT tokens -> a stride 8/16/32 pyramid.
 
     The patch tokens of the interaction blocks are averaged, laid out as a stride-16 map, and
     bilinearly resized to strides 8, 16 and 32; 1x1 conv+BN layers project all three levels to
@@ -542,7 +551,8 @@ class ViTAdapter(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hybrid encoder: one transformer layer on stride 32, then CSP fusion top-down and bottom-up
+# Encoder: RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection",
+# 2024): one transformer layer on stride 32 (AIFI), then CSP fusion top-down and bottom-up (CCFF)
 # ---------------------------------------------------------------------------------------------
 def sincos_pos_embed_2d(w, h, dim, temperature=10000.0):
     """Fixed 2-D sin-cos embedding (1, w*h, dim). The original flattens the grid x-major (index
@@ -583,7 +593,8 @@ class TransformerEncoder(nn.Module):
 
 
 class RepVGG(nn.Module):
-    """act(conv3x3+BN + conv1x1+BN); `fuse()` merges both branches into one 3x3 convolution."""
+    """RepVGG's block (Ding et al., "RepVGG: Making VGG-style ConvNets Great Again", 2021):
+    act(conv3x3+BN + conv1x1+BN); `fuse()` merges both branches into one 3x3 convolution."""
 
     def __init__(self, dim, act):
         super().__init__()
@@ -608,8 +619,8 @@ class RepVGG(nn.Module):
 
 
 class CSPRep(nn.Module):
-    """Cross-stage partial layer with RepVGG bottlenecks (RepC3): split a 1x1 conv's output in two
-    halves a, b and return a + bottlenecks(b)."""
+    """Cross-stage partial layer (CSPNet) with RepVGG bottlenecks, RT-DETR's RepC3: split a 1x1
+    conv's output in two halves a, b and return a + bottlenecks(b)."""
 
     def __init__(self, cin, cout, num_blocks, act):
         super().__init__()
@@ -622,8 +633,9 @@ class CSPRep(nn.Module):
 
 
 class RepNCSPELAN4(nn.Module):
-    """GELAN fusion block: 1x1 conv to c3 channels split in halves y0, y1; y2 = cv2(y1),
-    y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2, y3) to c2 channels."""
+    """GELAN fusion block (YOLOv9, Wang et al., 2024), as D-FINE's encoder has it: 1x1 conv to c3
+    channels split in halves y0, y1; y2 = cv2(y1), y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2,
+    y3) to c2 channels."""
 
     def __init__(self, c1, c2, c3, c4, num_blocks, act):
         super().__init__()
@@ -640,7 +652,8 @@ class RepNCSPELAN4(nn.Module):
 
 
 class SCDown(nn.Module):
-    """Spatial-channel decoupled downsampling: 1x1 conv, then a 3x3 stride-2 depthwise conv."""
+    """Spatial-channel decoupled downsampling (YOLOv10, Wang et al., 2024): 1x1 conv, then a 3x3
+    stride-2 depthwise conv."""
 
     def __init__(self, dim):
         super().__init__()
@@ -652,8 +665,9 @@ class SCDown(nn.Module):
 
 class HybridEncoder(nn.Module):
     """Pyramid [(B, C, H/8, W/8), (B, C, H/16, W/16), (B, C, H/32, W/32)] -> the same shapes with
-    C = hidden_dim: intra-scale attention on stride 32, then a top-down FPN and a bottom-up PAN
-    whose inputs are fused by summation and refined by RepNCSPELAN4 blocks."""
+    C = hidden_dim: RT-DETR's intra-scale attention on stride 32 (AIFI), then its cross-scale fusion
+    (CCFF), a top-down FPN and a bottom-up PAN whose inputs are fused by summation and refined by
+    RepNCSPELAN4 blocks (as D-FINE's encoder has them)."""
 
     def __init__(self, hidden_dim=256, nhead=8, dim_feedforward=1024, dropout=0.0, use_encoder_idx=(2,),
                  num_encoder_layers=1, pe_temperature=10000, expansion=1.0, depth_mult=1.0, act="silu"):
@@ -696,7 +710,7 @@ class HybridEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Query selection: anchors, the top-k encoder positions, denoising groups (ECDet, ECSeg, ECPose)
+# Query selection: anchors, RT-DETR's top-k encoder positions, DN-DETR / DINO's denoising groups
 # ---------------------------------------------------------------------------------------------
 def inverse_sigmoid(x, eps=1e-5):
     x = x.clip(0.0, 1.0)
@@ -755,7 +769,8 @@ def top_k(logits, k):
 
 
 def select_queries(memory, anchors, valid, score_head, box_head, num_queries):
-    """ECDet's query selection: the Q encoder positions with the highest class scores become the queries,
+    """ECDet's query selection, RT-DETR's top-k (RT-DETR makes it uncertainty-minimal by an IoU-aware
+    loss; MAL plays that part here): the Q encoder positions with the highest class scores become the queries,
     the memory there their content, their anchor box moved by `box_head` their reference. memory (B, L, C),
     anchors (1, L, 4) inverse sigmoid, valid (1, L, 1) -> content (B, Q, C) and inverse-sigmoid boxes
     (B, Q, 4), detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_boxes` (B, Q, 4)."""
@@ -770,7 +785,9 @@ def select_queries(memory, anchors, valid, score_head, box_head, num_queries):
 
 
 def denoising_groups(counts, num_denoising, num_queries, device):
-    """The layout of the denoising queries (DN-DETR / DINO), boxes and keypoints alike: each of
+    """The layout of the denoising queries, boxes and keypoints alike (DN-DETR, Li et al., "DN-DETR:
+    Accelerate DETR Training by Introducing Query DeNoising", 2022; DINO's contrastive groups, Zhang et
+    al., "DINO: DETR with Improved DeNoising Anchor Boxes", 2023): each of
     max(num_denoising // G, 1) groups holds a positive and a negative copy of every image's G = max(counts)
     target slots, N = 2 * G * groups queries before the Q matching ones. Returns the number of groups, the
     self-attention mask (N + Q, N + Q), True = blocked (the matching queries must not see the answers; each
@@ -789,8 +806,8 @@ def denoising_groups(counts, num_denoising, num_queries, device):
 
 def denoising_queries(targets, num_classes, num_queries, class_embed, num_denoising, label_noise_ratio,
                       box_noise_scale):
-    """ECDet's denoising queries: each group holds every ground-truth box twice, once lightly
-    (positive) and once strongly (negative) jittered, with some labels flipped.
+    """ECDet's denoising queries, DINO's contrastive denoising: each group holds every ground-truth
+    box twice, once lightly (positive) and once strongly (negative) jittered, with some labels flipped.
 
     Returns query content (B, N, C), inverse-sigmoid boxes (B, N, 4), and the attention mask and
     meta data of `denoising_groups`.
@@ -824,11 +841,13 @@ def denoising_queries(targets, num_classes, num_queries, class_embed, num_denois
 
 
 # ---------------------------------------------------------------------------------------------
-# Query decoder with fine-grained distribution refinement (FDR)
+# Decoder: D-FINE's fine-grained distribution refinement (FDR; Peng et al., "D-FINE: Redefine
+# Regression Task in DETRs as Fine-grained Distribution Refinement", 2025) over deformable attention
 # ---------------------------------------------------------------------------------------------
 def weighting_function(reg_max, up, reg_scale):
-    """FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,), symmetric around W = 0,
-    nearly uniform near zero and growing geometrically towards the ends +-2*up*reg_scale."""
+    """D-FINE's weighting function, FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,),
+    symmetric around W = 0, nearly uniform near zero and growing geometrically towards the ends
+    +-2*up*reg_scale."""
     bound = up.abs() * reg_scale.abs()  # (1,)
     step = (bound + 1) ** (2 / (reg_max - 2))
     right = [step ** i - 1 for i in range(1, reg_max // 2)]
@@ -848,7 +867,8 @@ def distance2bbox(points, distance, reg_scale):
 
 
 def deformable_attention(values, locations, weights, num_points):
-    """Multi-scale deformable attention core.
+    """Multi-scale deformable attention core (Zhu et al., "Deformable DETR: Deformable Transformers
+    for End-to-End Object Detection", 2021).
 
     values: per level (B*heads, c, h_l, w_l); locations: (B, Lq, heads, sum(num_points), 2) in
     [0, 1] image coordinates; weights: (B, Lq, heads, sum(num_points)) -> (B, Lq, heads*c).
@@ -863,7 +883,8 @@ def deformable_attention(values, locations, weights, num_points):
 
 
 class MSDeformableAttention(nn.Module):
-    """Deformable cross-attention with `num_points[l]` sampling points per head on level l.
+    """Deformable DETR's cross-attention with `num_points[l]` sampling points per head on level l
+    (a count per level, as RT-DETRv2 has it).
 
     With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so
     points spread inside the box; with reference points (ECPose, `box_reference=False`), offsets
@@ -916,7 +937,7 @@ def split_values(memory, shapes, num_heads):
 
 
 class Gate(nn.Module):
-    """Gated fusion of the residual x1 and the cross-attention output x2: norm(g1*x1 + g2*x2)."""
+    """D-FINE's gated fusion of the residual x1 and the cross-attention output x2: norm(g1*x1 + g2*x2)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -931,7 +952,8 @@ class Gate(nn.Module):
 
 
 class LQE(nn.Module):
-    """Localization-quality estimator: adds to the class logits a score predicted from the top-k
+    """D-FINE's localization-quality estimator (after GFLv2's distribution-guided quality predictor,
+    Li et al., 2021): adds to the class logits a score predicted from the top-k
     probabilities (and their mean) of each edge's distribution. ECPose's reads `groups` = 17
     keypoints' sampled features instead (`quality`)."""
 
@@ -1025,7 +1047,7 @@ class TransformerDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prediction heads and the decoder's outputs (the original's ECTransformer)
+# Heads: the prediction heads and the decoder's outputs (the original's ECTransformer)
 # ---------------------------------------------------------------------------------------------
 def per_layer(layers, teacher):
     """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`,
@@ -1124,9 +1146,10 @@ class ECTransformer(QueryDecoder):
         return {**training_outputs(layers, pre, enc, dn_meta, teacher=True), "up": self.up, "reg_scale": self.reg_scale}
 
 
-# ---- ECSeg's mask head, fed by the decoder's query features ----
+# ---- Heads: ECSeg's mask head, fed by the decoder's query features ----
 class SegmentationHead(nn.Module):
-    """ECSeg's mask head: stride-8 features -> stride-4 mask features refined by depthwise-conv
+    """ECSeg's mask head, RF-DETR's ("RF-DETR: Neural Architecture Search for Real-Time Detection
+    Transformers", 2025): stride-8 features -> stride-4 mask features refined by depthwise-conv
     blocks; mask logits (B, Q, H/4, W/4) are dot products with MLP-transformed query features."""
 
     def __init__(self, dim, num_blocks, downsample_ratio=4):
@@ -1185,7 +1208,8 @@ class ResidualMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# ECPose: the DETRPose decoder, a variation on the above (instance + keypoint queries, keypoint FDR)
+# ECPose: DETRPose's decoder (Janampa and Pattichis, "DETRPose: Real-time end-to-end transformer
+# model for multi-person pose estimation", 2025), a variation on the above (keypoint queries and FDR)
 # ---------------------------------------------------------------------------------------------
 # Each query is one person: an instance token and K = 17 keypoint tokens, (B, Q, 1 + K, C), with a
 # reference point per token (the keypoints, and their mean for the instance token). Keypoints are

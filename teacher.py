@@ -1,5 +1,6 @@
-"""The task-specialized teacher (EdgeCrafter, stage 1): a DINOv3 ViT fine-tuned for detection as the
-backbone of an ECDet, whose features distill.py then distils into the compact ECViT.
+"""The task-specialized teacher (EdgeCrafter, stage 1): a DINOv3 ViT (Siméoni et al., "DINOv3", 2025)
+fine-tuned for detection as the backbone of an ECDet, whose features distill.py then distils into
+the compact ECViT.
 
     python teacher.py --dinov3 dinov3_vitb16.pth --arch dinov3_vitb16 --data /coco
     torchrun --nproc_per_node 8 teacher.py --dinov3 dinov3_vitl16.pth --arch dinov3_vitl16 --data /coco --amp

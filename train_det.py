@@ -51,7 +51,8 @@ from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
-# mixup while epoch < mosaic_epoch, strong augmentation off from stop_epoch on).
+# mixup while epoch < mosaic_epoch: DEIM's Dense O2O, more objects per image and so more one-to-one
+# matches; strong augmentation off from stop_epoch on).
 _RECIPE = ("epochs", "lr", "backbone_lr", "weight_decay", "mosaic_prob", "mosaic_epoch", "stop_epoch")
 RECIPES = {name: dict(zip(_RECIPE, values)) for name, values in {
     "ecdet_s": (74, 5e-4, 2.5e-5, 1e-4, 0.75, 36, 72),
@@ -219,7 +220,7 @@ def merge_instances(targets):
 
 
 class Mosaic:
-    """Mosaic of four images, as in the original (from D-FINE/DEIM).
+    """Mosaic of four images (YOLOv4's), as in the original: DEIM's Dense O2O (Huang et al., 2025).
 
     The current sample is resized to short side `output_size` and added to a cache of at most
     `max_cached_images` samples (when full, a random one but the newest is dropped if `random_pop`,
@@ -556,7 +557,8 @@ def paired_iou(boxes1, boxes2, giou=False):
 
 
 class HungarianMatcher(nn.Module):
-    """One-to-one assignment of queries to ground-truth objects (DETR's bipartite matching).
+    """One-to-one assignment of queries to ground-truth objects: DETR's bipartite matching (Carion
+    et al., "End-to-End Object Detection with Transformers", 2020).
 
     For an image with Q queries and T objects, query i and object j cost
 
@@ -614,7 +616,8 @@ class HungarianMatcher(nn.Module):
 
 
 def union_of_matches(matchings):
-    """The union of several matchings of one batch (ECDet's "go" indices).
+    """The union of several matchings of one batch (ECDet's "go" indices: D-FINE's global optimal
+    matching of its GO-LSD, on which the box terms, FGL and DDF train every layer).
 
     matchings: a list (one per layer) of B (query indices, object indices) pairs, CPU tensors.
     Per image: every query matched by any layer, to the object it was matched to most often,
@@ -672,6 +675,12 @@ def matched(targets, indices, key):
     return torch.cat([t[key][o] for t, (_, o) in zip(targets, indices)])
 
 
+def matched_iou(out, targets, indices):
+    """IoU (N,) of each matched query's box with its object's, detached: the quality MAL, FGL and DDF read."""
+    b = out['pred_boxes'][batch_index(indices)]
+    return paired_iou(cxcywh_to_xyxy(b), cxcywh_to_xyxy(matched(targets, indices, 'boxes'))).detach()
+
+
 @torch.no_grad()
 def fgl_targets(ref_points, boxes, reg_max, up, reg_scale):
     """The FGL target: each ground-truth edge as a mix of its two neighbouring FDR bins.
@@ -702,24 +711,23 @@ CRITERION = {
 
 
 class ECCriterion(nn.Module):
-    """The ECDet training loss: weighted terms, each normalised by the (DDP-averaged) number of
-    matched objects.
+    """The ECDet training loss: DETR's set prediction loss (Carion et al., "End-to-End Object
+    Detection with Transformers", 2020) with the terms of D-FINE (Peng et al., "D-FINE: Redefine
+    Regression Task in DETRs as Fine-grained Distribution Refinement", 2025) and DEIM (Huang et al.,
+    "DEIM: DETR with Improved Matching for Fast Convergence", 2025):
 
-    - MAL (matchability-aware loss): sigmoid BCE on every class logit, the target being q^γ at the
-      matched object's class, q the IoU of the query's box with the object's (γ = 1.5), 0 elsewhere;
-      unmatched entries weigh p^γ (p = sigmoid(logit)), matched ones 1.
-    - L1 and GIoU on the matched boxes.
-    - FGL (fine-grained localisation): the FDR corner distributions' focal distribution loss toward
-      the two bins around each ground-truth edge (fgl_targets), weighted by IoU.
-    - DDF (decoupled distillation focal): KL from the last decoder layer's corner distributions
-      (the teacher) to each earlier layer's at temperature 5, weighted by IoU for matched queries and
-      by the teacher's class confidence for the others, the two groups' means mixed in the ratio
-      sqrt(#matched) : sqrt(#unmatched).
+        L = λ_MAL L_MAL + λ_L1 L_L1 + λ_GIoU L_GIoU + λ_FGL L_FGL + λ_DDF L_DDF
+
+    summed over every output below, ECDet's λs 1, 5, 2, 0.15, 1.5 (weight_dict). Each term is one
+    method that states its formula: loss_mal, loss_l1, loss_giou, loss_fgl, loss_ddf; the original's
+    config names them in groups ('mal', 'boxes' = L1 + GIoU, 'local' = FGL + DDF). N, the divisor of
+    every term, is the number of matches it is computed on, averaged over the DDP ranks, at least 1.
 
     Every decoder layer (`_aux_{i}`, the last unsuffixed), the pre-decoder head (`_pre`) and the
     encoder's query selection (`_enc_{i}`) gets the terms; the box terms and FGL use the union of
-    all their matchings, MAL each output's own. Denoising queries (`_dn_{i}`, `_dn_pre`) are matched
-    to the objects they were made from. An output without corners gets no FGL or DDF.
+    all their matchings (union_of_matches), MAL each output's own. Denoising queries (`_dn_{i}`,
+    `_dn_pre`) are matched to the objects they were made from. An output without corners gets no
+    FGL or DDF.
 
     The original's `enc_meta` (class-agnostic query selection) is not read: ECDet never enables it.
     A subclass adds or replaces terms in `loss_functions`. A term function takes (out, targets,
@@ -760,7 +768,9 @@ class ECCriterion(nn.Module):
         return q.pow(self.gamma), p.pow(self.gamma) * (1 - onehot) + onehot
 
     def quality_loss(self, logits, targets, indices, quality, num_boxes):
-        """Sigmoid BCE of every class logit (B, Q, K) toward `quality` (IoU, OKS: one per match), by quality_target."""
+        """Sigmoid BCE of every class logit (B, Q, K) toward `quality` (IoU, OKS: one per match), by
+        quality_target, summed over all B·Q·K logits and divided by N (as the original: a mean over
+        the queries, times Q)."""
         idx = batch_index(indices)
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         classes[idx] = matched(targets, indices, 'labels')
@@ -774,40 +784,76 @@ class ECCriterion(nn.Module):
         return loss.mean(1).sum() * logits.shape[1] / num_boxes
 
     def loss_mal(self, out, targets, indices, num_boxes, shared):
-        idx = batch_index(indices)
-        iou = paired_iou(cxcywh_to_xyxy(out['pred_boxes'][idx]), cxcywh_to_xyxy(matched(targets, indices, 'boxes')))
-        return {'loss_mal': self.quality_loss(out['pred_logits'], targets, indices, iou, num_boxes)}
+        """MAL, DEIM's matchability-aware loss, on every class logit of pred_logits (B, Q, K). With
+        p = sigmoid(logit) and q = IoU(b, b̂) of a matched query's box with its object's (both detached):
+
+            target t = q^γ at the matched object's class, 0 at every other logit
+            weight w = 1 at the matched object's class, p^γ at every other logit
+            L_MAL = (1 / N) Σ_{b, i, k} w · −[t log p + (1 − t) log(1 − p)],    γ = 1.5
+
+        so an unmatched logit costs as in the focal loss (without α), and a matched one asks for a confidence
+        equal to its box's (powered) IoU."""
+        return {'loss_mal': self.quality_loss(out['pred_logits'], targets, indices, matched_iou(out, targets, indices),
+                                              num_boxes)}
+
+    def loss_l1(self, out, targets, indices, num_boxes, shared):
+        """DETR's L1 box loss on normalised cx, cy, w, h: L_L1 = (1 / N) Σ_matched |b − b̂|_1."""
+        b, b_hat = out['pred_boxes'][batch_index(indices)], matched(targets, indices, 'boxes')
+        return {'loss_bbox': F.l1_loss(b, b_hat, reduction='none').sum() / num_boxes}
+
+    def loss_giou(self, out, targets, indices, num_boxes, shared):
+        """DETR's GIoU box loss (GIoU: Rezatofighi et al., 2019) on the boxes' corners x1, y1, x2, y2:
+
+            L_GIoU = (1 / N) Σ_matched (1 − GIoU(b, b̂))"""
+        b, b_hat = out['pred_boxes'][batch_index(indices)], matched(targets, indices, 'boxes')
+        giou = paired_iou(cxcywh_to_xyxy(b), cxcywh_to_xyxy(b_hat), giou=True)
+        return {'loss_giou': (1 - giou).sum() / num_boxes}
 
     def loss_boxes(self, out, targets, indices, num_boxes, shared):
-        b = out['pred_boxes'][batch_index(indices)]
-        b_hat = matched(targets, indices, 'boxes')
-        giou = paired_iou(cxcywh_to_xyxy(b), cxcywh_to_xyxy(b_hat), giou=True)
-        return {'loss_bbox': F.l1_loss(b, b_hat, reduction='none').sum() / num_boxes,
-                'loss_giou': (1 - giou).sum() / num_boxes}
+        return {**self.loss_l1(out, targets, indices, num_boxes, shared),
+                **self.loss_giou(out, targets, indices, num_boxes, shared)}
 
-    def loss_local(self, out, targets, indices, num_boxes, shared):
+    def loss_fgl(self, out, targets, indices, num_boxes, shared):
+        """FGL, D-FINE's fine-grained localisation loss, on the FDR corner logits pred_corners
+        (B, Q, 4 (reg_max + 1)). Each matched query's edge e has the distribution P_e = softmax over
+        its reg_max + 1 bins; its object's edge lies between bins n_e and n_e + 1 (fgl_targets, from
+        the detached ref_points) at interpolation weights ω_e, ω'_e:
+
+            L_FGL = (1 / N) Σ_matched IoU(b, b̂) Σ_{e = 1..4} [ω_e · −log P_e(n_e) + ω'_e · −log P_e(n_e + 1)]
+
+        with the IoU detached: the better a box already fits, the more its edges' bins are sharpened."""
         if 'pred_corners' not in out:
             return {}
-        n_bins = self.reg_max + 1
         idx = batch_index(indices)
-        b_hat = cxcywh_to_xyxy(matched(targets, indices, 'boxes'))
-        corners = out['pred_corners'][idx].reshape(-1, n_bins)
+        corners = out['pred_corners'][idx].reshape(-1, self.reg_max + 1)
         left, weight_left, weight_right = fgl_targets(
-            out['ref_points'][idx].detach(), b_hat, self.reg_max, shared['up'], shared['reg_scale'])
-        iou = paired_iou(cxcywh_to_xyxy(out['pred_boxes'][idx]), b_hat).detach()
+            out['ref_points'][idx].detach(), cxcywh_to_xyxy(matched(targets, indices, 'boxes')), self.reg_max,
+            shared['up'], shared['reg_scale'])
         fgl = (F.cross_entropy(corners, left, reduction='none') * weight_left
-               + F.cross_entropy(corners, left + 1, reduction='none') * weight_right) * iou.repeat_interleave(4)
-        losses = {'loss_fgl': fgl.sum() / num_boxes}
-        if 'teacher_corners' not in out:
-            return losses
+               + F.cross_entropy(corners, left + 1, reduction='none') * weight_right)
+        return {'loss_fgl': (fgl * matched_iou(out, targets, indices).repeat_interleave(4)).sum() / num_boxes}
 
-        student = out['pred_corners'].reshape(-1, n_bins)
-        teacher = out['teacher_corners'].reshape(-1, n_bins)
-        if torch.equal(student, teacher):  # the last denoising layer is its own teacher
-            losses['loss_ddf'] = student.sum() * 0
-            return losses
+    def loss_ddf(self, out, targets, indices, num_boxes, shared):
+        """DDF, D-FINE's decoupled distillation focal loss: the last decoder layer's corner
+        distributions (teacher_corners, detached) teach this layer's (pred_corners), every query's.
+        Per edge e of the B·Q·4 edges, at temperature T = 5:
+
+            ℓ_e = α_e · T² · KL(softmax(teacher_e / T) ‖ softmax(pred_e / T))
+            α_e = IoU(b, b̂) for a matched query, max_k sigmoid(teacher_logits)_k for the others
+            L_DDF = (√E_m · mean_{matched e} ℓ_e + √E_u · mean_{unmatched e} ℓ_e) / (√E_m + √E_u)
+
+        E_m and E_u are the matched and unmatched edges of the union of matchings (shared_terms'
+        ddf_balance), the same for every output; an empty group's mean counts 0. It is not divided by
+        N. A layer that is its own teacher (the last denoising layer) gets 0."""
+        if 'pred_corners' not in out or 'teacher_corners' not in out:
+            return {}
+        student = out['pred_corners'].reshape(-1, self.reg_max + 1)
+        teacher = out['teacher_corners'].reshape(-1, self.reg_max + 1)
+        if torch.equal(student, teacher):
+            return {'loss_ddf': student.sum() * 0}
+        idx = batch_index(indices)
         weight = out['teacher_logits'].detach().sigmoid().amax(-1)
-        weight[idx] = iou.to(weight.dtype)
+        weight[idx] = matched_iou(out, targets, indices).to(weight.dtype)
         is_matched = torch.zeros_like(weight, dtype=torch.bool)
         is_matched[idx] = True
         weight, is_matched = weight.flatten().repeat_interleave(4), is_matched.flatten().repeat_interleave(4)
@@ -816,8 +862,11 @@ class ECCriterion(nn.Module):
         ddf_matched = ddf[is_matched].mean() if is_matched.any() else 0
         ddf_unmatched = ddf[~is_matched].mean() if (~is_matched).any() else 0
         n_pos, n_neg = shared['ddf_balance']
-        losses['loss_ddf'] = (ddf_matched * n_pos + ddf_unmatched * n_neg) / (n_pos + n_neg)
-        return losses
+        return {'loss_ddf': (ddf_matched * n_pos + ddf_unmatched * n_neg) / (n_pos + n_neg)}
+
+    def loss_local(self, out, targets, indices, num_boxes, shared):
+        return {**self.loss_fgl(out, targets, indices, num_boxes, shared),
+                **self.loss_ddf(out, targets, indices, num_boxes, shared)}
 
     def weighted_terms(self, out, targets, own, union, shared, suffix):
         """All terms of one output, weighted, names suffixed. own and union: (indices, number of
@@ -828,7 +877,8 @@ class ECCriterion(nn.Module):
         return {k + suffix: v * self.weight_dict[k] for k, v in terms.items() if k in self.weight_dict}
 
     def shared_terms(self, outputs, union):
-        """FDR's up and reg_scale, and DDF's balance: the union's corners counted as if each rank held 8 images."""
+        """FDR's up and reg_scale, and DDF's balance (√E_m, √E_u), each scaled by √(8 / B) as in the original
+        (counted as if each rank held 8 images), which cancels in L_DDF's ratio."""
         B, Q = outputs['pred_logits'].shape[:2]
         n_pos = torch.tensor(4 * sum(len(q) for q, _ in union), device=outputs['pred_logits'].device)
         balance = ((n_pos * (8 / B)) ** 0.5, ((4 * B * Q - n_pos) * (8 / B)) ** 0.5)

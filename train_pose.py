@@ -415,6 +415,12 @@ def split_keypoints(keypoints):
     return keypoints[..., :2 * K], keypoints[..., 2 * K:]
 
 
+def matched_oks(out, targets, indices):
+    """OKS (N,) of each matched query's pred_keypoints with its person's keypoints."""
+    z_hat, v = split_keypoints(matched(targets, indices, "keypoints"))
+    return keypoint_oks(out["pred_keypoints"][batch_index(indices)], z_hat, v, matched(targets, indices, "area"))
+
+
 # Loss weights and matching costs of the released ECPose recipe (the original's DETRPoseCriterion).
 CRITERION = {
     "num_classes": 2, "weight_dict": {"loss_vfl": 2.0, "loss_keypoints": 10.0, "loss_oks": 4.0},
@@ -425,7 +431,7 @@ CRITERION = {
 
 
 class DETRPoseHungarianMatcher(HungarianMatcher):
-    """ECDet's matcher (train_det.HungarianMatcher) with keypoint costs in place of the box costs.
+    """ECDet's matcher (train_det.HungarianMatcher) with DETRPose's keypoint costs in place of the box costs.
 
     For an image with Q queries and T persons, query i and person j cost
 
@@ -454,12 +460,14 @@ class DETRPoseHungarianMatcher(HungarianMatcher):
 
 
 class DETRPoseCriterion(ECCriterion):
-    """The ECPose training loss: ECDet's criterion (train_det.ECCriterion: its outputs, matchings,
-    names and normalisation) with these terms:
+    """The ECPose training loss, DETRPose's (Janampa and Pattichis, "DETRPose: Real-time end-to-end
+    transformer model for multi-person pose estimation", 2025): ECDet's criterion
+    (train_det.ECCriterion: its outputs, matchings, names and normalisation by N) with the terms
 
-    - VFL (varifocal loss): MAL with the OKS of the matched query with its person as the quality and
-      no power on the target; unmatched entries weigh α p^γ (α = 0.25, γ = 2), matched ones their target.
-    - Keypoint L1 over visible keypoints, and 1 − OKS, on the union of the matchings.
+        L = λ_VFL L_VFL + λ_kpt L_kpt + λ_OKS L_OKS,    ECPose's λs 2, 10, 4
+
+    in methods loss_vfl, loss_keypoint_l1 and loss_oks; the original's config groups the last two
+    as 'keypoints', computed on the union of the matchings.
     """
 
     section, family, preset = "DETRPoseCriterion", "ecpose", CRITERION
@@ -482,16 +490,33 @@ class DETRPoseCriterion(ECCriterion):
         return q, self.alpha * p.pow(self.gamma) * (1 - onehot) + q
 
     def loss_vfl(self, out, targets, indices, num_boxes, shared=None):
-        z_hat, v = split_keypoints(matched(targets, indices, "keypoints"))
-        oks = keypoint_oks(out["pred_keypoints"][batch_index(indices)], z_hat, v, matched(targets, indices, "area"))
+        """The varifocal loss (VarifocalNet, Zhang et al., 2021) on every class logit of pred_logits
+        (B, Q, K), with p = sigmoid(logit) and q = OKS(z, ẑ) of a matched query with its person (both
+        detached); ECDet's quality_loss with
+
+            target t = q at the matched person's class, 0 at every other logit
+            weight w = q at the matched person's class, α p^γ at every other logit (α = 0.25, γ = 2)
+            L_VFL = (1 / N) Σ_{b, i, k} w · −[t log p + (1 − t) log(1 − p)]"""
+        oks = matched_oks(out, targets, indices)
         return {"loss_vfl": self.quality_loss(out["pred_logits"], targets, indices, oks, num_boxes)}
 
-    def loss_keypoints(self, out, targets, indices, num_boxes, shared=None):
+    def loss_keypoint_l1(self, out, targets, indices, num_boxes, shared=None):
+        """Keypoint L1 on normalised coordinates, of the visible keypoints (v_k = 1) only:
+
+            L_kpt = (1 / N) Σ_matched Σ_k v_k (|x_k − x̂_k| + |y_k − ŷ_k|)"""
         z = out["pred_keypoints"][batch_index(indices)]
         z_hat, v = split_keypoints(matched(targets, indices, "keypoints"))
         l1 = F.l1_loss(z, z_hat, reduction="none") * v.repeat_interleave(2, 1)
-        oks = keypoint_oks(z, z_hat, v, matched(targets, indices, "area"))
-        return {"loss_keypoints": l1.sum() / num_boxes, "loss_oks": (1 - oks).sum() / num_boxes}
+        return {"loss_keypoints": l1.sum() / num_boxes}
+
+    def loss_oks(self, out, targets, indices, num_boxes, shared=None):
+        """OKS loss, with keypoint_oks's object keypoint similarity: L_OKS = (1 / N) Σ_matched (1 − OKS(z, ẑ))."""
+        oks = matched_oks(out, targets, indices)
+        return {"loss_oks": (1 - oks).sum() / num_boxes}
+
+    def loss_keypoints(self, out, targets, indices, num_boxes, shared=None):
+        return {**self.loss_keypoint_l1(out, targets, indices, num_boxes),
+                **self.loss_oks(out, targets, indices, num_boxes)}
 
 
 def build_criterion(cfg):

@@ -150,7 +150,7 @@ class CocoSegmentation(train_det.CocoDetection):
         return instances, dropped
 
 
-# ---- Loss: point sampling ----
+# ---- Loss: point sampling, and the mask terms on sampled points ----
 
 def point_sample(maps, points, mode="bilinear"):
     """Values of maps (N, H, W) at points (N, P, 2), normalised (x, y) in [0, 1] -> (N, P)."""
@@ -158,9 +158,9 @@ def point_sample(maps, points, mode="bilinear"):
 
 
 def uncertain_points(logits, num_points, oversample_ratio=3, importance_sample_ratio=0.75):
-    """PointRend's training points for mask logits (N, h, w): draw oversample_ratio * num_points
-    uniform points, keep the importance_sample_ratio share whose logits are nearest 0 (the least
-    certain), and fill up with fresh uniform points. Returns (N, num_points, 2)."""
+    """PointRend's (Kirillov et al., 2020) training points for mask logits (N, h, w): draw
+    oversample_ratio * num_points uniform points, keep the importance_sample_ratio share whose logits
+    are nearest 0 (the least certain), and fill up with fresh uniform points. Returns (N, num_points, 2)."""
     N = len(logits)
     candidates = torch.rand(N, int(num_points * oversample_ratio), 2, device=logits.device)
     uncertainty = -point_sample(logits, candidates).abs()
@@ -182,10 +182,26 @@ def pairwise_dice(x, y):
     return 1 - (2 * s @ y.T + 1) / (s.sum(-1)[:, None] + y.sum(-1)[None] + 1)
 
 
+def mask_bce_loss(x, y, num_boxes):
+    """Mask BCE of the matched masks' logits x (N, P) at their P points toward the objects' masks
+    there, y (N, P) in {0, 1}:
+
+        L_mask_ce = (1 / N) Σ_masks (1 / P) Σ_points −[y log σ(x) + (1 − y) log(1 − σ(x))]"""
+    return F.binary_cross_entropy_with_logits(x, y, reduction="none").mean(1).sum() / num_boxes
+
+
+def mask_dice_loss(x, y, num_boxes):
+    """Dice loss (V-Net, Milletari et al., 2016) of the same points, s = σ(x), smoothed by 1:
+
+        L_mask_dice = (1 / N) Σ_masks [1 − (2 Σ_points s·y + 1) / (Σ_points s + Σ_points y + 1)]"""
+    s = x.sigmoid()
+    return (1 - (2 * (s * y).sum(-1) + 1) / (s.sum(-1) + y.sum(-1) + 1)).sum() / num_boxes
+
+
 # ---- Loss: matching and the ECSeg criterion ----
 
 class MaskHungarianMatcher(HungarianMatcher):
-    """ECDet's matcher (train_det.HungarianMatcher) with ECSeg's mask costs added to C:
+    """ECDet's matcher (train_det.HungarianMatcher) with ECSeg's mask costs (Mask2Former's) added to C:
 
         C_ij += λ_ce · BCE(m_i, m̂_j) + λ_dice · dice(m_i, m̂_j)
 
@@ -231,12 +247,10 @@ class ECSegCriterion(ECCriterion):
     has masks: the decoder layers, the pre-decoder head (with the last layer's masks) and the
     denoising queries; the encoder's queries have none. Each uses its own matching.
 
-    - loss_mask_ce: sigmoid BCE of the matched masks, averaged over P sampled points.
-    - loss_mask_dice: 1 - (2 Σ s·m̂ + 1) / (Σ s + Σ m̂ + 1) over the same points, s = sigmoid(logit).
-
-    P = max(h, h·w // mask_point_sample_ratio) points per mask, chosen by uncertain_points
-    (oversample_ratio, importance_sample_ratio), both summed over masks and divided by the number
-    of objects, like the box terms.
+    - loss_mask_ce (mask_bce_loss) and loss_mask_dice (mask_dice_loss), both on
+      P = max(h, h·w // mask_point_sample_ratio) points per mask, chosen by uncertain_points
+      (oversample_ratio, importance_sample_ratio), as Mask2Former (Cheng et al., "Masked-attention
+      Mask Transformer for Universal Image Segmentation", 2022) samples its mask losses.
     """
 
     family, preset = "ecseg", CRITERION
@@ -250,6 +264,7 @@ class ECSegCriterion(ECCriterion):
         return {**super().loss_functions(), "masks": self.loss_masks}
 
     def loss_masks(self, out, targets, indices, num_boxes, shared):
+        """Both mask terms of the matched masks, on the same P points per mask (uncertain_points)."""
         if out.get("pred_masks") is None:
             return {}
         logits = out["pred_masks"][batch_index(indices)]  # (N, h, w)
@@ -261,10 +276,7 @@ class ECSegCriterion(ECCriterion):
                                       self.oversample_ratio, self.importance_sample_ratio)
             y = point_sample(matched(targets, indices, "masks").to(logits.dtype), points, mode="nearest")
         x = point_sample(logits, points)
-        s = x.sigmoid()
-        dice = 1 - (2 * (s * y).sum(-1) + 1) / (s.sum(-1) + y.sum(-1) + 1)
-        return {"loss_mask_ce": F.binary_cross_entropy_with_logits(x, y, reduction="none").mean(1).sum() / num_boxes,
-                "loss_mask_dice": dice.sum() / num_boxes}
+        return {"loss_mask_ce": mask_bce_loss(x, y, num_boxes), "loss_mask_dice": mask_dice_loss(x, y, num_boxes)}
 
     def forward(self, outputs, targets):
         """As ECCriterion.forward; targets also hold masks (T, H, W), all on the same canvas."""
