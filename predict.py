@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -107,11 +107,14 @@ def read_video(path):
 # ---------------------------------------------------------------------------------------------
 # Images into the network: any PIL mode to RGB, stretched and normalised as in validation
 # ---------------------------------------------------------------------------------------------
-def to_rgb(image):
-    """An RGB PIL image from one in any mode. Greys of more than 8 bits are scaled to 8 bits first:
-    integer ones (16-bit PNGs, modes I;16* and I) from the 16-bit range, float ones (F) from [0, 1];
-    PIL's own convert clips them at 255, which turns most pixels white. Every other mode is PIL's
-    conversion (alpha dropped, palettes looked up)."""
+def to_rgb(image, upright=True):
+    """An RGB PIL image from one in any mode, turned upright as viewers and annotation tools show it
+    (its EXIF orientation applied; upright=False keeps the stored frame). Greys of more than 8 bits
+    are scaled to 8 bits first: integer ones (16-bit PNGs, modes I;16* and I) from the 16-bit range,
+    float ones (F) from [0, 1]; PIL's own convert clips them at 255, which turns most pixels white.
+    Every other mode is PIL's conversion (alpha dropped, palettes looked up)."""
+    if upright:
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
         scale = 255.0 if image.mode == "F" else 255 / 65535
         grey = np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255).round().astype(np.uint8)

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import model
 import predict
+import support
 from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
@@ -176,7 +177,10 @@ class CocoDetection(torch.utils.data.Dataset):
         info, path = self.coco.imgs[image_id], self._path(image_id)
         try:
             with Image.open(path) as im:
-                im = predict.to_rgb(im)  # also forces the decode, so broken files fail here
+                # Upright (EXIF orientation applied), unless the annotation's size fits only the stored frame.
+                turned = im.getexif().get(support.EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                stored = turned and im.size == (info["width"], info["height"]) != im.size[::-1]
+                im = predict.to_rgb(im, upright=not stored)  # also forces the decode, so broken files fail here
         except OSError as e:
             return self._skip(path, repr(e))
         w, h = im.size
@@ -1269,12 +1273,15 @@ def evaluate(net, loader, task, cfg, args, rank, picture=None):
 
 
 def dataset_paths(args, task):
-    """(train images, train annotations, val images, val annotations) from --data or the explicit options."""
+    """(train images, train annotations, val images, val annotations) from --data (support.data_splits: COCO,
+    Roboflow or YOLO layout) or the explicit options, which take precedence."""
     explicit = [args.train_images, args.train_ann, args.val_images, args.val_ann]
     if args.data:
-        ann = os.path.join(args.data, "annotations", "{}_{}2017.json")
-        default = [os.path.join(args.data, "train2017"), ann.format(task.ann_prefix, "train"),
-                   os.path.join(args.data, "val2017"), ann.format(task.ann_prefix, "val")]
+        splits = ("val",) if args.eval_only else ("train", "val")
+        labels = {"bbox": "boxes", "segm": "polygons", "keypoints": "keypoints"}[task.iou_types[-1]]
+        found = support.data_splits(args.data, splits, {s: os.path.join("annotations", f"{task.ann_prefix}_{s}2017.json")
+                                    for s in ("train", "val")}, labels, args.output_dir, len(model.COCO_SIGMAS))
+        default = [*found.get("train", (None, None)), *found["val"]]
         return [e or d for e, d in zip(explicit, default)]
     if not all(explicit[2:]) or (not args.eval_only and not all(explicit[:2])):
         raise ValueError("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
@@ -1512,7 +1519,8 @@ def parse_args(argv=None, task=Task()):
     parser = argparse.ArgumentParser(prog=task.script, description=f"Train {task.default_model.split('_')[0].upper()} "
                                      f"({task.name}) on a COCO-format data set.")
     parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's vocabulary")
-    parser.add_argument("--data", help="COCO root: annotations/, train2017/, val2017/")
+    parser.add_argument("--data", help="a data set: COCO root (annotations/, train2017/, val2017/), Roboflow COCO export "
+                        "(train/ and valid/ with _annotations.coco.json), or YOLO data.yaml (or its folder)")
     parser.add_argument("--train-images"), parser.add_argument("--train-ann")
     parser.add_argument("--val-images"), parser.add_argument("--val-ann")
     parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "

@@ -365,7 +365,8 @@ CASES = {  # name: (main, argv from the files above, the expected line)
                                          "--backbone-weights .*other.pth does not fit this model's ViT: checkpoint "
                                          "does not match the model; missing: "),
     "no annotation file": (td.main, lambda p: det(p, "--data", p["root"]),
-                           "COCO annotation file not found: .*instances_val2017.json"),
+                           "--data .*: not a data set layout this project reads; looked for "
+                           "annotations/instances_val2017.json \\(COCO\\)"),
     "annotations not JSON": (td.main, lambda p: files(p, val="{root}/not.json"),
                              "COCO annotation file .*not.json is not valid JSON"),
     "no object to train on": (td.main, lambda p: files(p, train="{no_objects}"),
