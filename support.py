@@ -2,6 +2,8 @@
 optional packages and TensorBoard. Imports only the standard library, numpy, torch and PIL; the stage
 files import it, never the other way round.
 """
+import argparse
+import importlib
 import json
 import os
 import warnings
@@ -300,3 +302,37 @@ def yolo_annotation(values, labels, size, num_keypoints, dims, where):
             keypoints += [float(p[0] * w), float(p[1] * h), v] if v else [0, 0, 0]
         ann.update(keypoints=keypoints, num_keypoints=sum(v > 0 for v in keypoints[2::3]))
     return ann
+
+
+# ---- The command line: one way to say things in every script ----
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, and leaves out the `(default: None)` of options whose
+    absence has a meaning their help states."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def device(spec=None):
+    """The torch.device of a --device value: cpu, cuda or cuda:N; None (the default everywhere) means
+    CUDA when torch sees a GPU, else the CPU. A GPU that is not there raises ValueError."""
+    try:
+        found = torch.device(spec or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {spec}: {e}; expected cpu, cuda or cuda:N") from None
+    if found.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {spec}: expected cpu, cuda or cuda:N")
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: no CUDA GPU is visible to torch here")
+    if found.type == "cuda" and found.index is not None and found.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {spec}: torch sees {torch.cuda.device_count()} GPU(s) here")
+    return found
+
+
+def cpu_cores():
+    """The cores this process may run on (its affinity where the OS tells it, else all): the default of
+    every thread count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

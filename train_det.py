@@ -965,15 +965,8 @@ def setup_distributed(device):
     """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {device}: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: expected cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here")
-    if device.type == "cuda":
+    device = support.device(device)
+    if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: each process its own GPU
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -1515,19 +1508,26 @@ def run(args, task):
     return metrics
 
 
-def parse_args(argv=None, task=Task()):
-    parser = argparse.ArgumentParser(prog=task.script, description=f"Train {task.default_model.split('_')[0].upper()} "
-                                     f"({task.name}) on a COCO-format data set.")
-    parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's vocabulary")
+def make_parser(task=Task(), description=None, model_option=True):
+    """The training command line of `task`; a stage that sets the network itself (teacher.py) leaves out --model."""
+    description = description or (f"Train {task.default_model.split('_')[0].upper()} ({task.name}) on a data set in "
+                                  f"the COCO, Roboflow COCO or YOLO layout.")
+    parser = argparse.ArgumentParser(prog=task.script, description=description, formatter_class=support.HelpFormatter)
+    if model_option:
+        parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's "
+                            "vocabulary")
+    else:
+        parser.set_defaults(model=None)
     parser.add_argument("--data", help="a data set: COCO root (annotations/, train2017/, val2017/), Roboflow COCO export "
                         "(train/ and valid/ with _annotations.coco.json), or YOLO data.yaml (or its folder)")
-    parser.add_argument("--train-images"), parser.add_argument("--train-ann")
-    parser.add_argument("--val-images"), parser.add_argument("--val-ann")
+    for option in ("--train-images", "--train-ann", "--val-images", "--val-ann"):
+        parser.add_argument(option, help="an image folder or COCO annotation file; default: --data's")
     parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "
                         "preset name; default: the --model preset's")
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="total over all processes")
-    parser.add_argument("--lr", type=float), parser.add_argument("--backbone-lr", type=float)
+    parser.add_argument("--lr", type=float, help="default: the recipe's")
+    parser.add_argument("--backbone-lr", type=float, help="the ViT's; default: the recipe's (--lr for a random ViT)")
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
     parser.add_argument("--output-dir", default=f"outputs/{task.name}", help="refused when it holds a run (last.pth, "
                         "best.pth, log.jsonl), unless --resume or --overwrite")
@@ -1543,11 +1543,17 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format; default: "
                         "the released ECViT the model names (downloaded); 'none': random weights, trained at --lr")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
-    parser.add_argument("--device", help="default: cuda when available")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
+    parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
     parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
+    return parser
+
+
+def parse_args(argv=None, task=Task(), parser=None):
+    """The checked arguments of make_parser(task) (or of `parser`, one it made and a stage extended)."""
+    parser = parser or make_parser(task)
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--stop-after", args.stop_after, 1),
                                  ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
