@@ -441,7 +441,7 @@ def parse_args(argv=None):
     parser.add_argument("--amp", action="store_true", help="bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the initial weights, shuffling and augmentation")
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--proxy-epochs", args.proxy_epochs, 1),
                                  ("--warmup-epochs", args.warmup_epochs, 0), ("--stop-after", args.stop_after, 1),

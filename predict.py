@@ -36,7 +36,6 @@ import pathlib
 import sys
 import time
 
-import av
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -51,6 +50,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 import model
+import support
 
 # ---------------------------------------------------------------------------------------------
 # Sources: images, folders, globs, videos
@@ -86,6 +86,7 @@ def find_sources(source):
 
 def read_video(path):
     """(frame rate, number of frames or None, (w, h), generator of RGB PIL frames) of a video file."""
+    av = support.optional_import("av", f"--source {path} (a video)")
     try:
         container = av.open(path)
         stream = container.streams.video[0]
@@ -156,11 +157,15 @@ def load_network(spec, weights):
 
     The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
     (and their class names), a released one does not, so it needs `spec`. classes: (names, category
-    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). Without
-    weights, seeded random ones, the same in every process.
+    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). weights: a
+    file, a loaded checkpoint, or a preset name for the released model (downloaded; spec defaults to
+    it). Without weights, seeded random ones, the same in every process.
     """
     ckpt = None
-    if weights is not None:
+    if isinstance(weights, str) and weights in model.PRESETS and not os.path.exists(weights):
+        # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
+        spec, ckpt = spec or weights, model.released_checkpoint(weights)
+    elif weights is not None:
         ckpt = weights if isinstance(weights, dict) else model.read_checkpoint(weights, "--weights")
     if spec is None:
         if ckpt is None:
@@ -294,11 +299,7 @@ class OrtRunner:
 
 
 def import_openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise ValueError("--openvino needs the openvino package: pip install openvino") from None
-    return openvino
+    return support.optional_import("openvino", "OpenVINO (--openvino, .xml files)")
 
 
 class OpenVINORunner:
@@ -345,7 +346,7 @@ class TorchRuntime:
 
     def __init__(self, weights, config, device):
         net, cfg, _, (self.names, self.category_ids) = load_network(config, weights)
-        self.device = torch.device(device)
+        self.device = support.device(device)
         self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg)).to(self.device)
         self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
 
@@ -419,10 +420,10 @@ class OpenVINORuntime(ExportedRuntime):
 
 
 def open_runtime(weights, runtime=None, config=None, device="cpu"):
-    """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given."""
+    """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given.
+    device None: CUDA when available for PyTorch (support.device), the CPU for ONNX Runtime and OpenVINO."""
     if runtime in (None, "torch") and weights in model.PRESETS and not os.path.exists(weights):
-        # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
-        return TorchRuntime(model.released_checkpoint(weights), config or weights, device)
+        return TorchRuntime(weights, config, device)  # the released model (load_network)
     if runtime is None:
         runtime = next((r for r, ext in RUNTIMES.items() if str(weights).lower().endswith(ext)), None)
         if runtime is None:
@@ -435,9 +436,7 @@ def open_runtime(weights, runtime=None, config=None, device="cpu"):
         raise FileNotFoundError(f"--weights {weights}: no such file")
     if config is not None and runtime != "torch":
         raise ValueError(f"--model describes a checkpoint's network; {weights} ({runtime}) carries its own")
-    on_gpu = torch.device(device).type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    on_gpu = device is not None and support.device(device).type == "cuda"
     if runtime in ("onnxruntime", "openvino") and on_gpu:
         raise ValueError(f"--device {device}: {runtime} runs on the CPU here; on a GPU use the .pth or a TensorRT engine")
     if runtime == "tensorrt":
@@ -759,6 +758,7 @@ class VideoWriter:
     an odd last row or column is left out."""
 
     def __init__(self, path, rate, size):
+        self.av = av = support.optional_import("av", "writing videos")
         codec = VIDEO_CODECS[os.path.splitext(path)[1].lower()]
         if codec not in av.codecs_available:  # a PyAV built without x264 still has FFmpeg's own mpeg4
             codec = "mpeg4"
@@ -768,7 +768,7 @@ class VideoWriter:
 
     def write(self, picture):
         pixels = np.asarray(picture)[:self.stream.height, :self.stream.width]
-        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        self.container.mux(self.stream.encode(self.av.VideoFrame.from_ndarray(pixels, format="rgb24")))
 
     def __enter__(self):
         return self
@@ -811,6 +811,9 @@ def run(args):
     for path in paths:
         if os.path.abspath(output(path)) == os.path.abspath(path):
             raise ValueError(f"--output-dir {args.output_dir}: the drawn pictures would replace {path}; choose another folder")
+    if os.path.exists(os.path.join(args.output_dir, "predictions.jsonl")) and not args.overwrite:
+        raise ValueError(f"--output-dir {args.output_dir} already holds predictions (predictions.jsonl): choose "
+                         f"another folder, or replace them with --overwrite")
     os.makedirs(args.output_dir, exist_ok=True)
     summary, evaluator = {"images": 0, "skipped": 0}, None
     times = dict.fromkeys(("decode+preprocess", "network", "postprocess+draw"), 0.0)
@@ -905,18 +908,23 @@ def run(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=support.HelpFormatter)
     parser.add_argument("--weights", required=True, help="a checkpoint (.pth; a released one needs --model), an ONNX "
                         "file, a TensorRT engine (.engine, .plan) or an OpenVINO IR (.xml)")
     parser.add_argument("--source", required=True, help="an image, a folder (searched recursively), a glob pattern "
                         "or a video (.mp4 .avi .mov .mkv .webm)")
     parser.add_argument("--model", help="preset or JSON config of a released checkpoint's network (this project's "
                         "checkpoints and exported files carry theirs)")
-    parser.add_argument("--output-dir", default="outputs/predict")
+    parser.add_argument("--output-dir", default="outputs/predict", help="refused when it holds predictions "
+                        "(predictions.jsonl), unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output-dir that holds predictions, "
+                        "replacing them")
     parser.add_argument("--conf", type=float, default=0.4, help="lowest score of a detection drawn and listed")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="network input H [W], multiples of 32 "
                         "(default: the network's eval_spatial_size; an exported file has its own)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch; TensorRT always runs on CUDA)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu (PyTorch; "
+                        "ONNX Runtime and OpenVINO run on the CPU, TensorRT on CUDA)")
     parser.add_argument("--batch-size", type=int, default=1, help="images or frames per network call")
     parser.add_argument("--runtime", choices=list(RUNTIMES), help="default: from the --weights file's extension")
     parser.add_argument("--coco-ann", help="a COCO annotation file of the images in --source: also write the COCO "

@@ -307,12 +307,15 @@ def yolo_annotation(values, labels, size, num_keypoints, dims, where):
 # ---- The command line: one way to say things in every script ----
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each option's default, and leaves out the `(default: None)` of options whose
-    absence has a meaning their help states."""
+    """--help shows each option's default: argparse's `(default: X)` unless the help says it already,
+    `(default: none)` for an option that is off unless given; flags and required options show none."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
+        text = action.help or ""
+        if "default" in text or action.required or action.default is False or action.nargs == 0:
+            return text
+        if action.default is None:
+            return f"{text} (default: none)".strip()
         return super()._get_help_string(action)
 
 
@@ -336,3 +339,14 @@ def cpu_cores():
     """The cores this process may run on (its affinity where the OS tells it, else all): the default of
     every thread count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ---- Optional packages: imported where a command needs them ----
+
+def optional_import(name, what, pip=None):
+    """The module `name`, imported when `what` (a command or option) first needs it, so that every other
+    command runs without it. Missing, it raises ValueError in one line with the pip install that brings it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ValueError(f"{what} needs the {name} package: pip install {pip or name}") from None

@@ -1413,6 +1413,15 @@ def training_recipe(args, task):
     return recipe
 
 
+def class_heads(cfg):
+    """The names of the network's tensors whose shape follows num_classes (the class heads): those that
+    change when the network is built, on the meta device (no memory, no time), with one class more."""
+    with torch.device("meta"):
+        own = model.build_model(cfg).state_dict()
+        other = model.build_model({**cfg, "num_classes": cfg["num_classes"] + 1}).state_dict()
+    return {k for k, v in own.items() if v.shape != other[k].shape}
+
+
 def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
     """The criterion, and the network with the ViT's weights (unless --resume or --tune bring them),
     then --tune's and --resume's. A random ViT trains at the head's rate unless --backbone-lr is given."""
@@ -1432,7 +1441,14 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
     if args.tune:
         released = args.tune in model.PRESETS and not os.path.exists(args.tune)
         tune = model.released_checkpoint(args.tune) if released else model.read_checkpoint(args.tune, "--tune")
-        load_matching(net, model.checkpoint_state_dict(tune), f"--tune {args.tune}", require_all=args.eval_only)
+        state, own = model.checkpoint_state_dict(tune), net.state_dict()
+        fresh = sorted(k for k in class_heads(cfg) if k in state and torch.is_tensor(state[k])
+                       and state[k].shape != own[k].shape)
+        if fresh and rank == 0 and not args.eval_only:
+            print(f"--tune {args.tune}: {min(state[k].shape[0] for k in fresh)} classes there, {cfg['num_classes']} "
+                  f"in this data set: the ViT, encoder and decoder start from its weights, the class heads afresh "
+                  f"({', '.join(fresh[:2])}, ...)")
+        load_matching(net, state, f"--tune {args.tune}", require_all=args.eval_only)
     if ckpt is not None:
         try:
             model.load_weights(net, ckpt["model"])
@@ -1545,7 +1561,7 @@ def make_parser(task=Task(), description=None, model_option=True):
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
     parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
     parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the initial weights, shuffling and augmentation")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
     parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
     return parser

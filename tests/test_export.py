@@ -308,7 +308,7 @@ def test_benchmark_times_each_deployment_in_its_own_process_and_reports_ap(shape
     started, popen = [], subprocess.Popen
     monkeypatch.setattr(export.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
     result = tmp_path / "bench.json"
-    export.main(["--model", str(tmp_path / "net.json"), "--onnx", str(tmp_path / "net.onnx"), "--threads", "1",
+    export.main(["--model", str(tmp_path / "net.json"), "--random-weights", "--onnx", str(tmp_path / "net.onnx"), "--threads", "1",
                  "--val-images", f"{shapes}/val2017",
                  "--val-ann", f"{shapes}/annotations/instances_val2017.json",
                  "--benchmark", "--rounds", "1", "--runs", "2", "--profile", "3", "--benchmark-json", str(result)])
