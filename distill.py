@@ -356,7 +356,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         print(f"{name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters, {len(teachers)} "
               f"teacher(s), {len(args.paths)} images, {world} process(es) on {args.device}, batch {args.batch_size}, "
               f"{epochs} epochs" + (f", resuming after epoch {start}" if start else ""))
-    skipped = set()
+    skipped, board = set(), support.TensorBoard(args.output_dir, rank)
     stop = min(epochs, args.stop_after or epochs)
     for epoch in range(start, stop):
         t0 = time.time()
@@ -396,6 +396,11 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "stage": name,
                                        "epochs": epochs, "lr": args.lr, "log": history}, path)
             train_det.write_log(history, log)
+            board.add({f"Loss/{name}": metrics["loss"],
+                       **{f"Lr/{name}_pg_{j}": g["lr"] for j, g in enumerate(optimizer.param_groups)},
+                       **{f"Cosine/{name}_{t}": c for t, c in enumerate(metrics["cosine"])},
+                       **{f"Test/{name}_held_out_cosine_{t}": c for t, c in enumerate(metrics.get("held_out_cosine", []))}},
+                      epoch + 1)
             print(f"{name} epoch {epoch + 1}: loss {metrics['loss']:.4f}, cosine {metrics['cosine']}"
                   + (f", held-out cosine {metrics['held_out_cosine']}" if val_loader else ""))
             if skipped:

@@ -3,7 +3,7 @@ optional packages and TensorBoard. Imports only the standard library, numpy, tor
 files import it, never the other way round.
 """
 import argparse
-import importlib
+import importlib.util
 import json
 import os
 import warnings
@@ -350,3 +350,34 @@ def optional_import(name, what, pip=None):
         return importlib.import_module(name)
     except ImportError:
         raise ValueError(f"{what} needs the {name} package: pip install {pip or name}") from None
+
+
+# ---- TensorBoard: a run's numbers per epoch, when the package is installed ----
+
+class TensorBoard:
+    """Scalars as TensorBoard events in a run folder (torch.utils.tensorboard), written by rank 0 when the
+    tensorboard package is installed; otherwise every call does nothing, so a run is the same without it."""
+
+    def __init__(self, folder, rank=0):
+        self.writer = None
+        if rank == 0 and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(folder)
+
+    def add(self, scalars, step):
+        """Write {tag: number} at `step` (the epoch, from 1), flushed so that a killed run keeps it."""
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+
+def epoch_scalars(losses, optimizer, stats):
+    """A training epoch's numbers under the original's tags: Loss/total and Loss/<term> (the epoch's
+    means), Lr/pg_<j> (each parameter group's rate at its end), Test/coco_eval_<iou type>_<i> (the 12
+    COCO numbers; ECPose's 10)."""
+    scalars = {"Loss/total": sum(losses.values()), **{f"Loss/{k}": v for k, v in losses.items()}}
+    scalars.update({f"Lr/pg_{j}": group["lr"] for j, group in enumerate(optimizer.param_groups)})
+    scalars.update({f"Test/coco_eval_{kind}_{i}": v for kind, numbers in stats.items() if isinstance(numbers, list)
+                    for i, v in enumerate(numbers)})
+    return scalars

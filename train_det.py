@@ -1082,7 +1082,7 @@ def load_matching(net, state, what, require_all=False):
 def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
     """Make args.output_dir ready before any work: a folder that takes files, not holding `run_files`
     of an earlier run unless args.resume continues it (or --eval-only only reads) or args.overwrite
-    replaces it (they are deleted); temporary files of killed runs are removed."""
+    replaces it (they are deleted, with its TensorBoard events); temporary files of killed runs are removed."""
     folder = args.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--output-dir {folder} is a file, not a folder")
@@ -1096,10 +1096,12 @@ def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
     if found and not (args.resume or args.overwrite or reads_only):
         raise ValueError(f"--output-dir {folder} already holds a run ({', '.join(found)}): continue it with "
                          f"--resume, or replace it with --overwrite")
+    replaced = args.overwrite and not reads_only
     if int(os.environ.get("RANK", 0)) == 0:
-        for path in [os.path.join(folder, name) for name in found if args.overwrite and not reads_only] + \
-                glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):  # write_atomically's
-            os.remove(path)
+        for path in [os.path.join(folder, name) for name in found if replaced] + \
+                glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")) + \
+                (glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*")) if replaced else []):
+            os.remove(path)  # temporary files of write_atomically, and with --overwrite the run's TensorBoard events
 
 
 # The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
@@ -1493,7 +1495,7 @@ def run(args, task):
               f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
               f"{world} process(es) on {args.device}, batch {args.batch_size}, {args.epochs} epochs"
               + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
-    metrics = {}
+    metrics, board = {}, support.TensorBoard(args.output_dir, rank)
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         t0 = time.time()
         if task.restart_from_best and epoch == recipe["stop_epoch"] > 0:
@@ -1520,6 +1522,7 @@ def run(args, task):
                 save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
             write_log(history, os.path.join(args.output_dir, "log.jsonl"))
             draw_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "curves.png"))
+            board.add(support.epoch_scalars(losses, optimizer, stats), epoch + 1)
             print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {best:.4f})")
     return metrics
 

@@ -64,6 +64,16 @@ def test_distillation_lowers_the_loss_and_writes_a_backbone_model_py_loads(files
     assert list(sd) == list(vit.state_dict())  # the bare ViT state dict, no wrapper
 
 
+def test_distillation_writes_tensorboard_events(files, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    log = run(files, tmp_path, "--epochs", "1", "--val-images", files["val"])
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"Loss/student", "Lr/student_pg_0", "Cosine/student_0", "Test/student_held_out_cosine_0"} <= \
+        set(events.Tags()["scalars"])
+    assert events.Scalars("Loss/student")[0].value == pytest.approx(log[0]["loss"])
+
+
 def test_preset_student_is_written_in_the_released_ecvit_format(files, tmp_path):
     # The teacher sees 128 px (an 8x8 grid), the student 64 px (4x4): grids aligned by interpolation.
     run(files, tmp_path, "--student", "ecvitt", "--teacher-size", "128", "--epochs", "1")
