@@ -123,14 +123,14 @@ def to_rgb(image, upright=True):
     return image.convert("RGB")
 
 
-def load_image(image):
-    """A path, a PIL image or an (H, W, 3) uint8 RGB array -> an RGB PIL image. A file that PIL cannot
-    decode raises OSError (or ValueError for a mode it cannot convert)."""
+def load_image(image, upright=True):
+    """A path, a PIL image or an (H, W, 3) uint8 RGB array -> an RGB PIL image, upright (to_rgb). A file
+    that PIL cannot decode raises OSError (or ValueError for a mode it cannot convert)."""
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
-            return to_rgb(im)  # converting decodes the whole file, so a truncated one fails here
+            return to_rgb(im, upright)  # converting decodes the whole file, so a truncated one fails here
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(image, upright)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return Image.fromarray(image)
     raise ValueError(f"expected an image path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
@@ -833,6 +833,8 @@ def run(args):
         """The RGB image at `path`, or None (skipped with a warning) when it can't be used."""
         try:
             image = load_image(path)
+            if args.coco_ann and image.size != annotated[path][1] == image.size[::-1]:
+                image = load_image(path, upright=False)  # annotated in the stored frame: read there, as training does
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return skip(path, f"not a readable image ({e})")
         if args.coco_ann and image.size != annotated[path][1]:  # as training's data set, which leaves it out

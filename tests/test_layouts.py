@@ -207,3 +207,13 @@ def test_predict_reports_boxes_in_the_upright_frame(tmp_path):
     line = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())
     assert (line["width"], line["height"]) == (32, 48) and line["detections"]
     assert Image.open(tmp_path / "out" / "phone.jpg").size == (32, 48)
+    # scored against annotations made in the stored frame, it is read in that frame, as training reads it
+    coco = {"images": [{"id": 1, "file_name": "phone.jpg", "width": 48, "height": 32}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 8, 8], "area": 64, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    summary = predict.main(["--weights", str(tmp_path / "net.pth"), "--source", str(tmp_path), "--coco-ann",
+                            str(tmp_path / "ann.json"), "--output-dir", str(tmp_path / "scored")])
+    assert summary["images"] == 1 and summary["skipped"] == 0
+    line = json.loads((tmp_path / "scored" / "predictions.jsonl").read_text())
+    assert (line["width"], line["height"]) == (48, 32)
