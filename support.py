@@ -359,17 +359,20 @@ class TensorBoard:
     tensorboard package is installed; otherwise every call does nothing, so a run is the same without it."""
 
     def __init__(self, folder, rank=0):
-        self.writer = None
-        if rank == 0 and importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(folder)
+        self.folder, self.writer = folder, None
+        self.enabled = rank == 0 and importlib.util.find_spec("tensorboard") is not None
 
     def add(self, scalars, step):
-        """Write {tag: number} at `step` (the epoch, from 1), flushed so that a killed run keeps it."""
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, step)
-            self.writer.flush()
+        """Write {tag: number} at `step` (the epoch, from 1), flushed so that a killed run keeps it. The
+        events file is opened at the first call: a run stopped before its first epoch leaves none."""
+        if not self.enabled:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(self.folder)
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
 
 
 def epoch_scalars(losses, optimizer, stats):
