@@ -114,7 +114,7 @@ def to_rgb(image, upright=True):
     are scaled to 8 bits first: integer ones (16-bit PNGs, modes I;16* and I) from the 16-bit range,
     float ones (F) from [0, 1]; PIL's own convert clips them at 255, which turns most pixels white.
     Every other mode is PIL's conversion (alpha dropped, palettes looked up)."""
-    if upright:
+    if upright and image.getexif().get(support.EXIF_ORIENTATION, 1) != 1:  # else exif_transpose only copies
         image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
         scale = 255.0 if image.mode == "F" else 255 / 65535

@@ -1444,8 +1444,9 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
         released = args.tune in model.PRESETS and not os.path.exists(args.tune)
         tune = model.released_checkpoint(args.tune) if released else model.read_checkpoint(args.tune, "--tune")
         state, own = model.checkpoint_state_dict(tune), net.state_dict()
-        fresh = sorted(k for k in class_heads(cfg) if k in state and torch.is_tensor(state[k])
-                       and state[k].shape != own[k].shape)
+        differ = [k for k, v in own.items() if isinstance(state, Mapping) and torch.is_tensor(state.get(k))
+                  and state[k].shape != v.shape]
+        fresh = sorted(set(differ) & class_heads(cfg)) if differ else []
         if fresh and rank == 0 and not args.eval_only:
             print(f"--tune {args.tune}: {min(state[k].shape[0] for k in fresh)} classes there, {cfg['num_classes']} "
                   f"in this data set: the ViT, encoder and decoder start from its weights, the class heads afresh "
