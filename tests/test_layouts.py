@@ -158,18 +158,25 @@ BAD = {  # name: (data set from layouts and tmp_path, the expected line)
         r"a Roboflow COCO export, but .*/valid has no _annotations.coco.json"),
     "no layout": (lambda l, t: str(t), r"not a data set layout this project reads; looked for "
                                        r"annotations/instances_val2017.json \(COCO\), .*data.yaml \(YOLO\)"),
+    "train_seg.py, box rows": (lambda l, t: bad_yolo(l, t, lambda data: None),
+                               r"labels/train/000000000001.txt, line 1: 5 numbers; expected class x1 y1 x2 y2 x3 y3"),
+    "train_pose.py, no kpt_shape": (lambda l, t: bad_yolo(l, t, lambda data: None),
+                                    r"data.yaml: expected kpt_shape: \[K, 2 or 3\] for keypoint labels, found None"),
 }
+MAINS = {"train_seg.py, box rows": ts.main, "train_pose.py, no kpt_shape": tp.main}
 
 
 @pytest.mark.parametrize("case", BAD)
 def test_bad_data_sets_get_one_line_and_write_nothing(layouts, tmp_path, capsys, case):
     make, expected = BAD[case]
     data = make(layouts, tmp_path)
+    main = MAINS.get(case, td.main)
     with pytest.raises(SystemExit) as exit_info:
-        train(td.main, data, layouts["config"], tmp_path / "out")
+        train(main, data, layouts["config"], tmp_path / "out")
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_info.value.code == 2 and line.startswith("train_det.py: error: --data " if case in (
-        "no layout", "a Roboflow folder without its JSON") else "train_det.py: error: "), line
+    script = case.split(",")[0] if case in MAINS else "train_det.py"
+    assert exit_info.value.code == 2 and line.startswith(f"{script}: error: --data " if case in (
+        "no layout", "a Roboflow folder without its JSON") else f"{script}: error: "), line
     assert re.search(expected, line), line
     assert not list((tmp_path / "out").glob("*.json"))
 
