@@ -119,6 +119,9 @@ def test_read_yaml_takes_the_forms_data_yaml_files_use(tmp_path):
     cfg = support.read_yaml(path)
     assert cfg == {"train": "../train/images", "val": "../valid/images", "test": None, "nc": 2, "names": ["a, b", "c"],
                    "kpt_shape": [17, 3], "roboflow": {"workspace": "w", "version": 3}}
+    path.write_text("path: /data/set  # absolute\ntrain: [a/images, b/images]\nnames:\n  - cat\n  - 'dog # not a comment'\n")
+    assert support.read_yaml(path) == {"path": "/data/set", "train": ["a/images", "b/images"],
+                                       "names": ["cat", "dog # not a comment"]}
     assert support.yolo_names({"names": {0: "x", 1: "y"}}, path) == ["x", "y"]
     assert support.yolo_label_path("/d/images/train/images/a.b.jpg") == "/d/images/train/labels/a.b.txt"
 
