@@ -298,8 +298,8 @@ class OrtRunner:
         return dict(zip(self.names, self.session.run(self.names, {"images": images, "orig_target_sizes": sizes})))
 
 
-def import_openvino():
-    return support.optional_import("openvino", "OpenVINO (--openvino, .xml files)")
+def import_openvino(what="--openvino"):
+    return support.optional_import("openvino", what)
 
 
 class OpenVINORunner:
@@ -406,6 +406,7 @@ class OpenVINORuntime(ExportedRuntime):
     that file's metadata in rt_info under "framework"."""
 
     def __init__(self, path):
+        import_openvino(f"--weights {path}")  # a missing package named for what needs it
         try:
             self.runner = OpenVINORunner(path)
         except RuntimeError as e:
