@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import model
 import predict
+import support
 import teacher
 import train_det
 
@@ -56,6 +57,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TRAINING = dict(betas=(0.9, 0.999), weight_decay=0.04, min_lr_ratio=0.01, clip_max_norm=3.0, crop_scale=(0.32, 1.0))
 LOSS_WEIGHTS = dict(cosine=0.9, smooth_l1=0.1)  # AM-RADIO's feature-matching weights
 DEFAULTS = dict(epochs=30, lr=5e-4)  # of a new run; a resumed one keeps its own
+OUTPUT_DIR = "outputs/distill"
 # What a run writes to --output-dir, besides its temporary files.
 RUN_FILES = ("proxy_last.pth", "proxy.pth", "student_last.pth", "student.pth", "log.jsonl")
 
@@ -370,7 +372,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         print(f"{name}: {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters, {len(teachers)} "
               f"teacher(s), {len(args.paths)} images, {world} process(es) on {args.device}, batch {args.batch_size}, "
               f"{epochs} epochs" + (f", resuming after epoch {start}" if start else ""))
-    skipped = set()
+    skipped, board = set(), support.TensorBoard(args.output_dir, rank)
     stop = min(epochs, args.stop_after or epochs)
     for epoch in range(start, stop):
         t0 = time.time()
@@ -410,6 +412,11 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "stage": name,
                                        "epochs": epochs, "lr": args.lr, "log": history}, path)
             train_det.write_log(history, log)
+            board.add({f"Loss/{name}": metrics["loss"],
+                       **{f"Lr/{name}_pg_{j}": g["lr"] for j, g in enumerate(optimizer.param_groups)},
+                       **{f"Cosine/{name}_{t}": c for t, c in enumerate(metrics["cosine"])},
+                       **{f"Test/{name}_held_out_cosine_{t}": c for t, c in enumerate(metrics.get("held_out_cosine", []))}},
+                      epoch + 1)
             print(f"{name} epoch {epoch + 1}: loss {metrics['loss']:.4f}, cosine {metrics['cosine']}"
                   + (f", held-out cosine {metrics['held_out_cosine']}" if val_loader else ""))
             if skipped:
@@ -424,7 +431,8 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="distill.py", description="Distil teacher backbones into a compact ECViT.")
+    parser = argparse.ArgumentParser(prog="distill.py", description="Distil teacher backbones into a compact ECViT.",
+                                     formatter_class=support.HelpFormatter)
     parser.add_argument("--teacher", action="append", required=True, help="a checkpoint of teacher.py or "
                         "train_det.py, or a DINOv3 checkpoint; repeat for several teachers")
     parser.add_argument("--teacher-arch", action="append", help="the DINOv3 model (hub name or JSON kwargs) of "
@@ -435,25 +443,26 @@ def parse_args(argv=None):
     parser.add_argument("--student", default="ecvitt", help=f"{', '.join(model.ECVIT)}, or a JSON model config")
     parser.add_argument("--proxy", help="EUPE: distil the teachers into this large ViT first, then it into the "
                         "student (a DINOv3 hub name, an ECViT preset, or a JSON model config)")
-    parser.add_argument("--epochs", type=int, help=f"default: {DEFAULTS['epochs']}")
+    parser.add_argument("--epochs", type=int, help=f"default: {DEFAULTS['epochs']}, or the resumed run's")
     parser.add_argument("--proxy-epochs", type=int, help="default: --epochs")
-    parser.add_argument("--warmup-epochs", type=int, default=2)
+    parser.add_argument("--warmup-epochs", type=int, default=2, help="linear warm-up of the learning rate")
     parser.add_argument("--batch-size", type=int, default=128, help="total over all processes")
-    parser.add_argument("--lr", type=float, help=f"default: {DEFAULTS['lr']}")
-    parser.add_argument("--weight-decay", type=float, default=TRAINING["weight_decay"])
+    parser.add_argument("--lr", type=float, help=f"default: {DEFAULTS['lr']}, or the resumed run's")
+    parser.add_argument("--weight-decay", type=float, default=TRAINING["weight_decay"], help="AdamW's")
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="the student's input H [W]")
     parser.add_argument("--teacher-size", type=int, nargs="+", help="the teachers' input H [W] (default: --img-size)")
-    parser.add_argument("--output-dir", default="outputs/distill", help=f"refused when it holds a run "
-                        f"({', '.join(RUN_FILES)}), unless --resume or --overwrite")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its *_last.pth; "
-                        "--epochs, --proxy-epochs and --lr default to the run's and, given, apply from the next epoch")
+    parser.add_argument("--output-dir", help=f"refused when it holds a run ({', '.join(RUN_FILES)}), unless --resume "
+                        f"or --overwrite; default: {OUTPUT_DIR}, or the folder of --resume")
+    parser.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its student_last.pth (or "
+                        "proxy_last.pth), in that file's folder; --epochs, --proxy-epochs and --lr default to the "
+                        "run's and, given, apply from the next epoch")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
                         "deleting its files")
     parser.add_argument("--stop-after", type=int, help="stop a stage after this many epochs (continue with --resume)")
     parser.add_argument("--amp", action="store_true", help="bf16 where supported, else fp16 with a gradient scaler")
-    parser.add_argument("--device", help="default: cuda when available")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
+    parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    parser.add_argument("--seed", type=int, default=0, help="of the initial weights, shuffling and augmentation")
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--proxy-epochs", args.proxy_epochs, 1),
                                  ("--warmup-epochs", args.warmup_epochs, 0), ("--stop-after", args.stop_after, 1),
@@ -470,6 +479,14 @@ def parse_args(argv=None):
         parser.error(f"--teacher-arch: give it once, or once per --teacher ({len(args.teacher)})")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
+    if args.resume:  # a distillation run continues where its checkpoints are, with its log
+        folder = os.path.dirname(os.path.abspath(args.resume))
+        if args.output_dir and os.path.abspath(args.output_dir) != folder:
+            parser.error(f"--resume {args.resume} continues the run in {folder}; leave out --output-dir or give that folder")
+        if os.path.basename(args.resume) not in ("student_last.pth", "proxy_last.pth"):
+            parser.error(f"--resume {args.resume}: expected a run's student_last.pth or proxy_last.pth")
+        args.output_dir = folder
+    args.output_dir = args.output_dir or OUTPUT_DIR
     return args
 
 
@@ -479,6 +496,8 @@ def main(argv=None):
 
 def run(args):
     rank, world = train_det.start_run(args)
+    if args.resume and not os.path.isfile(args.resume):
+        raise ValueError(f"--resume {args.resume} does not exist")
     train_det.check_output_dir(args, RUN_FILES)
     stages = ["proxy", "student"] if args.proxy else ["student"]
     if args.resume:

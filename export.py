@@ -56,6 +56,7 @@ from torchvision.ops import box_iou
 
 import model
 import predict
+import support
 import train_det
 
 # Largest difference allowed between PyTorch and an exported FP32 model, per output kind: scores and
@@ -665,6 +666,8 @@ def predict_command(d, args):
     command = ["python", "predict.py", "--weights", d["path"] or args.weights or "CHECKPOINT"]
     if not d["path"] and args.model:
         command += ["--model", args.model]
+    if d["runtime"] == "PyTorch eager":
+        command += ["--device", "cpu"]  # as measured (predict.py's default is a GPU where there is one)
     if d["runtime"] in ("PyTorch eager", "OpenVINO") and "bf16" in d["precision"]:
         command += ["--precision", "bf16"]
     if d["runtime"] == "TensorRT":
@@ -701,16 +704,20 @@ def print_flops(net, name, size):
 # Command line
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=support.HelpFormatter)
     parser.add_argument("--model", help="preset (ecdet_s ... ecpose_x) or a JSON config file in the original's "
                                         "vocabulary (default: the config inside a --weights of this project)")
-    parser.add_argument("--weights", help="checkpoint: one of this project's, a released one (with --model), or a "
-                                          "state dict (default: random weights, for benchmarking)")
+    parser.add_argument("--weights", help="checkpoint: one of this project's, a released one (with --model), a "
+                        "state dict, or a preset name (ecdet_s ...) for the released model, downloaded")
+    parser.add_argument("--random-weights", action="store_true", help="export and benchmark a network of random "
+                        "weights (in place of --weights)")
     parser.add_argument("--onnx", help="output ONNX file (default: <model>.onnx)")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N",
                         help="input size H [W], multiples of 32 (default: the config's eval_spatial_size)")
     parser.add_argument("--dynamic-batch", action="store_true", help="let the batch size vary at run time")
-    parser.add_argument("--opset", type=int, default=17, choices=OPSETS, metavar="{17..20}")
+    parser.add_argument("--opset", type=int, default=17, choices=OPSETS, metavar="{17..20}",
+                        help="ONNX operator set")
     parser.add_argument("--int8", action="store_true", help=(
         f"also write <onnx>_int8.onnx, static INT8 calibrated on --calib-images (and INT8 OpenVINO IR and TensorRT "
         f"engines with --openvino and --trt), weights in --weight-bits, activations in 8 bits. INT8 and "
@@ -738,7 +745,8 @@ def main(argv=None):
     parser.add_argument("--flops", action="store_true", help="print the parameters and GFLOPs, and export nothing")
     parser.add_argument("--benchmark", action="store_true", help="time every deployment of this run, PyTorch eager "
                         "FP32 and BF16 too, each in a process of its own, taking turns")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every runtime")
+    parser.add_argument("--threads", type=int, default=support.cpu_cores(), help="CPU threads of every runtime "
+                        "(default: this machine's cores)")
     parser.add_argument("--rounds", type=int, default=5, help="turns of the benchmark")
     parser.add_argument("--runs", type=int, default=4, help="timed runs per deployment and turn")
     parser.add_argument("--reference", metavar="DIR", help="--benchmark the original implementation too (ECDet, ECSeg): "
@@ -758,6 +766,11 @@ def main(argv=None):
         fail(f"--weight-bits {args.weight_bits} sets the INT8 weights: give --int8 too")
     if args.calib_images and not (args.int8 or args.openvino):
         fail("--calib-images serves --int8 and the BF16 check of --openvino: give one of them")
+    if not (args.weights or args.random_weights or args.flops):
+        fail("give --weights (a checkpoint or a preset name), or --random-weights to export a network of random "
+             "weights (for benchmarks)")
+    if args.weights and args.random_weights:
+        fail("--weights and --random-weights exclude each other: give one of them")
     if bool(args.val_images) != bool(args.val_ann):
         fail("--val-images and --val-ann go together")
     if (args.benchmark_json or args.profile) and not args.benchmark:
@@ -777,9 +790,8 @@ def main(argv=None):
 def run(args):
     torch.set_num_threads(args.threads)
     net, cfg, name, classes = predict.load_network(args.model, args.weights)
-    if args.weights is None and not args.flops:
-        print("warning: no --weights given: random weights (fine for benchmarking, useless for inference)",
-              file=sys.stderr)
+    if args.random_weights and not args.flops:
+        print("--random-weights: fine for benchmarking, useless for inference", file=sys.stderr)
     size = args.img_size or cfg.get("eval_spatial_size") or [640, 640]
     size = [size[0], size[-1]]
     if size[0] % 32 or size[1] % 32 or min(size) <= 0:
@@ -810,7 +822,8 @@ def run(args):
             raise ValueError(f"--calib-images {args.calib_images}: {len(calib[0])} readable images, fewer than the "
                              f"{MIN_CALIB_IMAGES} that calibration and the check against FP32 need")
     net_spec = dict(model=os.path.abspath(args.model) if args.model and os.path.isfile(args.model) else args.model,
-                    weights=args.weights and os.path.abspath(args.weights), size=size,
+                    weights=args.weights and (os.path.abspath(args.weights) if os.path.exists(args.weights)
+                                              else args.weights), size=size,
                     reference=args.reference and os.path.abspath(args.reference))
 
     deployed = predict.Deployed(net.deploy(), model.num_top_queries(cfg)).eval()

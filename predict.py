@@ -36,7 +36,6 @@ import pathlib
 import sys
 import time
 
-import av
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -44,13 +43,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 import model
+import support
 
 # ---------------------------------------------------------------------------------------------
 # Sources: images, folders, globs, videos
@@ -86,6 +86,7 @@ def find_sources(source):
 
 def read_video(path):
     """(frame rate, number of frames or None, (w, h), generator of RGB PIL frames) of a video file."""
+    av = support.optional_import("av", f"--source {path} (a video)")
     try:
         container = av.open(path)
         stream = container.streams.video[0]
@@ -107,11 +108,14 @@ def read_video(path):
 # ---------------------------------------------------------------------------------------------
 # Images into the network: any PIL mode to RGB, stretched and normalised as in validation
 # ---------------------------------------------------------------------------------------------
-def to_rgb(image):
-    """An RGB PIL image from one in any mode. Greys of more than 8 bits are scaled to 8 bits first:
-    integer ones (16-bit PNGs, modes I;16* and I) from the 16-bit range, float ones (F) from [0, 1];
-    PIL's own convert clips them at 255, which turns most pixels white. Every other mode is PIL's
-    conversion (alpha dropped, palettes looked up)."""
+def to_rgb(image, upright=True):
+    """An RGB PIL image from one in any mode, turned upright as viewers and annotation tools show it
+    (its EXIF orientation applied; upright=False keeps the stored frame). Greys of more than 8 bits
+    are scaled to 8 bits first: integer ones (16-bit PNGs, modes I;16* and I) from the 16-bit range,
+    float ones (F) from [0, 1]; PIL's own convert clips them at 255, which turns most pixels white.
+    Every other mode is PIL's conversion (alpha dropped, palettes looked up)."""
+    if upright and image.getexif().get(support.EXIF_ORIENTATION, 1) != 1:  # else exif_transpose only copies
+        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":
         scale = 255.0 if image.mode == "F" else 255 / 65535
         grey = np.clip(np.asarray(image, dtype=np.float64) * scale, 0, 255).round().astype(np.uint8)
@@ -119,14 +123,14 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(image):
-    """A path, a PIL image or an (H, W, 3) uint8 RGB array -> an RGB PIL image. A file that PIL cannot
-    decode raises OSError (or ValueError for a mode it cannot convert)."""
+def load_image(image, upright=True):
+    """A path, a PIL image or an (H, W, 3) uint8 RGB array -> an RGB PIL image, upright (to_rgb). A file
+    that PIL cannot decode raises OSError (or ValueError for a mode it cannot convert)."""
     if isinstance(image, (str, os.PathLike)):
         with Image.open(image) as im:
-            return to_rgb(im)  # converting decodes the whole file, so a truncated one fails here
+            return to_rgb(im, upright)  # converting decodes the whole file, so a truncated one fails here
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(image, upright)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
         return Image.fromarray(image)
     raise ValueError(f"expected an image path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}"
@@ -158,11 +162,15 @@ def load_network(spec, weights):
 
     The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
     (and their class names), a released one does not, so it needs `spec`. classes: (names, category
-    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). Without
-    weights, seeded random ones, the same in every process.
+    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). weights: a
+    file, a loaded checkpoint, or a preset name for the released model (downloaded; spec defaults to
+    it). Without weights, seeded random ones, the same in every process.
     """
     ckpt = None
-    if weights is not None:
+    if isinstance(weights, str) and weights in model.PRESETS and not os.path.exists(weights):
+        # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
+        spec, ckpt = spec or weights, model.released_checkpoint(weights)
+    elif weights is not None:
         ckpt = weights if isinstance(weights, dict) else model.read_checkpoint(weights, "--weights")
     if spec is None:
         if ckpt is None:
@@ -295,12 +303,8 @@ class OrtRunner:
         return dict(zip(self.names, self.session.run(self.names, {"images": images, "orig_target_sizes": sizes})))
 
 
-def import_openvino():
-    try:
-        import openvino
-    except ImportError:
-        raise ValueError("--openvino needs the openvino package: pip install openvino") from None
-    return openvino
+def import_openvino(what="--openvino"):
+    return support.optional_import("openvino", what)
 
 
 def bf16_supported():
@@ -357,7 +361,7 @@ class TorchRuntime:
 
     def __init__(self, weights, config, device, precision="fp32"):
         net, cfg, _, (self.names, self.category_ids) = load_network(config, weights)
-        self.device = torch.device(device)
+        self.device = support.device(device)
         self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg), precision == "bf16").to(self.device)
         self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
 
@@ -417,6 +421,7 @@ class OpenVINORuntime(ExportedRuntime):
     that file's metadata in rt_info under "framework"."""
 
     def __init__(self, path, precision="fp32"):
+        import_openvino(f"--weights {path}")  # a missing package named for what needs it
         if precision == "bf16" and not bf16_supported():
             raise ValueError("--precision bf16: this CPU has no bfloat16 units (AVX-512 BF16 or AMX), on which "
                              "OpenVINO would run float32; use --precision fp32")
@@ -435,12 +440,12 @@ class OpenVINORuntime(ExportedRuntime):
 
 def open_runtime(weights, runtime=None, config=None, device="cpu", precision="fp32"):
     """The runtime for `weights`, chosen by its extension unless `runtime` (a RUNTIMES key) is given;
-    `precision` (PRECISIONS) of PyTorch and OpenVINO."""
+    `precision` (PRECISIONS) of PyTorch and OpenVINO. device None: CUDA when available for PyTorch
+    (support.device), the CPU for ONNX Runtime and OpenVINO."""
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if runtime in (None, "torch") and weights in model.PRESETS and not os.path.exists(weights):
-        # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
-        return TorchRuntime(model.released_checkpoint(weights), config or weights, device, precision)
+        return TorchRuntime(weights, config, device, precision)  # the released model (load_network)
     if runtime is None:
         runtime = next((r for r, ext in RUNTIMES.items() if str(weights).lower().endswith(ext)), None)
         if runtime is None:
@@ -453,9 +458,7 @@ def open_runtime(weights, runtime=None, config=None, device="cpu", precision="fp
         raise FileNotFoundError(f"--weights {weights}: no such file")
     if config is not None and runtime != "torch":
         raise ValueError(f"--model describes a checkpoint's network; {weights} ({runtime}) carries its own")
-    on_gpu = torch.device(device).type == "cuda"
-    if on_gpu and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible")
+    on_gpu = device is not None and support.device(device).type == "cuda"
     if runtime in ("onnxruntime", "openvino") and on_gpu:
         raise ValueError(f"--device {device}: {runtime} runs on the CPU here; on a GPU use the .pth or a TensorRT engine")
     if precision != "fp32" and runtime in ("onnxruntime", "tensorrt"):
@@ -783,6 +786,7 @@ class VideoWriter:
     an odd last row or column is left out."""
 
     def __init__(self, path, rate, size):
+        self.av = av = support.optional_import("av", "writing videos")
         codec = VIDEO_CODECS[os.path.splitext(path)[1].lower()]
         if codec not in av.codecs_available:  # a PyAV built without x264 still has FFmpeg's own mpeg4
             codec = "mpeg4"
@@ -792,7 +796,7 @@ class VideoWriter:
 
     def write(self, picture):
         pixels = np.asarray(picture)[:self.stream.height, :self.stream.width]
-        self.container.mux(self.stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        self.container.mux(self.stream.encode(self.av.VideoFrame.from_ndarray(pixels, format="rgb24")))
 
     def __enter__(self):
         return self
@@ -836,6 +840,9 @@ def run(args):
     for path in paths:
         if os.path.abspath(output(path)) == os.path.abspath(path):
             raise ValueError(f"--output-dir {args.output_dir}: the drawn pictures would replace {path}; choose another folder")
+    if os.path.exists(os.path.join(args.output_dir, "predictions.jsonl")) and not args.overwrite:
+        raise ValueError(f"--output-dir {args.output_dir} already holds predictions (predictions.jsonl): choose "
+                         f"another folder, or replace them with --overwrite")
     os.makedirs(args.output_dir, exist_ok=True)
     summary, evaluator = {"images": 0, "skipped": 0}, None
     times = dict.fromkeys(("decode+preprocess", "network", "postprocess+draw"), 0.0)
@@ -855,6 +862,8 @@ def run(args):
         """The RGB image at `path`, or None (skipped with a warning) when it can't be used."""
         try:
             image = load_image(path)
+            if args.coco_ann and image.size != annotated[path][1] == image.size[::-1]:
+                image = load_image(path, upright=False)  # annotated in the stored frame: read there, as training does
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return skip(path, f"not a readable image ({e})")
         if args.coco_ann and image.size != annotated[path][1]:  # as training's data set, which leaves it out
@@ -930,18 +939,23 @@ def run(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=support.HelpFormatter)
     parser.add_argument("--weights", required=True, help="a checkpoint (.pth; a released one needs --model), an ONNX "
                         "file, a TensorRT engine (.engine, .plan) or an OpenVINO IR (.xml)")
     parser.add_argument("--source", required=True, help="an image, a folder (searched recursively), a glob pattern "
                         "or a video (.mp4 .avi .mov .mkv .webm)")
     parser.add_argument("--model", help="preset or JSON config of a released checkpoint's network (this project's "
                         "checkpoints and exported files carry theirs)")
-    parser.add_argument("--output-dir", default="outputs/predict")
+    parser.add_argument("--output-dir", default="outputs/predict", help="refused when it holds predictions "
+                        "(predictions.jsonl), unless --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output-dir that holds predictions, "
+                        "replacing them")
     parser.add_argument("--conf", type=float, default=0.4, help="lowest score of a detection drawn and listed")
     parser.add_argument("--img-size", type=int, nargs="+", metavar="N", help="network input H [W], multiples of 32 "
                         "(default: the network's eval_spatial_size; an exported file has its own)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch; TensorRT always runs on CUDA)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu (PyTorch; "
+                        "ONNX Runtime and OpenVINO run on the CPU, TensorRT on CUDA)")
     parser.add_argument("--batch-size", type=int, default=1, help="images or frames per network call")
     parser.add_argument("--runtime", choices=list(RUNTIMES), help="default: from the --weights file's extension")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of PyTorch (bf16: autocast) and "

@@ -18,7 +18,6 @@ authors did not release this stage; what follows is this project's reading of it
 - Training is train_det's loop unchanged (recipe, EMA, AMP, DDP, checkpoints); the teacher
   checkpoint is train_det's `best.pth` / `last.pth`.
 """
-import argparse
 import json
 import os
 import sys
@@ -145,23 +144,21 @@ def demo_teacher_config(arch=DEMO_DINOV3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="teacher.py", add_help=False, description="Fine-tune the task-specialized teacher (ECDet "
-                                     "on a DINOv3 ViT); the other options are train_det.py's, --model excepted.")
-    parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from")
+    parser = train_det.make_parser(TASK, "Fine-tune the task-specialized teacher (ECDet on a DINOv3 ViT) with "
+                                   "train_det.py's options; the network is ECDet-X's heads on the --arch ViT.", False)
+    parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from; default: "
+                        "random weights")
     parser.add_argument("--arch", help=f"one of {', '.join(model.DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
                         f"(with --demo: in place of the demo's {DEMO_DINOV3['embed_dim']}-wide ViT)")
-    own, rest = parser.parse_known_args(argv)
-    if {"-h", "--help"} & set(rest):
-        parser.print_help()  # then train_det's options, and exit
-    args = train_det.parse_args(rest, TASK)
-    if not (args.demo or own.arch):
+    args = train_det.parse_args(argv, TASK, parser)
+    if not (args.demo or args.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
-    return train_det.run_script("teacher.py", run, own, args)
+    return train_det.run_script("teacher.py", run, args, args)
 
 
 def run(own, args):
-    """train_det.run on the teacher ECDet of --arch (with --demo, the demo's on it), its ViT starting
-    from --dinov3."""
+    """train_det.run on the teacher ECDet of own.arch (with --demo, the demo's on it), its ViT starting
+    from own.dinov3 (main passes its arguments as both)."""
     arch = parse_arch(own.arch, "--arch") or DEMO_DINOV3
     try:
         cfg = demo_teacher_config(arch) if args.demo else teacher_config(arch)

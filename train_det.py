@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import model
 import predict
+import support
 from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
@@ -177,7 +178,10 @@ class CocoDetection(torch.utils.data.Dataset):
         info, path = self.coco.imgs[image_id], self._path(image_id)
         try:
             with Image.open(path) as im:
-                im = predict.to_rgb(im)  # also forces the decode, so broken files fail here
+                # Upright (EXIF orientation applied), unless the annotation's size fits only the stored frame.
+                turned = im.getexif().get(support.EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                stored = turned and im.size == (info["width"], info["height"]) != im.size[::-1]
+                im = predict.to_rgb(im, upright=not stored)  # also forces the decode, so broken files fail here
         except OSError as e:
             return self._skip(path, repr(e))
         w, h = im.size
@@ -1011,15 +1015,8 @@ def setup_distributed(device):
     """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {device}: {e}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device}: expected cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here")
-    if device.type == "cuda":
+    device = support.device(device)
+    if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: each process its own GPU
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
@@ -1135,7 +1132,7 @@ def load_matching(net, state, what, require_all=False):
 def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
     """Make args.output_dir ready before any work: a folder that takes files, not holding `run_files`
     of an earlier run unless args.resume continues it (or --eval-only only reads) or args.overwrite
-    replaces it (they are deleted); temporary files of killed runs are removed."""
+    replaces it (they are deleted, with its TensorBoard events); temporary files of killed runs are removed."""
     folder = args.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--output-dir {folder} is a file, not a folder")
@@ -1149,10 +1146,12 @@ def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
     if found and not (args.resume or args.overwrite or reads_only):
         raise ValueError(f"--output-dir {folder} already holds a run ({', '.join(found)}): continue it with "
                          f"--resume, or replace it with --overwrite")
+    replaced = args.overwrite and not reads_only
     if int(os.environ.get("RANK", 0)) == 0:
-        for path in [os.path.join(folder, name) for name in found if args.overwrite and not reads_only] + \
-                glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):  # write_atomically's
-            os.remove(path)
+        for path in [os.path.join(folder, name) for name in found if replaced] + \
+                glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")) + \
+                (glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*")) if replaced else []):
+            os.remove(path)  # temporary files of write_atomically, and with --overwrite the run's TensorBoard events
 
 
 # The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
@@ -1319,12 +1318,15 @@ def evaluate(net, loader, task, cfg, args, rank, picture=None):
 
 
 def dataset_paths(args, task):
-    """(train images, train annotations, val images, val annotations) from --data or the explicit options."""
+    """(train images, train annotations, val images, val annotations) from --data (support.data_splits: COCO,
+    Roboflow or YOLO layout) or the explicit options, which take precedence."""
     explicit = [args.train_images, args.train_ann, args.val_images, args.val_ann]
     if args.data:
-        ann = os.path.join(args.data, "annotations", "{}_{}2017.json")
-        default = [os.path.join(args.data, "train2017"), ann.format(task.ann_prefix, "train"),
-                   os.path.join(args.data, "val2017"), ann.format(task.ann_prefix, "val")]
+        splits = ("val",) if args.eval_only else ("train", "val")
+        labels = {"bbox": "boxes", "segm": "polygons", "keypoints": "keypoints"}[task.iou_types[-1]]
+        found = support.data_splits(args.data, splits, {s: os.path.join("annotations", f"{task.ann_prefix}_{s}2017.json")
+                                    for s in ("train", "val")}, labels, args.output_dir, len(model.COCO_SIGMAS))
+        default = [*found.get("train", (None, None)), *found["val"]]
         return [e or d for e, d in zip(explicit, default)]
     if not all(explicit[2:]) or (not args.eval_only and not all(explicit[:2])):
         raise ValueError("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
@@ -1463,6 +1465,15 @@ def training_recipe(args, task):
     return recipe
 
 
+def class_heads(cfg):
+    """The names of the network's tensors whose shape follows num_classes (the class heads): those that
+    change when the network is built, on the meta device (no memory, no time), with one class more."""
+    with torch.device("meta"):
+        own = model.build_model(cfg).state_dict()
+        other = model.build_model({**cfg, "num_classes": cfg["num_classes"] + 1}).state_dict()
+    return {k for k, v in own.items() if v.shape != other[k].shape}
+
+
 def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
     """The criterion, and the network with the ViT's weights (unless --resume or --tune bring them),
     then --tune's and --resume's. A random ViT trains at the head's rate unless --backbone-lr is given."""
@@ -1482,7 +1493,15 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
     if args.tune:
         released = args.tune in model.PRESETS and not os.path.exists(args.tune)
         tune = model.released_checkpoint(args.tune) if released else model.read_checkpoint(args.tune, "--tune")
-        load_matching(net, model.checkpoint_state_dict(tune), f"--tune {args.tune}", require_all=args.eval_only)
+        state, own = model.checkpoint_state_dict(tune), net.state_dict()
+        differ = [k for k, v in own.items() if isinstance(state, Mapping) and torch.is_tensor(state.get(k))
+                  and state[k].shape != v.shape]
+        fresh = sorted(set(differ) & class_heads(cfg)) if differ else []
+        if fresh and rank == 0 and not args.eval_only:
+            print(f"--tune {args.tune}: {min(state[k].shape[0] for k in fresh)} classes there, {cfg['num_classes']} "
+                  f"in this data set: the ViT, encoder and decoder start from its weights, the class heads afresh "
+                  f"({', '.join(fresh[:2])}, ...)")
+        load_matching(net, state, f"--tune {args.tune}", require_all=args.eval_only)
     if ckpt is not None:
         try:
             model.load_weights(net, ckpt["model"])
@@ -1527,7 +1546,7 @@ def run(args, task):
               f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
               f"{world} process(es) on {args.device}, batch {args.batch_size}, {args.epochs} epochs"
               + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
-    metrics = {}
+    metrics, board = {}, support.TensorBoard(args.output_dir, rank)
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         t0 = time.time()
         if task.restart_from_best and epoch == recipe["stop_epoch"] > 0:
@@ -1554,22 +1573,31 @@ def run(args, task):
                 save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
             write_log(history, os.path.join(args.output_dir, "log.jsonl"))
             draw_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "curves.png"))
+            board.add(support.epoch_scalars(losses, optimizer, stats), epoch + 1)
             print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {best:.4f})")
     return metrics
 
 
-def parse_args(argv=None, task=Task()):
-    parser = argparse.ArgumentParser(prog=task.script, description=f"Train {task.default_model.split('_')[0].upper()} "
-                                     f"({task.name}) on a COCO-format data set.")
-    parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's vocabulary")
-    parser.add_argument("--data", help="COCO root: annotations/, train2017/, val2017/")
-    parser.add_argument("--train-images"), parser.add_argument("--train-ann")
-    parser.add_argument("--val-images"), parser.add_argument("--val-ann")
+def make_parser(task=Task(), description=None, model_option=True):
+    """The training command line of `task`; a stage that sets the network itself (teacher.py) leaves out --model."""
+    description = description or (f"Train {task.default_model.split('_')[0].upper()} ({task.name}) on a data set in "
+                                  f"the COCO, Roboflow COCO or YOLO layout.")
+    parser = argparse.ArgumentParser(prog=task.script, description=description, formatter_class=support.HelpFormatter)
+    if model_option:
+        parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's "
+                            "vocabulary")
+    else:
+        parser.set_defaults(model=None)
+    parser.add_argument("--data", help="a data set: COCO root (annotations/, train2017/, val2017/), Roboflow COCO export "
+                        "(train/ and valid/ with _annotations.coco.json), or YOLO data.yaml (or its folder)")
+    for option in ("--train-images", "--train-ann", "--val-images", "--val-ann"):
+        parser.add_argument(option, help="an image folder or COCO annotation file; default: --data's")
     parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "
                         "preset name; default: the --model preset's")
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
     parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="total over all processes")
-    parser.add_argument("--lr", type=float), parser.add_argument("--backbone-lr", type=float)
+    parser.add_argument("--lr", type=float, help="default: the recipe's")
+    parser.add_argument("--backbone-lr", type=float, help="the ViT's; default: the recipe's (--lr for a random ViT)")
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
     parser.add_argument("--output-dir", default=f"outputs/{task.name}", help="refused when it holds a run (last.pth, "
                         "best.pth, log.jsonl), unless --resume or --overwrite")
@@ -1585,11 +1613,17 @@ def parse_args(argv=None, task=Task()):
     parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format; default: "
                         "the released ECViT the model names (downloaded); 'none': random weights, trained at --lr")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
-    parser.add_argument("--device", help="default: cuda when available")
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
+    parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    parser.add_argument("--seed", type=int, default=0, help="of the initial weights, shuffling and augmentation")
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
     parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
+    return parser
+
+
+def parse_args(argv=None, task=Task(), parser=None):
+    """The checked arguments of make_parser(task) (or of `parser`, one it made and a stage extended)."""
+    parser = parser or make_parser(task)
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--stop-after", args.stop_after, 1),
                                  ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):

@@ -64,6 +64,16 @@ def test_distillation_lowers_the_loss_and_writes_a_backbone_model_py_loads(files
     assert list(sd) == list(vit.state_dict())  # the bare ViT state dict, no wrapper
 
 
+def test_distillation_writes_tensorboard_events(files, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    log = run(files, tmp_path, "--epochs", "1", "--val-images", files["val"])
+    events = event_accumulator.EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"Loss/student", "Lr/student_pg_0", "Cosine/student_0", "Test/student_held_out_cosine_0"} <= \
+        set(events.Tags()["scalars"])
+    assert events.Scalars("Loss/student")[0].value == pytest.approx(log[0]["loss"])
+
+
 def test_preset_student_is_written_in_the_released_ecvit_format(files, tmp_path):
     # The teacher sees 128 px (an 8x8 grid), the student 64 px (4x4): grids aligned by interpolation.
     run(files, tmp_path, "--student", "ecvitt", "--teacher-size", "128", "--epochs", "1")
@@ -78,7 +88,7 @@ def test_resume_repeats_the_uninterrupted_run(files, tmp_path):
     run(files, tmp_path / "parts", "--epochs", "2", "--stop-after", "1")
     assert not (tmp_path / "parts" / "student.pth").exists()
     (tmp_path / "parts" / "log.jsonl").write_text("")  # as a kill between the checkpoint and its log line leaves it
-    log = run(files, tmp_path / "parts", "--epochs", "2", "--resume")
+    log = run(files, tmp_path / "parts", "--epochs", "2", "--resume", str(tmp_path / "parts" / "student_last.pth"))
     assert [m["epoch"] for m in log] == [1, 2]
     whole = torch.load(tmp_path / "whole" / "student.pth", weights_only=True)
     parts = torch.load(tmp_path / "parts" / "student.pth", weights_only=True)
@@ -149,7 +159,10 @@ def test_bad_input_gets_one_clear_error(files, tmp_path, capsys):
                     error(teachers=[str(tmp_path / "no_bias.pth")]))
     assert re.match(r"distill.py: error: --teacher .*dinov3.pth is not a dinov3_vitb16 checkpoint: .*wrong shape",
                     error("--teacher-arch", "dinov3_vitb16", teachers=[files["dinov3"]]))
-    assert re.match(r"distill.py: error: --resume: no student_last.pth in", error("--resume", out=tmp_path / "fresh"))
+    assert re.match(r"distill.py: error: --resume .*fresh/student_last.pth does not exist",
+                    error("--resume", str(tmp_path / "fresh" / "student_last.pth"), out=tmp_path / "fresh"))
+    assert re.match(r"distill.py: error: --resume .*fresh/last.pth: expected a run's student_last.pth",
+                    error("--resume", str(tmp_path / "fresh" / "last.pth"), out=tmp_path / "fresh").splitlines()[-1])
 
 
 def test_a_diverging_distillation_stops_before_writing_anything(files, tmp_path, capsys):

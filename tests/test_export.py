@@ -368,7 +368,7 @@ def test_benchmark_times_each_deployment_in_its_own_process_and_reports_ap(shape
     started, popen = [], subprocess.Popen
     monkeypatch.setattr(export.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])
     result = tmp_path / "bench.json"
-    export.main(["--model", str(tmp_path / "net.json"), "--onnx", str(tmp_path / "net.onnx"), "--threads", "1",
+    export.main(["--model", str(tmp_path / "net.json"), "--random-weights", "--onnx", str(tmp_path / "net.onnx"), "--threads", "1",
                  "--val-images", f"{shapes}/val2017",
                  "--val-ann", f"{shapes}/annotations/instances_val2017.json",
                  "--benchmark", "--rounds", "1", "--runs", "2", "--profile", "3", "--benchmark-json", str(result)])
@@ -386,8 +386,9 @@ def test_benchmark_times_each_deployment_in_its_own_process_and_reports_ap(shape
     np.testing.assert_allclose(ap["ONNX Runtime fp32"], ap["PyTorch eager fp32"], atol=1e-3)
     fastest = min(rows, key=lambda r: r["median_ms"])
     assert json.loads(result.read_text())["fastest"] == fastest["name"]
-    command = {"PyTorch eager fp32": f"--weights CHECKPOINT --model {tmp_path / 'net.json'} --source",
-               "PyTorch eager bf16": f"--weights CHECKPOINT --model {tmp_path / 'net.json'} --precision bf16 --source",
+    command = {"PyTorch eager fp32": f"--weights CHECKPOINT --model {tmp_path / 'net.json'} --device cpu --source",
+               "PyTorch eager bf16": f"--weights CHECKPOINT --model {tmp_path / 'net.json'} --device cpu --precision bf16 "
+                                     f"--source",
                "ONNX Runtime fp32": f"--weights {tmp_path / 'net.onnx'} --source"}[fastest["name"]]
     assert f"fastest on this CPU: {fastest['name']}, " in out and f"python predict.py {command} IMAGES" in out
 

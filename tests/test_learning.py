@@ -12,6 +12,7 @@ import torch
 from conftest import load_schema
 from PIL import Image
 
+import export
 import model
 import predict
 import train_det as td
@@ -249,3 +250,36 @@ def test_a_random_vit_trains_at_the_head_rate_and_restarts_from_the_best_epoch(t
     assert best["epoch"] == 1 and all(torch.equal(starts[2][k], v) and torch.equal(starts[1][k], v)
                                       for k, v in best["model"].items())
     assert f"strong augmentation off: continuing from {out / 'best.pth'} (epoch 1, AP 0.5000)" in printed
+
+
+# ---- Fine-tuning a released model on the user's classes ----
+
+@pytest.mark.parametrize("preset", model.PRESETS)
+def test_only_the_class_heads_follow_the_number_of_classes(preset):
+    cfg = model.preset_config(preset)
+    heads = td.class_heads(cfg)
+    assert heads and all(k.startswith("decoder.") and ("class" in k or "score" in k) for k in heads), heads
+
+
+def test_tune_a_released_model_on_other_classes_keeps_all_but_the_class_heads(server, tmp_path, ecdet_s, capsys):
+    server.files["ecdet_s.pth"] = saved({"ema": {"module": ecdet_s.state_dict()}}, tmp_path)
+    args = td.parse_args(["--model", "ecdet_s", "--tune", "ecdet_s", "--device", "cpu"])
+    td.start_run(args)
+    cfg = td.model_config(args, td.Task(), 3)
+    _, net = td.initial_network(args, td.Task(), cfg, None, td.training_recipe(args, td.Task()), False, 0)
+    [line] = [line for line in capsys.readouterr().out.splitlines() if "classes there" in line]
+    assert line.startswith("--tune ecdet_s: 80 classes there, 3 in this data set: the ViT, encoder and decoder start "
+                           "from its weights, the class heads afresh (decoder.")
+    released, heads = ecdet_s.state_dict(), td.class_heads(cfg)
+    for k, v in net.state_dict().items():
+        assert (k in heads) == (v.shape != released[k].shape), k
+        if k not in heads:
+            assert torch.equal(v, released[k]), k
+    assert net.decoder.enc_score_head.weight.shape == (3, 192)
+
+
+def test_export_with_a_preset_name_downloads_the_released_model(server, tmp_path, ecdet_s, capsys):
+    server.files["ecdet_s.pth"] = saved({"ema": {"module": ecdet_s.state_dict()}}, tmp_path)
+    export.main(["--weights", "ecdet_s", "--flops", "--img-size", "128"])
+    assert server.requests == ["ecdet_s.pth"]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ecdet_s: 9,884,102 parameters")

@@ -155,7 +155,8 @@ def test_a_kill_between_the_epoch_files_loses_no_epoch_line(data, tmp_path, monk
     assert [m["epoch"] for m in log] == [1, 2, 3] and [m["coco_bbox"][0] for m in log] == [0.1, 0.3, 0.2]
     best, last = checkpoint(tmp_path / "best.pth"), checkpoint(tmp_path / "last.pth")
     assert best["epoch"] == last["best_epoch"] == 2 and best["best"] == last["best"] == 0.3
-    assert last["log"] == log and sorted(os.listdir(tmp_path)) == ["best.pth", "curves.png", "last.pth", "log.jsonl"]
+    run_files = sorted(name for name in os.listdir(tmp_path) if not name.startswith("events.out.tfevents."))  # TensorBoard's
+    assert last["log"] == log and run_files == ["best.pth", "curves.png", "last.pth", "log.jsonl"]
 
 
 def test_a_failed_write_keeps_the_old_file_and_names_a_full_disk(tmp_path):
@@ -365,7 +366,8 @@ CASES = {  # name: (main, argv from the files above, the expected line)
                                          "--backbone-weights .*other.pth does not fit this model's ViT: checkpoint "
                                          "does not match the model; missing: "),
     "no annotation file": (td.main, lambda p: det(p, "--data", p["root"]),
-                           "COCO annotation file not found: .*instances_val2017.json"),
+                           "--data .*: not a data set layout this project reads; looked for "
+                           "annotations/instances_val2017.json \\(COCO\\)"),
     "annotations not JSON": (td.main, lambda p: files(p, val="{root}/not.json"),
                              "COCO annotation file .*not.json is not valid JSON"),
     "no object to train on": (td.main, lambda p: files(p, train="{no_objects}"),
@@ -384,9 +386,11 @@ CASES = {  # name: (main, argv from the files above, the expected line)
                                           "train_seg.py: error: --model .*tiny.json is not a segmentation model: "),
     "train_pose.py --batch-size 0": (lambda a: td.main(a, train_pose.POSE), lambda p: det(p, "--batch-size", "0"),
                                      "train_pose.py: error: --batch-size must be at least 1, got 0"),
-    "teacher.py --epochs 0": (teacher.main, lambda p: ["--arch", "dinov3_vits16", *det(p, "--epochs", "0")[2:]],
+    "teacher.py --epochs 0": (teacher.main, lambda p: ["--arch", "dinov3_vits16", *det(p, "--epochs", "0")[4:]],
                               "teacher.py: error: --epochs must be at least 1, got 0"),
-    "teacher.py without --arch": (teacher.main, lambda p: det(p)[2:], "teacher.py: error: --arch is required"),
+    "teacher.py without --arch": (teacher.main, lambda p: det(p)[4:], "teacher.py: error: --arch is required"),
+    "teacher.py --model": (teacher.main, lambda p: ["--arch", "dinov3_vits16", *det(p)[2:]],
+                           "teacher.py: error: unrecognized arguments: --model"),
     "teacher.py --arch unknown": (teacher.main, lambda p: ["--arch", "dinov3_vitz16", *det(p)[4:]],
                                   "teacher.py: error: --arch dinov3_vitz16: unknown DINOv3 model"),
     "distill.py --epochs 0": (distill.main, lambda p: dist(p, "--epochs", "0"),
@@ -399,8 +403,8 @@ CASES = {  # name: (main, argv from the files above, the expected line)
                                    "distill.py: error: --images .*/nowhere: no such folder"),
     "distill.py --teacher of a list": (distill.main, lambda p: dist(p, "--teacher", f"{p['root']}/list.pth")[2:],
                                        "distill.py: error: --teacher .*list.pth holds a list, not a checkpoint"),
-    "distill.py --resume of nothing": (distill.main, lambda p: dist(p, "--resume"),
-                                       "distill.py: error: --resume: no student_last.pth in .*/distill"),
+    "distill.py --resume of nothing": (distill.main, lambda p: dist(p, "--resume", f"{p['root']}/distill/student_last.pth"),
+                                       "distill.py: error: --resume .*/distill/student_last.pth does not exist"),
     "distill.py, a used --output-dir": (distill.main, lambda p: dist(p, "--output-dir", f"{p['root']}/used"),
                                         "distill.py: error: --output-dir .*/used already holds a run \\(student.pth\\)"),
 }

@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT
 
 import model
+import support
 import train_det as td
 
 SIZE = 64
@@ -116,6 +117,23 @@ def test_run_writes_checkpoints_and_resume_repeats_the_next_epoch(data_root, tin
     net = model.build_model(ckpt["config"])
     model.load_weights(net, tmp_path / "full" / "last.pth")
     assert torch.equal(net.state_dict()["decoder.enc_score_head.bias"], ckpt["ema"]["module"]["decoder.enc_score_head.bias"])
+
+
+def test_tensorboard_gets_the_original_tags_when_installed_and_nothing_changes_without(data_root, tiny_config,
+                                                                                      tmp_path, monkeypatch):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    metrics = td.run(args_for(data_root, tiny_config, tmp_path / "with", "--epochs", "1"), td.Task())
+    events = event_accumulator.EventAccumulator(str(tmp_path / "with"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"Loss/total", "Loss/loss_mal", "Lr/pg_0", "Test/coco_eval_bbox_0", "Test/coco_eval_bbox_11"} <= set(tags)
+    [ap] = events.Scalars("Test/coco_eval_bbox_1")
+    assert ap.step == 1 and ap.value == pytest.approx(metrics["coco_bbox"][1])
+    find_spec = support.importlib.util.find_spec
+    monkeypatch.setattr(support.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else find_spec(name))
+    td.run(args_for(data_root, tiny_config, tmp_path / "without", "--epochs", "1"), td.Task())
+    assert sorted(os.listdir(tmp_path / "without")) == ["best.pth", "curves.png", "last.pth", "log.jsonl",
+                                                        "predictions.png"]
 
 
 def test_two_processes_under_torchrun(data_root, tiny_config, tmp_path):
