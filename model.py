@@ -271,6 +271,19 @@ def apply_rope(x, sin, cos):
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
 
 
+def attention_dtype(device_type):
+    """The dtype the ViT's attention computes in on `device_type` under autocast, None when autocast is off.
+
+    CPU: float32. PyTorch's CPU attention kernel is slower in bfloat16 than in float32 on CPUs without AMX
+    (ECDet-S at 640x640 under bfloat16 autocast: 0.66 CPU-seconds with float32 attention, 0.93 without).
+    CUDA (and other accelerators): the autocast dtype, for which the fused flash / memory-efficient
+    kernels are the fast path.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE on queries and keys: (B, N, D) -> (B, N, D)."""
 
@@ -285,10 +298,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         sin, cos = rope
         qk = apply_rope(qkv[:2], sin, cos)  # queries and keys rotate together
-        if torch.is_autocast_enabled("cpu"):
-            # PyTorch's CPU attention kernel is slower in bfloat16 than in float32 on a CPU without AMX:
-            # ECDet-S at 640x640 under bfloat16 autocast took 0.66 CPU-seconds so, 0.93 in bfloat16.
-            with torch.autocast("cpu", enabled=False):
+        if attention_dtype(x.device.type) == torch.float32:
+            with torch.autocast(x.device.type, enabled=False):
                 x = F.scaled_dot_product_attention(qk[0].float(), qk[1].float(), qkv[2].float())
         else:
             x = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2])
