@@ -115,7 +115,8 @@ def run_pipeline(which, data_dir, batch, batches, warmup, original, profile):
         images, targets = collate([data[i] for i in items[b * batch:(b + 1) * batch]])
         assert images.shape == (batch, 3, 640, 640), images.shape
     seconds = time.perf_counter() - start
-    return dict(images_per_s=batches * batch / seconds, stages={k: v / (batches * batch) for k, v in stages.seconds.items()})
+    n = batches * batch
+    return dict(images_per_s=n / seconds, stages={k: v / n for k, v in stages.seconds.items()})
 
 
 def child(which, args, profile=False):

@@ -1,6 +1,7 @@
 """The GPU paths, as far as a CPU can check them: the attention dtype under autocast, predict.py's
 --cuda-graph (refused without CUDA; on a CUDA machine the graph against eager), and a smoke run of
 benchmarks/gpu.py."""
+import json
 import subprocess
 import sys
 
@@ -75,3 +76,19 @@ def test_cuda_graph_matches_eager(checkpoint):
     for a, b in zip(eager(images), graph(images)):
         assert torch.equal(a["labels"], b["labels"])
         assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.allclose(a["scores"], b["scores"], atol=1e-4)
+
+
+# ---- benchmarks/gpu.py ----
+
+def test_gpu_benchmark_smoke_run(tmp_path):
+    """Every row that runs without a GPU runs (the project's training and eager latency); the others say why not."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(tmp_path / "r.json")]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["project bf16"]["images_per_s"] > 0 and results["project bf16"]["peak_gib"] is None
+    assert results["latency"]["eager fp32"] > 0 and results["latency"]["eager bf16 autocast"] > 0
+    assert results["original fp16"] == {"skipped": "no --original"}
+    if not torch.cuda.is_available():
+        assert results["compiled"] == results["project fp16"] == {"skipped": "needs CUDA"}
+    assert "training project bf16" in out.stdout
