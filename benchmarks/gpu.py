@@ -319,9 +319,9 @@ def main(argv=None):
             results[name] = result
             for row in table_rows(name, result):
                 print(f"  {row}  ({time.perf_counter() - start:.0f} s)" if not skipped else f"  {row}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
     return results
 
 
