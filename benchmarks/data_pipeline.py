@@ -1,9 +1,11 @@
 """Training data pipeline throughput per DataLoader worker: this project's ECDet pipeline against the original's.
 
-    # the original's code, checked out anywhere; its engine imports PyYAML and tensorboard (and calflops),
-    # so put a folder holding them on PYTHONPATH if the project's environment lacks them
-    PYTHONPATH=/work/scratch/pydeps python benchmarks/data_pipeline.py --original /work/scratch/EdgeCrafter/ecdetseg
-    python benchmarks/data_pipeline.py --profile      # only the project's pipeline, stage by stage
+    # the original's code, checked out anywhere; its engine imports PyYAML, tensorboard and calflops: if the
+    # environment lacks them, pip install --no-deps --target DIR pyyaml tensorboard tensorboard-data-server
+    # markdown, add DIR/calflops/__init__.py defining calculate_flops (unused here), and set PYTHONPATH=DIR
+    PYTHONPATH=/work/scratch/pydeps python benchmarks/data_pipeline.py \
+        --original /work/scratch/EdgeCrafter/ecdetseg --profile
+    python benchmarks/data_pipeline.py --profile      # without --original: the project alone, and its stages
 
 Both pipelines read the same synthetic COCO-format JPEGs (sides 400-640 px, written once into --data) and
 run the ECDet-S training recipe at epoch 0: Mosaic (p 0.75), photometric distortion, zoom-out and IoU

@@ -6,9 +6,10 @@ with it, e.g. a checkout under shared/ or a folder named in `carry`):
     python benchmarks/gpu.py --original shared/EdgeCrafter/ecdetseg --json $OUT/gpu.json
     python benchmarks/gpu.py --smoke                   # a tiny CPU run of every step that needs no GPU
 
-The original's engine imports PyYAML and tensorboard (and calflops): put a folder holding them on
-PYTHONPATH if the environment lacks them (pip install --target DIR pyyaml tensorboard; a calflops
-stub module that defines calculate_flops is enough).
+The original's engine imports PyYAML, tensorboard and calflops: if the environment lacks them,
+pip install --no-deps --target DIR pyyaml tensorboard tensorboard-data-server markdown, add
+DIR/calflops/__init__.py defining calculate_flops (unused here), and set PYTHONPATH=DIR (--no-deps:
+copies of numpy or Pillow in DIR would shadow the environment's).
 
 Measured, each in its own process, the rows printed as they come:
   training   ECDet-S at --batch images per step and 640 x 640, random weights, the real training step
