@@ -891,6 +891,7 @@ class MSDeformableAttention(nn.Module):
         if box_reference:
             self.register_buffer("num_points_scale",
                                  torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
+        self.cells = {}  # reference points' cell sizes per input size: see forward
         self.sampling_offsets = nn.Linear(dim, num_heads * total * 2)
         self.attention_weights = nn.Linear(dim, num_heads * total)
         # Initial offsets point along num_heads directions, 1..n steps out on each level.
@@ -914,9 +915,14 @@ class MSDeformableAttention(nn.Module):
             scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
             locations = ref[:, :, None, :, :2] + offsets * scale * ref[:, :, None, :, 2:] * self.offset_scale
         else:
-            cells = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
-                                 dtype=query.dtype, device=query.device)
-            locations = ref[:, :, None] + offsets / cells
+            # Made once per input size: a tensor from Python numbers is a host-to-device copy on a GPU,
+            # which a CUDA graph cannot capture (predict.CUDAGraphRunner captures after eager warm-up runs).
+            # Inference mode's own: autograd refuses tensors made under it.
+            key = (str(shapes), query.dtype, query.device, torch.is_inference_mode_enabled())
+            if key not in self.cells:
+                self.cells[key] = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
+                                               dtype=query.dtype, device=query.device)
+            locations = ref[:, :, None] + offsets / self.cells[key]
         return deformable_attention(values, locations, weights, self.num_points)
 
 

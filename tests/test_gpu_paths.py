@@ -46,6 +46,20 @@ def test_cpu_autocast_runs_attention_in_float32(monkeypatch):
 
 # ---- predict.py --cuda-graph ----
 
+def test_reference_point_cells_are_made_once_per_size_and_mode():
+    """ECPose's deformable attention keeps its cell sizes (no host-to-device copy per forward, which a
+    CUDA graph cannot capture); those made under inference mode never reach autograd."""
+    attention, shapes = model.MSDeformableAttention(32, 2, (2, 2, 2), box_reference=False), [[4, 4], [2, 2], [1, 1]]
+    query, ref = torch.randn(1, 5, 32), torch.rand(1, 5, 1, 2)
+    values = model.split_values(torch.randn(1, 21, 32), shapes, 2)
+    with torch.inference_mode():
+        expected = attention(query, ref, values, shapes)
+        attention(query, ref, values, shapes)
+    got = attention(query.requires_grad_(), ref, values, shapes)
+    got.sum().backward()
+    assert torch.allclose(got, expected) and query.grad is not None and len(attention.cells) == 2
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     cfg = td.demo_config(td.Task())
