@@ -285,9 +285,9 @@ class CUDAGraphRunner:
     At batch 1 a GPU waits on Python: the eager forward launches a few thousand kernels, each taking
     longer to launch than to run. A graph launches them all at once. Captured after warm-up runs on a side
     stream (cuDNN and cuBLAS pick their kernels and allocate workspace outside the graph), on static input
-    buffers that every call copies into; a smaller batch fills the first rows. The graph's outputs are
-    checked once against eager ones on a random input: a forward that cannot be replayed (one that reads
-    values back to Python to choose shapes) would differ, and is refused with a ValueError.
+    buffers that every call copies into; a smaller batch fills the first rows. A forward that cannot be
+    captured (one that copies from the host or reads values back to Python) is refused with a ValueError,
+    and so is a graph whose outputs differ from eager ones on a random input, checked once.
     """
 
     def __init__(self, fn, batch, size, device, tolerance=1e-3):
