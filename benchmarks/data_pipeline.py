@@ -99,16 +99,16 @@ def instrument(data, collate, stages):
     return stages.wrap(collate, "collate + mixup")
 
 
-def run_pipeline(which, data_dir, batch, batches, warmup, original, profile):
+def run_pipeline(which, data_dir, batch, batches, warmup, original, profile, seed):
     torch.set_num_threads(1)
     data, collate = original_pipeline(data_dir, batch, original) if which == "original" else \
         project_pipeline(data_dir, batch)
     stages = Stages()
     if profile:
         collate = instrument(data, collate, stages)
-    random.seed(SEED)
-    torch.manual_seed(SEED)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SEED)).tolist()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     items = [order[i % len(order)] for i in range((warmup + batches) * batch)]
     for b in range(warmup + batches):
         if b == warmup:  # the mosaic cache has filled a little; start the clock
@@ -121,10 +121,12 @@ def run_pipeline(which, data_dir, batch, batches, warmup, original, profile):
     return dict(images_per_s=n / seconds, stages={k: v / n for k, v in stages.seconds.items()})
 
 
-def child(which, args, profile=False):
-    """Run one pipeline in a fresh process; its result is the last line it prints."""
+def child(which, args, seed, profile=False):
+    """Run one pipeline in a fresh process; its result is the last line it prints. Both pipelines of a
+    round get the same seed, each round another: the code bases draw their random numbers differently,
+    so which augmentations a run meets varies, and the rounds average over it."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--data", args.data, "--batch", str(args.batch),
-           "--batches", str(args.batches), "--warmup", str(args.warmup)]
+           "--batches", str(args.batches), "--warmup", str(args.warmup), "--seed", str(seed)]
     cmd += ["--original", args.original] if args.original else []
     cmd += ["--profile"] if profile else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -150,16 +152,17 @@ def main(argv=None):
     p.add_argument("--original", help="the original's ecdetseg/ folder; without it only the project runs")
     p.add_argument("--data", help="where the synthetic data set is (written if missing); default a temporary folder")
     p.add_argument("--images", type=int, default=64, help="images in the synthetic data set")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=8, help="images per batch (the collate's MixUp pairs them)")
-    p.add_argument("--batches", type=int, default=12, help="timed batches per round and pipeline")
+    p.add_argument("--batches", type=int, default=16, help="timed batches per round and pipeline")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches first")
     p.add_argument("--profile", action="store_true", help="also time the project's stages, in one more run")
     p.add_argument("--child", choices=["project", "original"], help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=SEED, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(run_pipeline(args.child, args.data, args.batch, args.batches, args.warmup,
-                                      args.original and os.path.abspath(args.original), args.profile)))
+                                      args.original and os.path.abspath(args.original), args.profile, args.seed)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.data = os.path.abspath(args.data or os.path.join(tmp, "coco640"))
@@ -171,9 +174,9 @@ def main(argv=None):
         rates = {side: [] for side in sides}
         for r in range(args.rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):  # alternate who goes first
-                rates[side].append(child(side, args)["images_per_s"])
+                rates[side].append(child(side, args, seed=r)["images_per_s"])
             print(f"round {r + 1}: " + ", ".join(f"{s} {rates[s][-1]:.2f} images/s" for s in sides), flush=True)
-        profile = child("project", args, profile=True) if args.profile else None  # apart: timers cost a little
+        profile = child("project", args, SEED, profile=True) if args.profile else None  # apart: timers cost a little
     print(f"\nimages/s per DataLoader worker (one thread, batch {args.batch}, ECDet-S recipe at epoch 0, 640 x 640), "
           f"{args.rounds} rounds, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"  {'pipeline':10s} {'median':>8s}   rounds")
