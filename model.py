@@ -124,8 +124,10 @@ SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), 
 def normalize(image):
     """An RGB PIL image -> float (3, H, W): [0, 1], then normalised with the ImageNet mean and std
     (IMAGENET_MEAN, IMAGENET_STD), the networks' input convention."""
-    tensor = TF.to_dtype(TF.to_image(image), torch.float32, scale=True)
-    return TF.normalize(tensor, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
+    # TF.to_dtype's and TF.normalize's arithmetic (x * (1 / 255) - mean) / std, but on one contiguous float
+    # copy updated in place: a training DataLoader worker spends a tenth of its time here at 640 x 640.
+    tensor = TF.pil_to_tensor(image).to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
+    return tensor.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
 
 
 def preprocess(image, size):
@@ -273,6 +275,19 @@ def apply_rope(x, sin, cos):
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
 
 
+def attention_dtype(device_type):
+    """The dtype the ViT's attention computes in on `device_type` under autocast, None when autocast is off.
+
+    CPU: float32. PyTorch's CPU attention kernel is slower in bfloat16 than in float32 on CPUs without AMX
+    (ECDet-S at 640x640 under bfloat16 autocast: 0.66 CPU-seconds with float32 attention, 0.93 without).
+    CUDA (and other accelerators): the autocast dtype, for which the fused flash / memory-efficient
+    kernels are the fast path.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE on queries and keys: (B, N, D) -> (B, N, D)."""
 
@@ -287,10 +302,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         sin, cos = rope
         qk = apply_rope(qkv[:2], sin, cos)  # queries and keys rotate together
-        if torch.is_autocast_enabled("cpu"):
-            # PyTorch's CPU attention kernel is slower in bfloat16 than in float32 on a CPU without AMX:
-            # ECDet-S at 640x640 under bfloat16 autocast took 0.66 CPU-seconds so, 0.93 in bfloat16.
-            with torch.autocast("cpu", enabled=False):
+        if attention_dtype(x.device.type) == torch.float32:
+            with torch.autocast(x.device.type, enabled=False):
                 x = F.scaled_dot_product_attention(qk[0].float(), qk[1].float(), qkv[2].float())
         else:
             x = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2])
@@ -899,6 +912,7 @@ class MSDeformableAttention(nn.Module):
         if box_reference:
             self.register_buffer("num_points_scale",
                                  torch.tensor([1 / n for n in self.num_points for _ in range(n)], dtype=torch.float32))
+        self.cells = {}  # reference points' cell sizes per input size: see forward
         self.sampling_offsets = nn.Linear(dim, num_heads * total * 2)
         self.attention_weights = nn.Linear(dim, num_heads * total)
         # Initial offsets point along num_heads directions, 1..n steps out on each level.
@@ -922,9 +936,14 @@ class MSDeformableAttention(nn.Module):
             scale = self.num_points_scale.to(query.dtype).unsqueeze(-1)
             locations = ref[:, :, None, :, :2] + offsets * scale * ref[:, :, None, :, 2:] * self.offset_scale
         else:
-            cells = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
-                                 dtype=query.dtype, device=query.device)
-            locations = ref[:, :, None] + offsets / cells
+            # Made once per input size: a tensor from Python numbers is a host-to-device copy on a GPU,
+            # which a CUDA graph cannot capture (predict.CUDAGraphRunner captures after eager warm-up runs).
+            # Inference mode's own: autograd refuses tensors made under it.
+            key = (str(shapes), query.dtype, query.device, torch.is_inference_mode_enabled())
+            if key not in self.cells:
+                self.cells[key] = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
+                                               dtype=query.dtype, device=query.device)
+            locations = ref[:, :, None] + offsets / self.cells[key]
         return deformable_attention(values, locations, weights, self.num_points)
 
 

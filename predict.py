@@ -5,6 +5,7 @@ and score it on labelled data.
     python predict.py --weights ecdet_s.pth --model ecdet_s --source photos/ --conf 0.5
     python predict.py --weights ecdet_s.onnx --source clip.mp4
     python predict.py --weights best.pth --source /coco/val2017 --coco-ann /coco/annotations/instances_val2017.json
+    python predict.py --weights best.pth --source clip.mp4 --device cuda --cuda-graph   # low latency on a GPU
 
 The runtime follows from the file: checkpoints (.pth: this project's carry their config, a released
 one needs --model) run in PyTorch, .onnx files from export.py in ONNX Runtime (INT8 ones too),
@@ -291,6 +292,50 @@ class TensorRTRunner:
         return {n: t.cpu().numpy() for n, t in outputs.items()}
 
 
+class CUDAGraphRunner:
+    """`fn(images, sizes)` -> dict of tensors, replayed from one CUDA graph captured at a fixed input shape.
+
+    At batch 1 a GPU waits on Python: the eager forward launches a few thousand kernels, each taking
+    longer to launch than to run. A graph launches them all at once. Captured after warm-up runs on a side
+    stream (cuDNN and cuBLAS pick their kernels and allocate workspace outside the graph), on static input
+    buffers that every call copies into; a smaller batch fills the first rows. A forward that cannot be
+    captured (one that copies from the host or reads values back to Python) is refused with a ValueError,
+    and so is a graph whose outputs differ from eager ones on a random input, checked once.
+    """
+
+    def __init__(self, fn, batch, size, device, tolerance=1e-3):
+        self.images = torch.randn(batch, 3, *size, device=device)
+        self.sizes = torch.tensor([[size[1], size[0]]] * batch, device=device)
+        with torch.inference_mode():
+            expected = fn(self.images, self.sizes)
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn(self.images, self.sizes)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph):
+                    self.outputs = fn(self.images, self.sizes)
+            except RuntimeError as e:
+                raise ValueError(f"--cuda-graph: the network cannot be captured in a CUDA graph ({e})") from None
+            got = self(self.images.clone(), self.sizes.clone())
+        for k, v in expected.items():
+            error = (got[k].double() - v.double()).abs().max().item() if v.numel() else 0.0
+            if not error <= tolerance * (1 + v.double().abs().max().item()):
+                raise ValueError(f"--cuda-graph: the CUDA graph's {k} differ from the eager network's by {error:.3g}; "
+                                 f"run without --cuda-graph")
+
+    @torch.inference_mode()
+    def __call__(self, images, sizes):
+        n = len(images)
+        self.images[:n].copy_(images)
+        self.sizes[:n].copy_(sizes)
+        self.graph.replay()
+        return {k: v[:n].clone() for k, v in self.outputs.items()}  # the next replay overwrites self.outputs
+
+
 class OrtRunner:
     """An ONNX file in ONNX Runtime on the CPU."""
 
@@ -363,11 +408,19 @@ class TorchRuntime:
         net, cfg, _, (self.names, self.category_ids) = load_network(config, weights)
         self.device = support.device(device)
         self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg), precision == "bf16").to(self.device)
+        self.forward = self.deployed
         self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
+
+    def capture(self, batch, size):
+        """Run the network from a CUDA graph (CUDAGraphRunner) at batch `batch` and input size (H, W)."""
+        if self.device.type != "cuda":
+            raise ValueError(f"--cuda-graph needs a CUDA device (--device cuda); this network runs on {self.device}")
+        self.forward = CUDAGraphRunner(self.deployed, batch, size, self.device)
+        self.size, self.batch, self.resizable = list(size), batch, False
 
     @torch.inference_mode()
     def __call__(self, images, sizes):
-        return {k: v.cpu() for k, v in self.deployed(images.to(self.device), sizes.to(self.device)).items()}
+        return {k: v.cpu() for k, v in self.forward(images.to(self.device), sizes.to(self.device)).items()}
 
 
 class ExportedRuntime:
@@ -504,12 +557,14 @@ class Predictor:
     config: a preset or JSON config for a released checkpoint (which carries none); img_size (H, W):
     the input size of a checkpoint's network (default: its eval_spatial_size); runtime: a RUNTIMES
     key, to override the file's extension; precision: "fp32" or "bf16" (PyTorch's autocast, OpenVINO's
-    hint; an INT8 IR with "bf16" is the fastest CPU deployment measured on BF16 CPUs). The steps
+    hint; an INT8 IR with "bf16" is the fastest CPU deployment measured on BF16 CPUs); cuda_graph: run a
+    checkpoint's network on a CUDA device from a CUDA graph captured at batch_size and the input size
+    (CUDAGraphRunner), for low latency. The steps
     prepare, infer and finish are p(images) in parts.
     """
 
     def __init__(self, weights, device="cpu", conf=0.4, config=None, img_size=None, runtime=None, batch_size=1,
-                 precision="fp32"):
+                 precision="fp32", cuda_graph=False):
         self.runtime = open_runtime(weights, runtime, config, device, precision)
         self.conf, self.batch_size = conf, batch_size
         self.names, self.category_ids = self.runtime.names, self.runtime.category_ids
@@ -520,6 +575,10 @@ class Predictor:
             raise ValueError(f"--img-size {' '.join(map(str, size))}: {weights} was exported for "
                              f"{self.runtime.size[0]}x{self.runtime.size[1]} input")
         self.size = size
+        if cuda_graph:
+            if not isinstance(self.runtime, TorchRuntime):
+                raise ValueError(f"--cuda-graph captures a checkpoint's PyTorch network; {weights} is not one")
+            self.runtime.capture(batch_size, size)
 
     def __call__(self, images):
         images = images if isinstance(images, list) else [images]
@@ -830,7 +889,7 @@ def run(args):
     """Predict on every image and video frame of args.source; returns {"images": images and frames
     done, "skipped": images skipped, and with --coco-ann "coco": {iou_type: the COCO stats}}."""
     predictor = Predictor(args.weights, args.device, args.conf, args.model, args.img_size, args.runtime, args.batch_size,
-                          args.precision)
+                          args.precision, args.cuda_graph)
     if args.coco_ann:
         coco, annotated = coco_images(args.coco_ann, args.source)
         root, paths = args.source, list(annotated)
@@ -961,6 +1020,8 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="of PyTorch (bf16: autocast) and "
                         "OpenVINO (its inference precision hint, also for what an INT8 IR keeps in float; bf16 needs a "
                         "CPU with AVX-512 BF16 or AMX); ONNX Runtime and TensorRT run a file as exported")
+    parser.add_argument("--cuda-graph", action="store_true", help="run a checkpoint's network from a CUDA graph "
+                        "(--device cuda): one launch per batch instead of one per operator, for low latency")
     parser.add_argument("--coco-ann", help="a COCO annotation file of the images in --source: also write the COCO "
                         "results (every detection, whatever --conf) and print COCO AP")
     args = parser.parse_args(argv)

@@ -359,12 +359,19 @@ class BatchImageCollate:
         self.epoch = epoch
 
     def __call__(self, batch):
-        images = torch.stack([image for image, _ in batch])
+        images = [image for image, _ in batch]
         targets = [target for _, target in batch]
         if self.epoch < self.mixup_epoch and random.random() < self.mixup_prob:
             beta = round(random.uniform(0.45, 0.55), 6)
-            images = beta * images + (1.0 - beta) * images.roll(1, dims=0)
+            # image_{i-1} + beta * (image_i - image_{i-1}), written straight into the batch: one pass over
+            # memory, where stacking, rolling and scaling copies take five (half a worker's time at 640).
+            mixed = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype)
+            for i, image in enumerate(images):
+                torch.lerp(images[i - 1], image, beta, out=mixed[i])
+            images = mixed
             targets = [merge_instances([own, other]) for own, other in zip(targets, targets[-1:] + targets[:-1])]
+        else:
+            images = torch.stack(images)
         return images, targets
 
 
