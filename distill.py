@@ -32,6 +32,7 @@ Where each part comes from:
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -441,9 +442,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--proxy-epochs", args.proxy_epochs, 1),
                                  ("--warmup-epochs", args.warmup_epochs, 0), ("--stop-after", args.stop_after, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                                 ("--seed", args.seed, 0)):
         if value is not None and value < least:
             parser.error(f"{option} must be at least {least}, got {value}")
+    if args.lr is not None and not 0 < args.lr < math.inf:  # NaN too
+        parser.error(f"--lr must be a positive number, got {args.lr}")
     for option, size in (("--img-size", args.img_size), ("--teacher-size", args.teacher_size or [16])):
         if len(size) > 2 or any(s <= 0 or s % 16 for s in size):
             parser.error(f"{option} {' '.join(map(str, size))}: expected H [W], positive multiples of 16 (the patch size)")
@@ -488,6 +492,7 @@ def run(args):
     arches = arches * len(args.teacher) if len(arches) == 1 else arches
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
     teachers = [(vit.to(args.device), layers) for vit, layers in teachers]
+    train_det.clean_output_dir(args, RUN_FILES)
     history = []
     if args.proxy:
         epochs = args.proxy_epochs or args.epochs

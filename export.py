@@ -707,9 +707,7 @@ def run(args):
               file=sys.stderr)
     size = args.img_size or cfg.get("eval_spatial_size") or [640, 640]
     size = [size[0], size[-1]]
-    if size[0] % 32 or size[1] % 32 or min(size) <= 0:
-        raise ValueError(f"--img-size {size[0]} {size[1]}: both sides must be positive multiples of 32 "
-                         f"(the stride of the coarsest feature map)")
+    model.check_input_size(cfg, size)
     if args.flops or args.benchmark:  # counted before deploy() merges the RepVGG branches, as the paper counts
         print_flops(net, name, size)
     if args.flops:

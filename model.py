@@ -19,6 +19,8 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 
+import support
+
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: presets in the original's vocabulary
@@ -1497,6 +1499,21 @@ def check_images(images):
                          f"resize or pad to e.g. {(H + 31) // 32 * 32}x{(W + 31) // 32 * 32}")
 
 
+def check_input_size(cfg, size, flag="--img-size"):
+    """Refuse (ValueError) an input size (H, W) that the network of config `cfg` cannot take: sides
+    that are positive multiples of 32 (the stride of the coarsest level) giving at least as many
+    positions over the three levels (strides 8, 16, 32) as the decoder selects queries among them."""
+    h, w = size
+    if min(h, w) <= 0 or h % 32 or w % 32:
+        raise ValueError(f"{flag} {h} {w}: both sides must be positive multiples of 32 (the stride of the coarsest "
+                         f"feature map)")
+    queries = (cfg.get("ECTransformer") or cfg.get("DETRTransformer") or {}).get("num_queries", 300)
+    positions = sum((h // s) * (w // s) for s in (8, 16, 32))
+    if positions < queries:
+        raise ValueError(f"{flag} {h} {w}: too small for this network, whose decoder selects {queries} queries among "
+                         f"the {positions} positions of its feature maps")
+
+
 def same_width(section):  # the encoder and the decoder keep one width, hidden_dim (256 if unset), at every level
     return [section.get("hidden_dim", 256)] * 3
 
@@ -1541,7 +1558,7 @@ def make_section(cls, cfg, name, **shared):
     """Build `cls(**config_section(cfg, name), **shared)`; a bad key gets an error naming the section."""
     try:
         return cls(**{**config_section(cfg, name), **shared})
-    except TypeError as e:
+    except (TypeError, AssertionError) as e:  # AssertionError: torch's checks, e.g. widths that heads don't divide
         raise ValueError(f"config section {name!r}: {e}") from None
 
 
@@ -1562,6 +1579,13 @@ def build_vit(adapter):
     return ViT(**vit)
 
 
+# The top-level keys of a config: the network's sections and settings, the postprocessors', and the
+# loss sections of the training files (train_det, train_seg: ECCriterion; train_pose: DETRPoseCriterion).
+CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", "DETRTransformer", "PostProcessor",
+               "DETRPosePostProcessor", "eval_spatial_size", "num_classes", "use_focal_loss", "ECCriterion",
+               "DETRPoseCriterion"}
+
+
 def build_model(cfg):
     """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
     vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
@@ -1573,6 +1597,8 @@ def build_model(cfg):
     for key in ("num_classes", "ViTAdapter"):
         if key not in cfg:
             raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
+    if set(cfg) - CONFIG_KEYS:  # a misspelt section would silently take the defaults
+        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - CONFIG_KEYS)}; known: {sorted(CONFIG_KEYS)}")
     adapter = config_section(cfg, "ViTAdapter")
     known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "embed_dim",
              "num_heads", "depth", "ffn_ratio", "ffn_layer", "dinov3"}
@@ -1592,7 +1618,7 @@ def build_model(cfg):
 
 def checkpoint_state_dict(ckpt):
     """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
-    if "ema" in ckpt and ckpt["ema"]:
+    if "ema" in ckpt and isinstance(ckpt["ema"], dict) and ckpt["ema"]:
         ema = ckpt["ema"]
         return ema["module"] if "module" in ema else ema
     if "model" in ckpt:
@@ -1608,10 +1634,14 @@ def read_checkpoint(path, what="checkpoint", mmap=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except Exception as e:  # torch raises many kinds for files that are not checkpoints
-        raise ValueError(f"cannot read {what} {path}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # torch raises many kinds for files that are not checkpoints, some without a message
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        reason = "the file is empty (0 bytes)" if empty else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read {what} {path}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
+    if not mmap:  # every tensor: weights, EMA, optimizer state
+        support.check_finite(support.named_tensors(ckpt), f"{what} {path}")
     return ckpt
 
 
@@ -1620,6 +1650,7 @@ def load_weights(net, source):
     one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
     shape must match."""
     sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
+    support.check_state_dict(sd, "checkpoint")
     check_state_dict(net.state_dict(), sd)
     net.load_state_dict(sd, strict=True)
     return net
@@ -1660,6 +1691,7 @@ def load_backbone(net, sd, source):
     """Load a ViT state dict in the released ecvit*.pth format into `net`'s ViT, strictly; an ECViT
     of another size is reported by the sizes held and needed."""
     vit = net.backbone.backbone
+    support.check_state_dict(sd, source)
     try:
         check_state_dict(vit.state_dict(), sd)
     except ValueError as e:

@@ -14,6 +14,7 @@ from PIL import Image
 import distill
 import model
 import predict
+import support
 import teacher
 import train_det as td
 import train_pose
@@ -115,7 +116,8 @@ def test_evaluation_refuses_non_finite_predictions(data, tmp_path, capsys):
                              for k, v in ckpt["ema"]["module"].items()}
     torch.save(ckpt, tmp_path / "nan.pth")
     line = error_line(capsys, td.main, argv(data, tmp_path, "--resume", str(tmp_path / "nan.pth"), "--eval-only"))
-    assert line.startswith("train_det.py: error: non-finite predictions (NaN or inf) for image ")
+    assert line.startswith(f"train_det.py: error: --resume {tmp_path / 'nan.pth'} holds non-finite weights (NaN or inf) "
+                           f"in ")  # refused before any prediction
 
 
 # ---- crash consistency ----
@@ -146,7 +148,8 @@ def test_a_kill_between_the_epoch_files_loses_no_epoch_line(data, tmp_path, monk
         td.run(td.parse_args(argv(data, tmp_path, "--epochs", "3")), td.Task())
     assert checkpoint(tmp_path / "last.pth")["epoch"] == 2
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # epoch 2's line is not written yet
-    (tmp_path / f"last.pth.tmp{os.getpid() + 1}").write_bytes(b"left by a killed run")
+    (tmp_path / f"{support.TMP_PREFIX}{os.getpid() + 1}.last.pth").write_bytes(b"left by a killed run")
+    (tmp_path / "results.tmp2.csv").write_bytes(b"the user's own")  # removed by an earlier clean-up
 
     monkeypatch.undo()
     monkeypatch.setattr(td, "evaluate", fake_evaluate([0.2]))
@@ -155,14 +158,15 @@ def test_a_kill_between_the_epoch_files_loses_no_epoch_line(data, tmp_path, monk
     assert [m["epoch"] for m in log] == [1, 2, 3] and [m["coco_bbox"][0] for m in log] == [0.1, 0.3, 0.2]
     best, last = checkpoint(tmp_path / "best.pth"), checkpoint(tmp_path / "last.pth")
     assert best["epoch"] == last["best_epoch"] == 2 and best["best"] == last["best"] == 0.3
-    assert last["log"] == log and sorted(os.listdir(tmp_path)) == ["best.pth", "curves.png", "last.pth", "log.jsonl"]
+    assert last["log"] == log and sorted(os.listdir(tmp_path)) == [support.LOCK_NAME, "best.pth", "curves.png",
+                                                                   "last.pth", "log.jsonl", "results.tmp2.csv"]
 
 
 def test_a_failed_write_keeps_the_old_file_and_names_a_full_disk(tmp_path):
     path = tmp_path / "last.pth"
     td.save_checkpoint({"epoch": 1}, str(path))
     before = path.read_bytes()
-    os.symlink("/dev/full", f"{path}.tmp{os.getpid()}")  # the temporary file lands on a full device
+    os.symlink("/dev/full", support.temporary_path(path))  # the temporary file lands on a full device
     with pytest.raises(OSError, match=f"cannot write {path}: disk full"):
         td.save_checkpoint({"epoch": 2, "weights": torch.zeros(1000)}, str(path))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pth"]
