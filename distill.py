@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import model
 import predict
+import support
 import teacher
 import train_det
 
@@ -67,8 +68,7 @@ def find_images(root, option):
     them can be read."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{option} {root}: no such folder")
-    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
-                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(path for path in support.files_below(root) if path.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
         raise ValueError(f"{option} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
     if not any(read_image(path) for path in paths):  # stops at the first readable one

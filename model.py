@@ -1650,8 +1650,8 @@ def load_weights(net, source):
     one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
     shape must match."""
     sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
-    support.check_state_dict(sd, "checkpoint")
     check_state_dict(net.state_dict(), sd)
+    support.check_state_dict(sd, "checkpoint")
     net.load_state_dict(sd, strict=True)
     return net
 
@@ -1659,10 +1659,12 @@ def load_weights(net, source):
 def check_state_dict(own, sd):
     """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
     against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint holds no state dict (names to tensors) where expected, but a {type(sd).__name__}")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"  # other entries: support's check
+              for k in own if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
         problems = [f"{what}: {show(xs)}" for what, xs in
@@ -1691,7 +1693,6 @@ def load_backbone(net, sd, source):
     """Load a ViT state dict in the released ecvit*.pth format into `net`'s ViT, strictly; an ECViT
     of another size is reported by the sizes held and needed."""
     vit = net.backbone.backbone
-    support.check_state_dict(sd, source)
     try:
         check_state_dict(vit.state_dict(), sd)
     except ValueError as e:
@@ -1699,6 +1700,7 @@ def load_backbone(net, sd, source):
         if held and held != needed:
             raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
         raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
+    support.check_state_dict(sd, source)
     vit.load_state_dict(sd)
 
 

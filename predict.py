@@ -70,12 +70,7 @@ def find_sources(source, skip=None):
     recursively, each real folder once, so a symbolic-link loop is not followed round, and without
     the folder `skip`, where the outputs go) or a glob pattern. Outputs keep their paths relative to `root`."""
     if os.path.isdir(source):
-        root, paths = source, []
-        seen = {os.path.realpath(source)} | ({os.path.realpath(skip)} if skip else set())
-        for folder, subfolders, names in os.walk(source, followlinks=True):
-            paths += [os.path.join(folder, name) for name in names]
-            real = [os.path.realpath(os.path.join(folder, name)) for name in subfolders]
-            subfolders[:] = [name for name, r in zip(subfolders, real) if r not in seen and not seen.add(r)]
+        root, paths = source, support.files_below(source, skip)
     elif os.path.isfile(source):
         root, paths = os.path.dirname(source), [source]
     else:
@@ -925,8 +920,8 @@ def run(args):
                                   lambda _, picture: video.write(picture))
         if images:
             predict_batch(images, save)
-    if not summary["images"]:
-        raise ValueError(f"--source {args.source}: none of its {len(paths)} images could be read")
+        if not summary["images"]:  # raised inside, so that no empty predictions.jsonl is left
+            raise ValueError(f"--source {args.source}: none of its {len(paths)} images could be read")
     n, total = summary["images"], sum(times.values())
     print(f"{n} images and frames in {total:.1f} s, {n / total:.2f} per second; per image: "
           + ", ".join(f"{step} {t / n * 1e3:.1f} ms" for step, t in times.items())

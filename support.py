@@ -32,8 +32,12 @@ def temporary_path(path):
     return os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}.{name}")
 
 
+class WriteError(OSError):
+    """A failed write, already named: an atomic write around another passes it on unchanged."""
+
+
 def write_error(path, e):
-    """The OSError `cannot write PATH: CAUSE` for a failed write of `path`; CAUSE is 'disk full' for a
+    """The WriteError `cannot write PATH: CAUSE` for a failed write of `path`; CAUSE is 'disk full' for a
     full disk, else the system's reason (permission denied, read-only file system, ...).
     torch's zip writer reports a failed write as a RuntimeError without errno: a full disk is then
     recognised by the free space left."""
@@ -46,7 +50,7 @@ def write_error(path, e):
         except OSError:
             full = False
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-    return OSError(f"cannot write {path}: {'disk full (no space left on device)' if full else reason}")
+    return WriteError(f"cannot write {path}: {'disk full (no space left on device)' if full else reason}")
 
 
 def is_write_failure(e):
@@ -82,6 +86,8 @@ def atomic_path(path, companions=(), commit_on_interrupt=False):
                 commit()
             raise
         commit()
+    except WriteError:
+        raise
     except OSError as e:
         raise write_error(path, e) from None
     except RuntimeError as e:
@@ -111,6 +117,18 @@ def relative_name(path, root):
     (a path outside root, an absolute one) become `__`."""
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
     return os.path.join(*["__" if part == ".." else part for part in rel.split(os.sep)])
+
+
+def files_below(root, skip=None):
+    """Every file below folder `root`, following symbolic links but entering each real folder once
+    (a link loop is not followed round and round), and not the folder `skip` (where outputs go)."""
+    seen = {os.path.realpath(root)} | ({os.path.realpath(skip)} if skip else set())
+    paths = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        paths += [os.path.join(folder, name) for name in names]
+        real = [os.path.realpath(os.path.join(folder, name)) for name in subfolders]
+        subfolders[:] = [name for name, r in zip(subfolders, real) if r not in seen and not seen.add(r)]
+    return paths
 
 
 # ---- One run per folder at a time ----
