@@ -151,15 +151,21 @@ def claim_folder(folder, flag="--output-dir"):
         created.append(path)
         path = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    lock = open(os.path.join(folder, LOCK_NAME), "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        lock.close()
-        raise ValueError(f"{flag} {folder} is in use by another run (process {holder}): wait for it to end, "
-                         f"or choose another folder") from None
+    path = os.path.join(folder, LOCK_NAME)
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise ValueError(f"{flag} {folder} is in use by another run (process {holder}): wait for it to end, "
+                             f"or choose another folder") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        lock.close()  # the run before removed the file as we opened it: lock the one there now
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()
@@ -167,15 +173,15 @@ def claim_folder(folder, flag="--output-dir"):
 
 
 def release_folders(failed=False):
-    """Let other runs into the folders this process holds. failed: the run stopped before writing
-    anything, so the folders it created are removed again when they hold nothing else."""
+    """Let other runs into the folders this process holds, and remove their lock files. failed: the
+    run stopped before its work, so the folders it created are removed again when empty."""
     for real, (lock, created) in list(_held.items()):
-        if failed and created and os.listdir(real) == [LOCK_NAME]:
-            os.remove(os.path.join(real, LOCK_NAME))
-            for path in created:  # the deepest first
-                with contextlib.suppress(OSError):  # not empty: something else is in it
-                    os.rmdir(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(real, LOCK_NAME))  # while still held, so claim_folder sees it gone
         lock.close()
+        for path in created if failed else ():  # the deepest first
+            with contextlib.suppress(OSError):  # not empty: it holds something else
+                os.rmdir(path)
         del _held[real]
 
 
