@@ -336,10 +336,9 @@ class TorchRuntime:
 
     def __init__(self, weights, config, device):
         net, self.cfg, _, (self.names, self.category_ids) = load_network(config, weights)
-        cfg = self.cfg
         self.device = torch.device(device)
-        self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg)).to(self.device)
-        self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
+        self.deployed = Deployed(net.deploy(), model.num_top_queries(self.cfg)).to(self.device)
+        self.size, self.batch, self.resizable = self.cfg.get("eval_spatial_size") or [640, 640], None, True
 
     @torch.inference_mode()
     def __call__(self, images, sizes):
@@ -404,6 +403,8 @@ class OpenVINORuntime(ExportedRuntime):
         except RuntimeError as e:
             raise ValueError(f"--weights {path}: OpenVINO cannot load it: {e}") from None
         net = self.runner.model
+        support.check_finite(((op.get_friendly_name(), op.get_data()) for op in net.get_ops()
+                              if op.get_type_name() == "Constant"), f"--weights {path}")
         shape = net.input("images").get_partial_shape()
         self.size = [shape[2].get_length(), shape[3].get_length()]
         self.batch = shape[0].get_length() if shape[0].is_static else None
@@ -887,8 +888,7 @@ def run(args):
 
     save = lambda path, picture: save_picture(picture, output(path))
     bar = tqdm(total=len(paths), unit="image", dynamic_ncols=True)
-    # Unbuffered: each line goes to the file in one write, so an interrupted run leaves whole lines.
-    # Interrupted, the lines written so far are kept: each is whole.
+    # Unbuffered: each line goes to the file in one write, so an interrupted run keeps whole lines.
     with atomic_output(os.path.join(args.output_dir, "predictions.jsonl"), "--output-dir", commit_on_interrupt=True) \
             as tmp, open(tmp, "wb", buffering=0) as jsonl, bar:
         images = []
@@ -912,9 +912,9 @@ def run(args):
                 for first in itertools.count(0, args.batch_size):
                     with timed("decode+preprocess"):
                         chunk = list(itertools.islice(frames, args.batch_size))
-                    if not chunk and not first:
-                        raise ValueError(f"--source {path}: the video has no frames")
                     if not chunk:
+                        if not first:  # raised inside, so that no empty video is left
+                            raise ValueError(f"--source {path}: the video has no frames")
                         break
                     predict_batch([(path, first + i, frame) for i, frame in enumerate(chunk)],
                                   lambda _, picture: video.write(picture))

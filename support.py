@@ -239,7 +239,7 @@ def check_finite(named, what):
     pairs. A network with them predicts nothing, or garbage, and trains on garbage."""
     bad = []
     for name, v in named:
-        v = torch.from_numpy(v) if isinstance(v, np.ndarray) and v.dtype.kind in "fc" else v
+        v = torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) and v.dtype.kind in "fc" else v  # a writable copy
         if not (torch.is_tensor(v) and (v.is_floating_point() or v.is_complex())):
             continue
         inf_allowed = name.rsplit(".", 1)[-1] in INF_BY_DESIGN

@@ -702,6 +702,12 @@ def test_an_onnx_file_of_non_finite_weights_is_refused(tmp_path, capsys):
                                              "--output-dir", str(tmp_path / "out")])
     assert line == f"predict.py: error: --weights {tmp_path / 'nan.onnx'} holds non-finite weights (NaN or inf) in 1 " \
                    f"tensors, e.g. w: refused"
+    openvino = pytest.importorskip("openvino")  # the same graph as OpenVINO IR
+    openvino.save_model(openvino.convert_model(str(tmp_path / "nan.onnx")), str(tmp_path / "nan.xml"))
+    line = error_line(capsys, predict.main, ["--weights", str(tmp_path / "nan.xml"), "--source", str(tmp_path / "a.jpg"),
+                                             "--output-dir", str(tmp_path / "out")])
+    assert re.fullmatch(rf"predict.py: error: --weights {tmp_path / 'nan.xml'} holds non-finite weights .*: refused", line)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_image_too_large_for_pil_is_skipped_and_counted(tmp_path, monkeypatch):
