@@ -1324,6 +1324,11 @@ def resume_checkpoint(args):
     ckpt = model.read_checkpoint(args.resume, "--resume")
     if not {"model", "ema", "optimizer", "scaler", "epoch", "best"} <= set(ckpt):
         raise ValueError(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
+    ema = ckpt["ema"].get("module") if isinstance(ckpt["ema"], dict) else ckpt["ema"]
+    for what, sd in (("model", ckpt["model"]), ("ema", ema)):
+        support.check_state_dict(sd, f"--resume {args.resume} ({what})")
+    if not (support.is_int(ckpt["epoch"]) and isinstance(ckpt["best"], (int, float))):
+        raise ValueError(f"--resume {args.resume}: its epoch and best AP are not numbers")
     last = os.path.join(args.output_dir, "last.pth")
     if not args.eval_only and os.path.exists(last) and not os.path.samefile(last, args.resume):
         newer = checkpoint_epoch(last)
@@ -1385,10 +1390,13 @@ def restore_optimizer(optimizer, scaler, ckpt):
     """Load the optimiser's and the scaler's saved state but keep this run's learning rates (each group's
     initial_lr, which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
     initial = [group["initial_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # torch's kinds for a state of another shape
+        raise ValueError(f"the checkpoint's optimizer state does not fit this run: {e!r}") from None
     for group, lr in zip(optimizer.param_groups, initial):
         group["initial_lr"] = lr
-    scaler.load_state_dict(ckpt["scaler"])
 
 
 def restart_from_best(path, net, ema, optimizer, scaler, rank):

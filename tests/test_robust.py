@@ -323,6 +323,9 @@ def bad(data):
                root / "nan.pth")
     torch.save({"model": {k: float("inf") if v.is_floating_point() else v for k, v in weights.items()}, "config": cfg},
                root / "floats.pth")  # a state dict of numbers, not tensors
+    run = {"model": weights, "ema": {"module": weights, "updates": 1}, "optimizer": {}, "scaler": {}, "epoch": 1, "best": 0.0}
+    torch.save({**run, "ema": {"module": {k: 0.0 for k in weights}}}, root / "floats_run.pth")
+    torch.save({**run, "epoch": "1"}, root / "string_epoch.pth")
     (root / "empty.pth").write_bytes(b"")
     (root / "heads.json").write_text(json.dumps({**cfg, "HybridEncoder": {**cfg["HybridEncoder"], "nhead": 3}}))
     (root / "typo.json").write_text(json.dumps({**cfg, "HybridEncodr": {"nhead": 4}}))
@@ -508,6 +511,11 @@ CASES = {  # name: (main, argv from the files above, the expected line)
     "export.py --onnx onto its --weights": (export.main, lambda p: ["--weights", f"{p['root']}/tiny.pth", "--onnx",
                                                                     f"{p['root']}/tiny.pth"],
                                             "export.py: error: --onnx .*tiny.pth: that is an input of this export"),
+    "--resume of numbers, not tensors": (td.main, lambda p: det(p, "--resume", f"{p['root']}/floats_run.pth"),
+                                         "--resume .*floats_run.pth \\(ema\\): \\d+ entries of its state dict are not "
+                                         "tensors"),
+    "--resume of a string epoch": (td.main, lambda p: det(p, "--resume", f"{p['root']}/string_epoch.pth"),
+                                   "--resume .*string_epoch.pth: its epoch and best AP are not numbers"),
     "predict.py --weights of numbers, not tensors": (
         predict.main, lambda p: pred(p, "--weights", f"{p['root']}/floats.pth"),
         "predict.py: error: --weights .*floats.pth: checkpoint: \\d+ entries of its state dict are not tensors, e.g. "),
