@@ -656,7 +656,19 @@ def test_one_run_per_folder_at_a_time(data, bad, tmp_path, capsys):
     support.release_folders()
 
 
-def test_a_refused_run_leaves_no_folder_it_made(bad, tmp_path, capsys):
+def test_a_refused_run_leaves_no_folder_it_made_and_deletes_nothing(bad, tmp_path, capsys):
+    used = tmp_path / "used"  # an earlier run, a killed run's temporary file, a user's file named alike
+    used.mkdir()
+    for name in ("last.pth", "log.jsonl", f"{support.TMP_PREFIX}1.best.pth", "results.tmp2.csv"):
+        (used / name).write_bytes(name.encode())
+    before = tree(used)
+    line = error_line(capsys, td.main, det(bad, "--output-dir", str(used), "--overwrite", "--tune",
+                                           f"{bad['root']}/nowhere.pth"))
+    assert "nowhere.pth does not exist" in line and tree(used) == before  # --overwrite deletes only once all is checked
+    line = error_line(capsys, td.main, det(bad, "--output-dir", str(used), "--overwrite", "--model",
+                                           f"{bad['root']}/typo.json"))
+    assert "unknown top-level keys" in line and tree(used) == before
+
     new = tmp_path / "new" / "run"
     line = error_line(capsys, td.main, det(bad, "--output-dir", str(new), "--resume", f"{bad['root']}/nowhere.pth"))
     assert "does not exist" in line and not (tmp_path / "new").exists()
