@@ -363,7 +363,8 @@ class OnnxRuntime(ExportedRuntime):
         except Exception as e:  # ONNX Runtime's own exception types
             raise ValueError(f"--weights {path}: ONNX Runtime cannot load it: {e}") from None
         initializers = onnx.load(path).graph.initializer
-        support.check_finite(((t.name, onnx.numpy_helper.to_array(t)) for t in initializers), f"--weights {path}")
+        support.check_finite(((t.name, onnx.numpy_helper.to_array(t)) for t in initializers), f"--weights {path}",
+                             exported=True)
         inputs = self.runner.session.get_inputs()
         if [i.name for i in inputs] != ["images", "orig_target_sizes"]:
             raise ValueError(f"--weights {path}: expected the inputs images and orig_target_sizes of an export.py "
@@ -404,7 +405,7 @@ class OpenVINORuntime(ExportedRuntime):
             raise ValueError(f"--weights {path}: OpenVINO cannot load it: {e}") from None
         net = self.runner.model
         support.check_finite(((op.get_friendly_name(), op.get_data()) for op in net.get_ops()
-                              if op.get_type_name() == "Constant"), f"--weights {path}")
+                              if op.get_type_name() == "Constant"), f"--weights {path}", exported=True)
         shape = net.input("images").get_partial_shape()
         self.size = [shape[2].get_length(), shape[3].get_length()]
         self.batch = shape[0].get_length() if shape[0].is_static else None

@@ -63,11 +63,11 @@ def atomic_path(path, companions=(), commit_on_interrupt=False):
     """A temporary path next to `path` to write to; when the block succeeds the file is synced to
     disk and renamed over `path`, so a killed or failed run leaves the old file or the new one, never
     half of one, and never writes through a symbolic link at `path`. A failed write raises
-    write_error's OSError and leaves no temporary file. `companions`: suffixes of files written
+    write_error's WriteError (an OSError) and leaves no temporary file. `companions`: suffixes of files written
     beside it under the same stem (OpenVINO's .bin), moved with it, the file that names them last.
     commit_on_interrupt: on Ctrl-C keep what was written (a file of whole lines)."""
     tmp = temporary_path(path)
-    stem, suffix = os.path.splitext(os.fspath(path))
+    stem = os.path.splitext(os.fspath(path))[0]
     pairs = [(tmp, os.fspath(path))] + [(os.path.splitext(tmp)[0] + s, stem + s) for s in companions]
 
     def commit():
@@ -126,8 +126,13 @@ def files_below(root, skip=None):
     paths = []
     for folder, subfolders, names in os.walk(root, followlinks=True):
         paths += [os.path.join(folder, name) for name in names]
-        real = [os.path.realpath(os.path.join(folder, name)) for name in subfolders]
-        subfolders[:] = [name for name, r in zip(subfolders, real) if r not in seen and not seen.add(r)]
+        unseen = []
+        for name in subfolders:
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in seen:
+                seen.add(real)
+                unseen.append(name)
+        subfolders[:] = unseen  # os.walk enters only these
     return paths
 
 
@@ -234,15 +239,17 @@ def named_tensors(obj, prefix=""):
 INF_BY_DESIGN = ("anchors",)
 
 
-def check_finite(named, what):
+def check_finite(named, what, exported=False):
     """Refuse (ValueError) weights with NaN or inf: `named` holds (name, tensor or numpy array)
-    pairs. A network with them predicts nothing, or garbage, and trains on garbage."""
+    pairs. A network with them predicts nothing, or garbage, and trains on garbage. exported: the
+    constants of an exported graph, where the anchors are folded into constants of other names, so
+    that only NaN is refused (a checkpoint's inf is refused when it is exported)."""
     bad = []
     for name, v in named:
         v = torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) and v.dtype.kind in "fc" else v  # a writable copy
         if not (torch.is_tensor(v) and (v.is_floating_point() or v.is_complex())):
             continue
-        inf_allowed = name.rsplit(".", 1)[-1] in INF_BY_DESIGN
+        inf_allowed = exported or name.rsplit(".", 1)[-1] in INF_BY_DESIGN
         if v.isnan().any() if inf_allowed else not torch.isfinite(v).all():
             bad.append(name)
     if bad:

@@ -753,3 +753,7 @@ def test_weights_given_as_dicts_are_checked_too():
     with pytest.raises(ValueError, match=r"checkpoint: 1 entries of its state dict are not tensors, e.g. \S+ \(list\)"):
         model.load_weights(net, {"model": {**sd, next(iter(sd)): [1.0]}})
     model.load_weights(net, {"model": sd})  # the anchors' inf (positions never selected) is by design
+    # an export folds them into constants of other names (e.g. /net/decoder/Expand_1_output_0): there inf passes
+    support.check_finite([("/net/decoder/Expand_1_output_0", np.array([np.inf]))], "an ONNX file", exported=True)
+    with pytest.raises(ValueError, match="an ONNX file holds non-finite weights"):
+        support.check_finite([("w", np.array([np.nan]))], "an ONNX file", exported=True)
