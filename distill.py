@@ -446,8 +446,8 @@ def parse_args(argv=None):
                                  ("--seed", args.seed, 0)):
         if value is not None and value < least:
             parser.error(f"{option} must be at least {least}, got {value}")
-    if args.lr is not None and not 0 < args.lr < math.inf:  # NaN too
-        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if args.lr is not None and not 0 <= args.lr < math.inf:  # NaN too
+        parser.error(f"--lr must be a finite number, 0 or more, got {args.lr}")
     for option, size in (("--img-size", args.img_size), ("--teacher-size", args.teacher_size or [16])):
         if len(size) > 2 or any(s <= 0 or s % 16 for s in size):
             parser.error(f"{option} {' '.join(map(str, size))}: expected H [W], positive multiples of 16 (the patch size)")

@@ -1568,8 +1568,8 @@ def parse_args(argv=None, task=Task()):
         if value is not None and value < least:
             parser.error(f"{option} must be at least {least}, got {value}")
     for option, value in (("--lr", args.lr), ("--backbone-lr", args.backbone_lr)):
-        if value is not None and not 0 < value < math.inf:  # NaN too
-            parser.error(f"{option} must be a positive number, got {value}")
+        if value is not None and not 0 <= value < math.inf:  # NaN too; 0 keeps the weights as they are
+            parser.error(f"{option} must be a finite number, 0 or more, got {value}")
     if len(args.img_size) > 2 or any(s <= 0 or s % 32 for s in args.img_size):
         parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected H [W], positive multiples of 32 (the "
                      f"stride of the coarsest feature map)")

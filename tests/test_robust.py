@@ -448,9 +448,10 @@ CASES = {  # name: (main, argv from the files above, the expected line)
     # issue 24: numbers accepted silently or misreported
     "--seed -1": (td.main, lambda p: det(p, "--seed", "-1"), "--seed must be at least 0, got -1"),
     "distill.py --seed -1": (distill.main, lambda p: dist(p, "--seed", "-1"), "distill.py: error: --seed must be at least 0"),
-    "--lr -1": (td.main, lambda p: det(p, "--lr", "-1"), "--lr must be a positive number, got -1.0"),
-    "--backbone-lr nan": (td.main, lambda p: det(p, "--backbone-lr", "nan"), "--backbone-lr must be a positive number, got nan"),
-    "distill.py --lr 0": (distill.main, lambda p: dist(p, "--lr", "0"), "distill.py: error: --lr must be a positive number"),
+    "--lr -1": (td.main, lambda p: det(p, "--lr", "-1"), "--lr must be a finite number, 0 or more, got -1.0"),
+    "--backbone-lr nan": (td.main, lambda p: det(p, "--backbone-lr", "nan"), "--backbone-lr must be a finite number, 0 or more, got nan"),
+    "distill.py --lr=-1e-3": (distill.main, lambda p: dist(p, "--lr=-1e-3"), "distill.py: error: --lr must be a finite number"),
+    "--lr inf": (td.main, lambda p: det(p, "--lr", "inf"), "--lr must be a finite number, 0 or more, got inf"),
     "predict.py --conf 1.5": (predict.main, lambda p: pred(p, "--conf", "1.5"), "predict.py: error: --conf 1.5: expected a score in \\[0, 1\\]"),
     "predict.py --conf -0.1": (predict.main, lambda p: pred(p, "--conf", "-0.1"), "predict.py: error: --conf -0.1: expected a score"),
     "predict.py --conf nan": (predict.main, lambda p: pred(p, "--conf", "nan"), "predict.py: error: --conf nan: expected a score"),
