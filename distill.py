@@ -33,6 +33,7 @@ Where each part comes from:
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -69,8 +70,7 @@ def find_images(root, option):
     them can be read."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{option} {root}: no such folder")
-    paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root, followlinks=True)
-                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(path for path in support.files_below(root) if path.lower().endswith(IMAGE_EXTENSIONS))
     if not paths:
         raise ValueError(f"{option} {root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it or its subfolders")
     if not any(read_image(path) for path in paths):  # stops at the first readable one
@@ -466,9 +466,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--proxy-epochs", args.proxy_epochs, 1),
                                  ("--warmup-epochs", args.warmup_epochs, 0), ("--stop-after", args.stop_after, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                                 ("--seed", args.seed, 0)):
         if value is not None and value < least:
             parser.error(f"{option} must be at least {least}, got {value}")
+    if args.lr is not None and not 0 <= args.lr < math.inf:  # NaN too
+        parser.error(f"--lr must be a finite number, 0 or more, got {args.lr}")
     for option, size in (("--img-size", args.img_size), ("--teacher-size", args.teacher_size or [16])):
         if len(size) > 2 or any(s <= 0 or s % 16 for s in size):
             parser.error(f"{option} {' '.join(map(str, size))}: expected H [W], positive multiples of 16 (the patch size)")
@@ -523,6 +526,7 @@ def run(args):
     arches = arches * len(args.teacher) if len(arches) == 1 else arches
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
     teachers = [(vit.to(args.device), layers) for vit, layers in teachers]
+    train_det.clean_output_dir(args, RUN_FILES)
     history = []
     if args.proxy:  # EUPE's route: the teachers into the large proxy first, then the proxy alone into the student
         epochs = args.proxy_epochs or args.epochs

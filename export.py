@@ -794,9 +794,7 @@ def run(args):
         print("--random-weights: fine for benchmarking, useless for inference", file=sys.stderr)
     size = args.img_size or cfg.get("eval_spatial_size") or [640, 640]
     size = [size[0], size[-1]]
-    if size[0] % 32 or size[1] % 32 or min(size) <= 0:
-        raise ValueError(f"--img-size {size[0]} {size[1]}: both sides must be positive multiples of 32 "
-                         f"(the stride of the coarsest feature map)")
+    model.check_input_size(cfg, size)
     if args.flops or args.benchmark:  # counted before deploy() merges the RepVGG branches, as the paper counts
         print_flops(net, name, size)
     if args.flops:
@@ -804,10 +802,13 @@ def run(args):
     onnx_path = args.onnx or f"{name}.onnx"
     int8_path = str(pathlib.Path(onnx_path).with_name(f"{pathlib.Path(onnx_path).stem}_int8.onnx"))
     ov_dir = pathlib.Path(args.openvino) if args.openvino else None
+    inputs = [p for p in (args.weights, args.model, args.val_ann) if p and os.path.isfile(p)]
     for flag, path in (("--onnx", onnx_path), ("--int8", args.int8 and int8_path), ("--trt", args.trt),
                        ("--benchmark-json", args.benchmark_json)):
         if path:
             predict.check_writable(path, flag)
+            if any(os.path.exists(path) and os.path.samefile(path, p) for p in inputs):
+                raise ValueError(f"{flag} {path}: that is an input of this export; choose another file")
     if ov_dir:
         predict.import_openvino()
         if ov_dir.exists() and not ov_dir.is_dir():
@@ -927,7 +928,8 @@ def run(args):
         if args.benchmark_json:
             result = dict(model=name, size=size, threads=args.threads, rounds=args.rounds, runs=args.runs,
                           cpu=cpu_name(), load_average=os.getloadavg(), fastest=fastest["name"], rows=rows)
-            pathlib.Path(args.benchmark_json).write_text(json.dumps(result, indent=1))
+            with predict.atomic_output(args.benchmark_json, "--benchmark-json") as tmp:
+                pathlib.Path(tmp).write_text(json.dumps(result, indent=1))
             print(f"wrote {args.benchmark_json}")
 
 

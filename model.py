@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
 
+import support
+
 
 # ---------------------------------------------------------------------------------------------
 # Configuration: presets in the original's vocabulary
@@ -1540,6 +1542,21 @@ def check_images(images):
                          f"resize or pad to e.g. {(H + 31) // 32 * 32}x{(W + 31) // 32 * 32}")
 
 
+def check_input_size(cfg, size, flag="--img-size"):
+    """Refuse (ValueError) an input size (H, W) that the network of config `cfg` cannot take: sides
+    that are positive multiples of 32 (the stride of the coarsest level) giving at least as many
+    positions over the three levels (strides 8, 16, 32) as the decoder selects queries among them."""
+    h, w = size
+    if min(h, w) <= 0 or h % 32 or w % 32:
+        raise ValueError(f"{flag} {h} {w}: both sides must be positive multiples of 32 (the stride of the coarsest "
+                         f"feature map)")
+    queries = (cfg.get("ECTransformer") or cfg.get("DETRTransformer") or {}).get("num_queries", 300)
+    positions = sum((h // s) * (w // s) for s in (8, 16, 32))
+    if positions < queries:
+        raise ValueError(f"{flag} {h} {w}: too small for this network, whose decoder selects {queries} queries among "
+                         f"the {positions} positions of its feature maps")
+
+
 def same_width(section):  # the encoder and the decoder keep one width, hidden_dim (256 if unset), at every level
     return [section.get("hidden_dim", 256)] * 3
 
@@ -1584,7 +1601,7 @@ def make_section(cls, cfg, name, **shared):
     """Build `cls(**config_section(cfg, name), **shared)`; a bad key gets an error naming the section."""
     try:
         return cls(**{**config_section(cfg, name), **shared})
-    except TypeError as e:
+    except (TypeError, AssertionError) as e:  # AssertionError: torch's checks, e.g. widths that heads don't divide
         raise ValueError(f"config section {name!r}: {e}") from None
 
 
@@ -1605,6 +1622,13 @@ def build_vit(adapter):
     return ViT(**vit)
 
 
+# The top-level keys of a config: the network's sections and settings, the postprocessors', and the
+# loss sections of the training files (train_det, train_seg: ECCriterion; train_pose: DETRPoseCriterion).
+CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", "DETRTransformer", "PostProcessor",
+               "DETRPosePostProcessor", "eval_spatial_size", "num_classes", "use_focal_loss", "ECCriterion",
+               "DETRPoseCriterion"}
+
+
 def build_model(cfg):
     """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
     vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
@@ -1616,6 +1640,8 @@ def build_model(cfg):
     for key in ("num_classes", "ViTAdapter"):
         if key not in cfg:
             raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
+    if set(cfg) - CONFIG_KEYS:  # a misspelt section would silently take the defaults
+        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - CONFIG_KEYS)}; known: {sorted(CONFIG_KEYS)}")
     adapter = config_section(cfg, "ViTAdapter")
     known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "embed_dim",
              "num_heads", "depth", "ffn_ratio", "ffn_layer", "dinov3"}
@@ -1635,7 +1661,7 @@ def build_model(cfg):
 
 def checkpoint_state_dict(ckpt):
     """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
-    if "ema" in ckpt and ckpt["ema"]:
+    if "ema" in ckpt and isinstance(ckpt["ema"], dict) and ckpt["ema"]:
         ema = ckpt["ema"]
         return ema["module"] if "module" in ema else ema
     if "model" in ckpt:
@@ -1651,10 +1677,14 @@ def read_checkpoint(path, what="checkpoint", mmap=False):
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except Exception as e:  # torch raises many kinds for files that are not checkpoints
-        raise ValueError(f"cannot read {what} {path}: {str(e).strip().splitlines()[0]}") from None
+    except Exception as e:  # torch raises many kinds for files that are not checkpoints, some without a message
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        reason = "the file is empty (0 bytes)" if empty else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read {what} {path}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
+    if not mmap:  # every tensor: weights, EMA, optimizer state
+        support.check_finite(support.named_tensors(ckpt), f"{what} {path}")
     return ckpt
 
 
@@ -1664,6 +1694,7 @@ def load_weights(net, source):
     shape must match."""
     sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
     check_state_dict(net.state_dict(), sd)
+    support.check_state_dict(sd, "checkpoint")
     net.load_state_dict(sd, strict=True)
     return net
 
@@ -1671,10 +1702,12 @@ def load_weights(net, source):
 def check_state_dict(own, sd):
     """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
     against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint holds no state dict (names to tensors) where expected, but a {type(sd).__name__}")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"  # other entries: support's check
+              for k in own if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
         show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
         problems = [f"{what}: {show(xs)}" for what, xs in
@@ -1710,6 +1743,7 @@ def load_backbone(net, sd, source):
         if held and held != needed:
             raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
         raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
+    support.check_state_dict(sd, source)
     vit.load_state_dict(sd)
 
 

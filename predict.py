@@ -65,12 +65,12 @@ def is_video(path):
     return path.lower().endswith(tuple(VIDEO_CODECS))
 
 
-def find_sources(source):
+def find_sources(source, skip=None):
     """(root, sorted paths) of the images and videos that `source` names: a file, a folder (searched
-    recursively) or a glob pattern. Outputs keep their paths relative to `root`."""
+    recursively, each real folder once, so a symbolic-link loop is not followed round, and without
+    the folder `skip`, where the outputs go) or a glob pattern. Outputs keep their paths relative to `root`."""
     if os.path.isdir(source):
-        root = source
-        paths = [os.path.join(folder, name) for folder, _, names in os.walk(source, followlinks=True) for name in names]
+        root, paths = source, support.files_below(source, skip)
     elif os.path.isfile(source):
         root, paths = os.path.dirname(source), [source]
     else:
@@ -225,21 +225,14 @@ def check_writable(path, flag):
 
 
 @contextlib.contextmanager
-def atomic_output(path, flag, companions=()):
-    """A temporary file next to `path` that replaces `path` only when the block succeeds, so a failed
-    export never leaves a half-written or unverified file under the requested name. `companions`:
-    suffixes of files written beside it under the same stem (OpenVINO's .bin), moved with it."""
+def atomic_output(path, flag, companions=(), commit_on_interrupt=False):
+    """A temporary file next to `path` that replaces `path` only when the block succeeds
+    (support.atomic_path), so a failed export never leaves a half-written or unverified file under
+    the requested name. `companions`: suffixes of files written beside it under the same stem
+    (OpenVINO's .bin), moved with it."""
     path = check_writable(path, flag)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # ONNX Runtime goes by the suffix
-    pairs = [(tmp, path)] + [(tmp.with_suffix(s), path.with_suffix(s)) for s in companions]
-    try:
-        yield str(tmp)
-        for src, dst in reversed(pairs):  # the file that names the others last
-            os.replace(src, dst)
-    finally:
-        for src, _ in pairs:
-            if os.path.exists(src):
-                os.remove(src)
+    with support.atomic_path(path, companions, commit_on_interrupt) as tmp:
+        yield tmp
 
 
 def ort_session(path, threads=None, profile_prefix=None):
@@ -405,11 +398,11 @@ class TorchRuntime:
     under bf16 autocast."""
 
     def __init__(self, weights, config, device, precision="fp32"):
-        net, cfg, _, (self.names, self.category_ids) = load_network(config, weights)
+        net, self.cfg, _, (self.names, self.category_ids) = load_network(config, weights)
         self.device = support.device(device)
-        self.deployed = Deployed(net.deploy(), model.num_top_queries(cfg), precision == "bf16").to(self.device)
+        self.deployed = Deployed(net.deploy(), model.num_top_queries(self.cfg), precision == "bf16").to(self.device)
         self.forward = self.deployed
-        self.size, self.batch, self.resizable = cfg.get("eval_spatial_size") or [640, 640], None, True
+        self.size, self.batch, self.resizable = self.cfg.get("eval_spatial_size") or [640, 640], None, True
 
     def capture(self, batch, size):
         """Run the network from a CUDA graph (CUDAGraphRunner) at batch `batch` and input size (H, W)."""
@@ -440,6 +433,9 @@ class OnnxRuntime(ExportedRuntime):
             self.runner = OrtRunner(path)
         except Exception as e:  # ONNX Runtime's own exception types
             raise ValueError(f"--weights {path}: ONNX Runtime cannot load it: {e}") from None
+        initializers = onnx.load(path).graph.initializer
+        support.check_finite(((t.name, onnx.numpy_helper.to_array(t)) for t in initializers), f"--weights {path}",
+                             exported=True)
         inputs = self.runner.session.get_inputs()
         if [i.name for i in inputs] != ["images", "orig_target_sizes"]:
             raise ValueError(f"--weights {path}: expected the inputs images and orig_target_sizes of an export.py "
@@ -483,6 +479,8 @@ class OpenVINORuntime(ExportedRuntime):
         except RuntimeError as e:
             raise ValueError(f"--weights {path}: OpenVINO cannot load it: {e}") from None
         net = self.runner.model
+        support.check_finite(((op.get_friendly_name(), op.get_data()) for op in net.get_ops()
+                              if op.get_type_name() == "Constant"), f"--weights {path}", exported=True)
         shape = net.input("images").get_partial_shape()
         self.size = [shape[2].get_length(), shape[3].get_length()]
         self.batch = shape[0].get_length() if shape[0].is_static else None
@@ -565,6 +563,8 @@ class Predictor:
 
     def __init__(self, weights, device="cpu", conf=0.4, config=None, img_size=None, runtime=None, batch_size=1,
                  precision="fp32", cuda_graph=False):
+        if not 0 <= conf <= 1:  # NaN too
+            raise ValueError(f"--conf {conf}: expected a score in [0, 1]")
         self.runtime = open_runtime(weights, runtime, config, device, precision)
         self.conf, self.batch_size = conf, batch_size
         self.names, self.category_ids = self.runtime.names, self.runtime.category_ids
@@ -574,6 +574,8 @@ class Predictor:
         if size != list(self.runtime.size) and not self.runtime.resizable:
             raise ValueError(f"--img-size {' '.join(map(str, size))}: {weights} was exported for "
                              f"{self.runtime.size[0]}x{self.runtime.size[1]} input")
+        if self.runtime.resizable:
+            model.check_input_size(self.runtime.cfg, size)
         self.size = size
         if cuda_graph:
             if not isinstance(self.runtime, TorchRuntime):
@@ -681,6 +683,7 @@ def load_coco(ann_file):
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise ValueError(f"COCO annotation file {ann_file} lacks the top-level keys {missing}")
+    support.check_coco_ids(data, ann_file)
     coco = COCO()
     coco.dataset = data
     try:
@@ -866,6 +869,31 @@ class VideoWriter:
         self.container.close()
 
 
+def output_paths(paths, root, output_dir):
+    """{source path: where its drawn picture or video goes}: output_dir joined with the path relative
+    to root (support.relative_name, so never outside output_dir). Refused (ValueError) when the
+    sources lie inside output_dir (the pictures would land among the user's own files there), or an
+    output would land on a source, leave output_dir by a symbolic link, or be shared by two sources."""
+    if support.inside(root or ".", output_dir):
+        raise ValueError(f"--output-dir {output_dir} holds --source's folder {root or '.'}: the drawn pictures could "
+                         f"replace files there; choose an output folder outside it")
+    outputs = {path: os.path.join(output_dir, support.relative_name(path, root)) for path in paths}
+    sources = {os.path.realpath(path): path for path in paths}
+    taken = {}
+    for path, out in outputs.items():
+        real = os.path.realpath(out)
+        if real in sources:
+            raise ValueError(f"--output-dir {output_dir}: the drawn picture of {path} would replace the source "
+                             f"{sources[real]}; choose another folder")
+        if not support.inside(out, output_dir):
+            raise ValueError(f"--output-dir {output_dir}: the drawn picture of {path} would be written outside it, "
+                             f"to {real} (a symbolic link in it); choose another folder")
+        if real in taken:
+            raise ValueError(f"--output-dir {output_dir}: {taken[real]} and {path} would both be drawn to {out}")
+        taken[real] = path
+    return outputs
+
+
 def coco_images(ann_file, folder):
     """(COCO ground truth, {path: (image id, (w, h))}) for the images of `ann_file` found in `folder`."""
     coco = load_coco(ann_file)
@@ -894,15 +922,12 @@ def run(args):
         coco, annotated = coco_images(args.coco_ann, args.source)
         root, paths = args.source, list(annotated)
     else:
-        root, paths = find_sources(args.source)
-    output = lambda path: os.path.join(args.output_dir, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
-    for path in paths:
-        if os.path.abspath(output(path)) == os.path.abspath(path):
-            raise ValueError(f"--output-dir {args.output_dir}: the drawn pictures would replace {path}; choose another folder")
+        root, paths = find_sources(args.source, skip=args.output_dir)
+    output = output_paths(paths, root, args.output_dir).get
     if os.path.exists(os.path.join(args.output_dir, "predictions.jsonl")) and not args.overwrite:
         raise ValueError(f"--output-dir {args.output_dir} already holds predictions (predictions.jsonl): choose "
                          f"another folder, or replace them with --overwrite")
-    os.makedirs(args.output_dir, exist_ok=True)
+    support.claim_folder(args.output_dir)
     summary, evaluator = {"images": 0, "skipped": 0}, None
     times = dict.fromkeys(("decode+preprocess", "network", "postprocess+draw"), 0.0)
 
@@ -953,8 +978,9 @@ def run(args):
 
     save = lambda path, picture: save_picture(picture, output(path))
     bar = tqdm(total=len(paths), unit="image", dynamic_ncols=True)
-    # Unbuffered: each line goes to the file in one write, so an interrupted run leaves whole lines.
-    with open(os.path.join(args.output_dir, "predictions.jsonl"), "wb", buffering=0) as jsonl, bar:
+    # Unbuffered: each line goes to the file in one write, so an interrupted run keeps whole lines.
+    with atomic_output(os.path.join(args.output_dir, "predictions.jsonl"), "--output-dir", commit_on_interrupt=True) \
+            as tmp, open(tmp, "wb", buffering=0) as jsonl, bar:
         images = []
         for path in paths:
             if not is_video(path):
@@ -977,13 +1003,15 @@ def run(args):
                     with timed("decode+preprocess"):
                         chunk = list(itertools.islice(frames, args.batch_size))
                     if not chunk:
+                        if not first:  # raised inside, so that no empty video is left
+                            raise ValueError(f"--source {path}: the video has no frames")
                         break
                     predict_batch([(path, first + i, frame) for i, frame in enumerate(chunk)],
                                   lambda _, picture: video.write(picture))
         if images:
             predict_batch(images, save)
-    if not summary["images"]:
-        raise ValueError(f"--source {args.source}: none of its {len(paths)} images could be read")
+        if not summary["images"]:  # raised inside, so that no empty predictions.jsonl is left
+            raise ValueError(f"--source {args.source}: none of its {len(paths)} images could be read")
     n, total = summary["images"], sum(times.values())
     print(f"{n} images and frames in {total:.1f} s, {n / total:.2f} per second; per image: "
           + ", ".join(f"{step} {t / n * 1e3:.1f} ms" for step, t in times.items())
@@ -992,7 +1020,8 @@ def run(args):
         summary["coco"] = evaluator.summarize()
         for iou_type in evaluator.iou_types:
             path = os.path.join(args.output_dir, f"coco_results_{iou_type}.json")
-            pathlib.Path(path).write_text(json.dumps([d for entry in evaluator.results.values() for d in entry[iou_type]]))
+            with atomic_output(path, "--output-dir") as tmp:
+                pathlib.Path(tmp).write_text(json.dumps([d for entry in evaluator.results.values() for d in entry[iou_type]]))
             print(f"COCO results ({iou_type}): {path}")
     return summary
 
@@ -1039,12 +1068,15 @@ def main(argv=None):
     try:
         return run(args)
     except (ValueError, OSError) as e:
+        support.release_folders(failed=True)
         print(f"predict.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"predict.py: interrupted; the pictures and the lines of predictions.jsonl in {args.output_dir} "
               f"are complete", file=sys.stderr)
         sys.exit(130)
+    finally:
+        support.release_folders()
 
 
 if __name__ == "__main__":

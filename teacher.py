@@ -173,8 +173,7 @@ def run(own, args):
         print("warning: no --dinov3 weights; the teacher's ViT starts from random weights", file=sys.stderr)
     train_det.check_output_dir(args)  # before the config goes in
     args.model = os.path.join(args.output_dir, "teacher_model.json")
-    with open(args.model, "w") as f:
-        json.dump(cfg, f, indent=1)
+    train_det.write_atomically(args.model, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
     return train_det.run(args, TASK)
 
 

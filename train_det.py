@@ -17,8 +17,6 @@ import collections
 import contextlib
 import copy
 import dataclasses
-import errno
-import glob
 import io
 import json
 import math
@@ -182,7 +180,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 turned = im.getexif().get(support.EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
                 stored = turned and im.size == (info["width"], info["height"]) != im.size[::-1]
                 im = predict.to_rgb(im, upright=not stored)  # also forces the decode, so broken files fail here
-        except OSError as e:
+        except (OSError, Image.DecompressionBombError) as e:  # the latter: more pixels than PIL takes
             return self._skip(path, repr(e))
         w, h = im.size
         if (w, h) != (info["width"], info["height"]):
@@ -492,7 +490,8 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
     for i, tile in enumerate(tiles):
         grid.paste(tile, ((i % ncols) * tile_w, (i // ncols) * tile_h))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
+    with support.atomic_path(path) as tmp:
+        grid.save(tmp)
     return path
 
 
@@ -531,7 +530,8 @@ def draw_curves(panels, path, size=(480, 320)):
             draw.rectangle(draw.textbbox((x1 - 6, y0 + 4 + 14 * k), label, font=font, anchor="ra"), fill="white")
             draw.text((x1 - 6, y0 + 4 + 14 * k), label, fill=predict.PALETTE[k % len(predict.PALETTE)], font=font, anchor="ra")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image.save(path)
+    with support.atomic_path(path) as tmp:
+        image.save(tmp)
     return path
 
 
@@ -1058,22 +1058,11 @@ def distributed(net, device, world):
 
 
 def write_atomically(path, write):
-    """Call write(file) on a temporary file that then replaces `path`, so that a killed run leaves the
-    old file or the new one, never half of one. A failed write leaves no temporary file behind and
-    names the file, and a full disk as the cause."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:  # a Python file: a failed write raises OSError with its errno
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        reason = "disk full (no space left on device)" if e.errno == errno.ENOSPC else e.strerror or str(e)
-        raise OSError(f"cannot write {path}: {reason}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Call write(file) on a temporary file that then replaces `path` (support.atomic_path), so that a
+    killed run leaves the old file or the new one, never half of one. A failed write leaves no
+    temporary file behind and names the file, and a full disk as the cause."""
+    with support.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: a failed write raises OSError
+        write(f)
 
 
 def save_checkpoint(obj, path):
@@ -1125,6 +1114,7 @@ def load_matching(net, state, what, require_all=False):
     own = net.state_dict()
     items = state.items() if isinstance(state, Mapping) else []
     fits = {k: v for k, v in items if k in own and torch.is_tensor(v) and own[k].shape == v.shape}
+    support.check_finite(fits.items(), what)
     skipped = sorted(set(own) - set(fits))
     share = sum(v.numel() for v in fits.values()) / sum(v.numel() for v in own.values())
     if share < 0.5 or (require_all and skipped):
@@ -1137,28 +1127,43 @@ def load_matching(net, state, what, require_all=False):
 
 
 def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
-    """Make args.output_dir ready before any work: a folder that takes files, not holding `run_files`
-    of an earlier run unless args.resume continues it (or --eval-only only reads) or args.overwrite
-    replaces it (they are deleted, with its TensorBoard events); temporary files of killed runs are removed."""
+    """Make args.output_dir ready before any work: a folder that takes files, held by this run alone
+    (support.claim_folder: another run into it is refused until this one ends), not holding `run_files`
+    of an earlier run unless args.resume continues it (or --eval-only, which writes nothing there, only
+    reads) or args.overwrite replaces it. Nothing is deleted here: clean_output_dir does that once the
+    run has passed its checks."""
     folder = args.output_dir
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise ValueError(f"--output-dir {folder} is a file, not a folder")
+    reads_only = getattr(args, "eval_only", False)
+    if reads_only:
+        return
     try:
-        os.makedirs(folder, exist_ok=True)
+        if int(os.environ.get("RANK", 0)) == 0:  # the other ranks write nothing of their own
+            support.claim_folder(folder)
+        else:
+            os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise OSError(f"--output-dir {folder}: cannot write there ({e.strerror or e})") from None
     found = [name for name in run_files if os.path.exists(os.path.join(folder, name))]
-    reads_only = getattr(args, "eval_only", False)
-    if found and not (args.resume or args.overwrite or reads_only):
+    if found and not (args.resume or args.overwrite):
         raise ValueError(f"--output-dir {folder} already holds a run ({', '.join(found)}): continue it with "
                          f"--resume, or replace it with --overwrite")
-    replaced = args.overwrite and not reads_only
-    if int(os.environ.get("RANK", 0)) == 0:
-        for path in [os.path.join(folder, name) for name in found if replaced] + \
-                glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")) + \
-                (glob.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*")) if replaced else []):
-            os.remove(path)  # temporary files of write_atomically, and with --overwrite the run's TensorBoard events
+
+
+
+def clean_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
+    """Once a run has passed its checks, before its first write: remove what atomic writes of killed
+    runs left in args.output_dir (support's temporary files only) and, with --overwrite, the earlier
+    run's `run_files` and its TensorBoard events."""
+    if int(os.environ.get("RANK", 0)) != 0 or getattr(args, "eval_only", False):
+        return
+    support.remove_temporary_files(args.output_dir)
+    events = [name for name in os.listdir(args.output_dir) if name.startswith("events.out.tfevents.")]
+    for name in [*run_files, *events] if args.overwrite else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.output_dir, name))
 
 
 # The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
@@ -1166,12 +1171,16 @@ USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
 def run_script(script, fn, *args):
-    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2."""
+    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2.
+    Either way the run's folder is let go; a refused run removes the empty folder it created."""
     try:
         return fn(*args)
     except USER_ERRORS as e:
-        print(f"{script}: error: {e}", file=sys.stderr)
+        support.release_folders(failed=True)
+        print(f"{script}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2)
+    finally:
+        support.release_folders()
 
 
 def diverged(what, epoch, step, terms, checkpoint):
@@ -1362,6 +1371,7 @@ def model_config(args, task, num_classes):
             raise ValueError(f"--model: {e}") from None
     cfg = copy.deepcopy(cfg)
     cfg["num_classes"], cfg["eval_spatial_size"] = num_classes, list(args.img_size)
+    model.check_input_size(cfg, args.img_size)
     return cfg
 
 
@@ -1372,6 +1382,11 @@ def resume_checkpoint(args):
     ckpt = model.read_checkpoint(args.resume, "--resume")
     if not {"model", "ema", "optimizer", "scaler", "epoch", "best"} <= set(ckpt):
         raise ValueError(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
+    ema = ckpt["ema"].get("module") if isinstance(ckpt["ema"], dict) else ckpt["ema"]
+    for what, sd in (("model", ckpt["model"]), ("ema", ema)):
+        support.check_state_dict(sd, f"--resume {args.resume} ({what})")
+    if not (support.is_int(ckpt["epoch"]) and isinstance(ckpt["best"], (int, float))):
+        raise ValueError(f"--resume {args.resume}: its epoch and best AP are not numbers")
     last = os.path.join(args.output_dir, "last.pth")
     if not args.eval_only and os.path.exists(last) and not os.path.samefile(last, args.resume):
         newer = checkpoint_epoch(last)
@@ -1433,10 +1448,13 @@ def restore_optimizer(optimizer, scaler, ckpt):
     """Load the optimiser's and the scaler's saved state but keep this run's learning rates (each group's
     initial_lr, which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
     initial = [group["initial_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # torch's kinds for a state of another shape
+        raise ValueError(f"the checkpoint's optimizer state does not fit this run: {e!r}") from None
     for group, lr in zip(optimizer.param_groups, initial):
         group["initial_lr"] = lr
-    scaler.load_state_dict(ckpt["scaler"])
 
 
 def restart_from_best(path, net, ema, optimizer, scaler, rank):
@@ -1532,7 +1550,8 @@ def run(args, task):
     ema = ModelEMA(net, recipe["ema_decay"], recipe["ema_warmups"])
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
-    picture = os.path.join(args.output_dir, "predictions.png")
+    # --eval-only only reads the run: its picture stays the one of the run's last epoch
+    picture = None if args.eval_only else os.path.join(args.output_dir, "predictions.png")
     if args.eval_only:
         return {f"coco_{k}": v for k, v in evaluate(ema.module, val_loader, task, cfg, args, rank, picture).items()}
 
@@ -1542,6 +1561,7 @@ def run(args, task):
     train_net = distributed(net, args.device, world)
     optimizer, scaler = make_optimizer(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
                                        recipe["betas"], args, ckpt)
+    clean_output_dir(args)
     history = restore_run_files(args, ckpt) if ckpt is not None else []
     steps = len(train_loader)
     total, no_aug = args.epochs * steps, (args.epochs - recipe["stop_epoch"]) * steps
@@ -1633,9 +1653,13 @@ def parse_args(argv=None, task=Task(), parser=None):
     parser = parser or make_parser(task)
     args = parser.parse_args(argv)
     for option, value, least in (("--epochs", args.epochs, 1), ("--stop-after", args.stop_after, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                                 ("--seed", args.seed, 0)):
         if value is not None and value < least:
             parser.error(f"{option} must be at least {least}, got {value}")
+    for option, value in (("--lr", args.lr), ("--backbone-lr", args.backbone_lr)):
+        if value is not None and not 0 <= value < math.inf:  # NaN too; 0 keeps the weights as they are
+            parser.error(f"{option} must be a finite number, 0 or more, got {value}")
     if len(args.img_size) > 2 or any(s <= 0 or s % 32 for s in args.img_size):
         parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected H [W], positive multiples of 32 (the "
                      f"stride of the coarsest feature map)")
@@ -1678,8 +1702,7 @@ def demo(args, task, cfg=None):
     cfg = copy.deepcopy(cfg or demo_config(task))
     cfg["num_classes"] = len(task.dataset(val_dir, val_ann, **task.dataset_kwargs).names)
     cfg["eval_spatial_size"] = list(args.img_size)
-    with open(config, "w") as f:
-        json.dump(cfg, f, indent=1)
+    write_atomically(config, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
     if "lr" in settings:  # a stage's own rate, for the heads and the randomly initialised ViT alike
         args.lr, args.backbone_lr = args.lr or settings["lr"], args.backbone_lr or settings["lr"]
     metrics = run(args, task)
