@@ -62,8 +62,8 @@ def write_data(root, size, count):
     for i in range(count):
         image = data["images"][i % len(data["images"])]
         images.append(dict(image, id=i + 1))
-        annotations += [dict(a, id=len(annotations) + 1, image_id=i + 1) for a in data["annotations"]
-                        if a["image_id"] == image["id"]]
+        own = [a for a in data["annotations"] if a["image_id"] == image["id"]]
+        annotations += [dict(a, id=len(annotations) + k + 1, image_id=i + 1) for k, a in enumerate(own)]
     with open(path, "w") as f:
         json.dump(dict(data, images=images, annotations=annotations), f)
     return root
