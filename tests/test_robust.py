@@ -474,7 +474,7 @@ CASES = {  # name: (main, argv from the files above, the expected line)
     # devices
     "predict.py --device gpu": (predict.main, lambda p: pred(p, "--device", "gpu"), "predict.py: error: --device gpu: "),
     "predict.py --device meta": (predict.main, lambda p: pred(p, "--device", "meta"),
-                                 "predict.py: error: --device meta: expected cpu or cuda"),
+                                 "predict.py: error: --device meta: expected cpu, cuda or cuda:N"),
     # annotation files, checked whole before any training or evaluation
     "two images with one id": (td.main, lambda p: files(p, val="{same_image_id}"),
                                "COCO annotation file .*val.json: image ids must be unique; repeated: 1$"),
@@ -602,7 +602,7 @@ def test_predict_draws_every_coco_image_inside_its_folder(bad, tmp_path, file_na
     os.symlink(tmp_path / "outside.jpg", tmp_path / "out/predictions.jsonl")  # written over, never through
     before = tree(tmp_path / "images"), (tmp_path / "outside.jpg").read_bytes()
     summary = predict.main(["--weights", f"{bad['root']}/tiny.pth", "--source", str(tmp_path / "images"), "--coco-ann",
-                            str(tmp_path / "ann.json"), "--output-dir", str(tmp_path / "out")])
+                            str(tmp_path / "ann.json"), "--output-dir", str(tmp_path / "out"), "--overwrite"])
     assert summary["images"] == 2 and (tree(tmp_path / "images"), (tmp_path / "outside.jpg").read_bytes()) == before
     written = sorted(tree(tmp_path / "out"))
     # outside.jpg, ../outside.jpg from the images (also when named absolutely), is drawn to __/outside.jpg

@@ -132,8 +132,8 @@ def test_tensorboard_gets_the_original_tags_when_installed_and_nothing_changes_w
     find_spec = support.importlib.util.find_spec
     monkeypatch.setattr(support.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else find_spec(name))
     td.run(args_for(data_root, tiny_config, tmp_path / "without", "--epochs", "1"), td.Task())
-    assert sorted(os.listdir(tmp_path / "without")) == ["best.pth", "curves.png", "last.pth", "log.jsonl",
-                                                        "predictions.png"]
+    assert sorted(os.listdir(tmp_path / "without")) == [support.LOCK_NAME, "best.pth", "curves.png", "last.pth",
+                                                        "log.jsonl", "predictions.png"]  # the lock: run_script lets go
 
 
 def test_two_processes_under_torchrun(data_root, tiny_config, tmp_path):
