@@ -106,7 +106,7 @@ class Views:
             image = self.jitter(image)
         else:
             image = TF.resize(image, list(big), antialias=True)
-        view = lambda size: model.normalize(image if size == big else TF.resize(image, list(size), antialias=True))
+        view = lambda size: support.normalize(image if size == big else TF.resize(image, list(size), antialias=True))
         return view(self.size), None if self.teacher_size == self.size else view(self.teacher_size)
 
 
@@ -183,12 +183,12 @@ def load_teacher(path, arch):
     train_det.py (its ECDet's `backbone.backbone.*`, EMA weights when present), or of a DINOv3
     checkpoint (its last two blocks): model `arch`, or without it the one its names and shapes show."""
     what = f"--teacher {path}"
-    ckpt = model.read_checkpoint(path, "--teacher")
+    ckpt = support.read_checkpoint(path, "--teacher")
     config = ckpt.get("config")
     if isinstance(config, dict) and "ViTAdapter" in config and ("model" in ckpt or "ema" in ckpt):
         vit, layers = from_adapter(config["ViTAdapter"], what)
         prefix = "backbone.backbone."
-        sd = {k[len(prefix):]: v for k, v in model.checkpoint_state_dict(ckpt).items() if k.startswith(prefix)}
+        sd = {k[len(prefix):]: v for k, v in support.checkpoint_state_dict(ckpt).items() if k.startswith(prefix)}
         try:
             model.load_weights(vit, sd)
         except ValueError as e:
@@ -258,7 +258,7 @@ class AlignHead(nn.Module):
     @torch.no_grad()
     def update_statistics(self, targets):
         flat = torch.stack([t.float().flatten(0, 1) for t in targets])  # (L, B*N, D_t)
-        mean, var = train_det.average_over_ranks(torch.cat([flat.mean(1), flat.var(1)])).chunk(2)  # (L, D_t) each
+        mean, var = support.average_over_ranks(torch.cat([flat.mean(1), flat.var(1)])).chunk(2)  # (L, D_t) each
         self.updates += 1
         w = max(1.0 / self.updates.item(), self.momentum)
         self.mean.lerp_(mean, w)
@@ -349,7 +349,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
     path, start, ckpt = os.path.join(args.output_dir, f"{name}_last.pth"), 0, None
     log = os.path.join(args.output_dir, "log.jsonl")
     if args.resume and os.path.exists(path):
-        ckpt = model.read_checkpoint(path, "--resume")
+        ckpt = support.read_checkpoint(path, "--resume")
         try:
             model.load_weights(distiller, ckpt["distiller"])
         except (KeyError, ValueError) as e:
@@ -363,8 +363,8 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         for what, now, before in (("epochs", epochs, ckpt.get("epochs")), ("lr", args.lr, ckpt.get("lr"))):
             if before is not None and now != before and rank == 0:
                 print(f"--resume: {name} {what} {now} (so far {before}) applies from epoch {start + 1} on")
-        history = train_det.restore_log(ckpt, log, lambda line: line.get("stage") != name or line["epoch"] <= start)
-    net = train_det.distributed(distiller, args.device, world)
+        history = support.restore_log(ckpt, log, lambda line: line.get("stage") != name or line["epoch"] <= start)
+    net = support.distributed(distiller, args.device, world)
     steps = len(train_loader)
     total, warmup = epochs * steps, min(args.warmup_epochs * steps, epochs * steps)
     schedule = lambda step, lr: train_det.flat_cosine(step, total, warmup, warmup, 0, lr, lr * TRAINING["min_lr_ratio"])
@@ -393,7 +393,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
             count += 1
             skipped.update(passed_over)
             bar.set_postfix(loss=f"{loss.item():.4f}", cos=f"{cosines.mean().item():.3f}")
-        train_det.average_over_ranks(sums)
+        support.average_over_ranks(sums)
         if dist.is_initialized():
             gathered = [None] * world
             dist.all_gather_object(gathered, skipped)
@@ -405,13 +405,13 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
         metrics["time"] = round(time.time() - t0, 1)
         # The last step's update may still have broken the weights: a checkpoint never holds NaN.
         if not all(torch.isfinite(p).all() for p in distiller.parameters()):
-            raise train_det.diverged(f"{name} weights", epoch, steps - 1, terms, path)
+            raise support.diverged(f"{name} weights", epoch, steps - 1, terms, path)
         history = history + [metrics]
         if rank == 0:
-            train_det.save_checkpoint({"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
+            support.save_checkpoint({"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
                                        "scaler": scaler.state_dict(), "epoch": epoch + 1, "stage": name,
                                        "epochs": epochs, "lr": args.lr, "log": history}, path)
-            train_det.write_log(history, log)
+            support.write_log(history, log)
             board.add({f"Loss/{name}": metrics["loss"],
                        **{f"Lr/{name}_pg_{j}": g["lr"] for j, g in enumerate(optimizer.param_groups)},
                        **{f"Cosine/{name}_{t}": c for t, c in enumerate(metrics["cosine"])},
@@ -424,7 +424,7 @@ def distill(teachers, student, layers, name, epochs, args, rank, world, history)
                       f"e.g. {args.paths[min(skipped)]}")
     done = stop == epochs
     if rank == 0 and done:
-        train_det.save_checkpoint(student.state_dict(), os.path.join(args.output_dir, f"{name}.pth"))
+        support.save_checkpoint(student.state_dict(), os.path.join(args.output_dir, f"{name}.pth"))
     elif rank == 0:
         print(f"{name}: stopped after epoch {stop} of {epochs}; continue with --resume")
     return student, done, history
@@ -494,21 +494,21 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    train_det.run_script("distill.py", run, parse_args(argv))
+    support.run_script("distill.py", run, parse_args(argv))
 
 
 def run(args):
-    rank, world = train_det.start_run(args)
+    rank, world = support.start_run(args)
     if args.resume and not os.path.isfile(args.resume):
         raise ValueError(f"--resume {args.resume} does not exist")
-    train_det.check_output_dir(args, RUN_FILES)
+    support.check_output_dir(args, RUN_FILES)
     stages = ["proxy", "student"] if args.proxy else ["student"]
     if args.resume:
         found = [s for s in reversed(stages) if os.path.exists(os.path.join(args.output_dir, f"{s}_last.pth"))]
         if not found:
             raise ValueError(f"--resume: no {' or '.join(s + '_last.pth' for s in stages)} in {args.output_dir}")
         for stage in found:  # the options not given again are the run's
-            saved = model.read_checkpoint(os.path.join(args.output_dir, f"{stage}_last.pth"), "--resume", mmap=True)
+            saved = support.read_checkpoint(os.path.join(args.output_dir, f"{stage}_last.pth"), "--resume", mmap=True)
             option = "proxy_epochs" if stage == "proxy" else "epochs"
             for key, value in ((option, saved.get("epochs")), ("lr", saved.get("lr"))):
                 if getattr(args, key) is None:
@@ -526,7 +526,7 @@ def run(args):
     arches = arches * len(args.teacher) if len(arches) == 1 else arches
     teachers = [load_teacher(path, arch) for path, arch in zip(args.teacher, arches)]
     teachers = [(vit.to(args.device), layers) for vit, layers in teachers]
-    train_det.clean_output_dir(args, RUN_FILES)
+    support.clean_output_dir(args, RUN_FILES)
     history = []
     if args.proxy:  # EUPE's route: the teachers into the large proxy first, then the proxy alone into the student
         epochs = args.proxy_epochs or args.epochs

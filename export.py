@@ -260,7 +260,7 @@ def read_images(folder, size, count):
         except OSError:
             skipped.append(path.name)
             continue
-        images.append(model.preprocess(im, size).numpy())
+        images.append(support.preprocess(im, size).numpy())
         sizes.append(im.size)
     named = f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"
     if not images:
@@ -794,7 +794,7 @@ def run(args):
         print("--random-weights: fine for benchmarking, useless for inference", file=sys.stderr)
     size = args.img_size or cfg.get("eval_spatial_size") or [640, 640]
     size = [size[0], size[-1]]
-    model.check_input_size(cfg, size)
+    support.check_input_size(cfg, size)
     if args.flops or args.benchmark:  # counted before deploy() merges the RepVGG branches, as the paper counts
         print_flops(net, name, size)
     if args.flops:

@@ -10,16 +10,12 @@ released models were trained so"). Parameters, GFLOPs and CPU latency of a prese
 """
 import copy
 import functools
-import http.client
 import math
-import os
-import urllib.request
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.v2.functional as TF
 
 import support
 
@@ -98,54 +94,6 @@ def preset_config(name):
 
 
 PRESETS = [f"{family}_{size}" for family in TASKS for size in SIZES]
-
-# The released networks' input and output conventions. Inputs: RGB in [0, 1] normalised with
-# ImageNet's mean and std. Outputs: ECDet and ECSeg's labels 0..79 stand for COCO's 80 categories,
-# whose ids run from 1 to 90 with gaps; ECPose's labels are the category ids themselves (person = 1),
-# its 17 keypoints COCO's, joined by COCO's skeleton (its 1-based pairs, here 0-based).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-COCO_NAMES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush")
-COCO_IDS = tuple(i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
-KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
-                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
-                  "left_knee", "right_knee", "left_ankle", "right_ankle")
-SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
-            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
-
-
-def normalize(image):
-    """An RGB PIL image -> float (3, H, W): [0, 1], then normalised with the ImageNet mean and std
-    (IMAGENET_MEAN, IMAGENET_STD), the networks' input convention."""
-    # TF.to_dtype's and TF.normalize's arithmetic (x * (1 / 255) - mean) / std, but on one contiguous float
-    # copy updated in place: a training DataLoader worker spends a tenth of its time here at 640 x 640.
-    tensor = TF.pil_to_tensor(image).to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
-    return tensor.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
-
-
-def preprocess(image, size):
-    """An RGB PIL image -> the network's input (3, H, W) for `size` (H, W): stretched bilinearly
-    (antialiased, as torchvision's Resize does for training's validation) and normalised."""
-    return normalize(TF.resize(image, list(size)))
-
-
-def default_classes(num_classes, pose=False):
-    """(names, category ids), each by label, for a network that does not carry its own (a released
-    checkpoint): COCO's for 80 classes, person = 1 for ECPose; otherwise the label itself."""
-    if pose:
-        return ["person" if c == 1 else "" for c in range(num_classes)], list(range(num_classes))
-    if num_classes == len(COCO_NAMES):
-        return list(COCO_NAMES), list(COCO_IDS)
-    return [str(label) for label in range(num_classes)], list(range(num_classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1425,14 +1373,14 @@ class DETRTransformer(QueryDecoder):
 
     The denoising constants are fixed in the original: 20 groups' worth of objects, half the label
     noise ratio of 0.5 as flips to a random one of 80 classes (label_enc has 81 entries). So are the
-    17 keypoints and the 4 sampling points per head and level (RELEASED_ONLY).
+    17 keypoints and the 4 sampling points per head and level (support.RELEASED_ONLY).
     """
 
     def __init__(self, num_classes=2, hidden_dim=256, nhead=8, num_queries=300, num_decoder_layers=6,
                  dim_feedforward=2048, dropout=0.0, activation="relu", reg_max=32, reg_scale=4.0,
                  eval_spatial_size=None):
         super().__init__(reg_scale, eval_spatial_size, 0.01, boxes=False)
-        K, C = len(KEYPOINT_NAMES), hidden_dim
+        K, C = len(support.KEYPOINT_NAMES), hidden_dim
         self.num_queries, self.num_body_points, self.reg_max = num_queries, K, reg_max
         layer = PoseDecoderLayer(C, nhead, dim_feedforward, dropout, activation, [4] * 3)
         self.decoder = PoseTransformerDecoder(layer, num_decoder_layers, C)
@@ -1511,7 +1459,7 @@ class ECModel(nn.Module):
     memory_format = torch.contiguous_format  # deploy() switches the convolutions to channels-last
 
     def forward(self, images, targets=None):
-        check_images(images)
+        support.check_images(images)
         images = images.contiguous(memory_format=self.memory_format)
         feats = self.encoder(self.backbone(images))
         return self.decoder(feats, targets, feats[0]) if self.has_masks else self.decoder(feats, targets)
@@ -1533,78 +1481,6 @@ class ECModel(nn.Module):
         return self
 
 
-def check_images(images):
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    H, W = images.shape[-2:]
-    if H % 32 or W % 32:
-        raise ValueError(f"input size {H}x{W} is not a multiple of 32 (the stride of the coarsest level); "
-                         f"resize or pad to e.g. {(H + 31) // 32 * 32}x{(W + 31) // 32 * 32}")
-
-
-def check_input_size(cfg, size, flag="--img-size"):
-    """Refuse (ValueError) an input size (H, W) that the network of config `cfg` cannot take: sides
-    that are positive multiples of 32 (the stride of the coarsest level) giving at least as many
-    positions over the three levels (strides 8, 16, 32) as the decoder selects queries among them."""
-    h, w = size
-    if min(h, w) <= 0 or h % 32 or w % 32:
-        raise ValueError(f"{flag} {h} {w}: both sides must be positive multiples of 32 (the stride of the coarsest "
-                         f"feature map)")
-    queries = (cfg.get("ECTransformer") or cfg.get("DETRTransformer") or {}).get("num_queries", 300)
-    positions = sum((h // s) * (w // s) for s in (8, 16, 32))
-    if positions < queries:
-        raise ValueError(f"{flag} {h} {w}: too small for this network, whose decoder selects {queries} queries among "
-                         f"the {positions} positions of its feature maps")
-
-
-def same_width(section):  # the encoder and the decoder keep one width, hidden_dim (256 if unset), at every level
-    return [section.get("hidden_dim", 256)] * 3
-
-
-# Settings that every released model has and that this code implements only so, per config section
-# (a function of the section where the value depends on another key). config_section checks them and
-# drops them, so the constructors take only what they use. A key left out takes the original's
-# default: for UNRELEASED_DEFAULTS one that was never released, so such a config is refused.
-RELEASED_ONLY = {
-    "ViTAdapter": {"num_levels": 3, "embed_layer": "ConvPyramidPatchEmbed", "patch_size": 16},
-    "HybridEncoder": {"in_channels": same_width, "feat_strides": [8, 16, 32], "csp_type": "csp2", "fuse_op": "sum"},
-    "ECTransformer": {"feat_channels": same_width, "feat_strides": [8, 16, 32], "num_levels": 3, "layer_scale": 1,
-                      "cross_attn_method": "default", "query_select_method": "default", "aux_loss": True,
-                      "learn_query_content": False},
-    "DETRTransformer": {"num_feature_levels": 3, "feat_strides": [8, 16, 32], "dec_n_points": 4,
-                        "num_body_points": 17, "learnable_tgt_init": True, "two_stage_type": "standard",
-                        "aux_loss": True, "dec_pred_class_embed_share": False, "dec_pred_pose_embed_share": False,
-                        "two_stage_class_embed_share": False, "two_stage_bbox_embed_share": False,
-                        "cls_no_bias": False},
-}
-UNRELEASED_DEFAULTS = {"DETRTransformer": {"num_feature_levels": 1, "learnable_tgt_init": False, "two_stage_type": "no",
-                                           "two_stage_class_embed_share": True, "two_stage_bbox_embed_share": True}}
-# Keys that do nothing, in the original too.
-IGNORED = {"DETRTransformer": ("normalize_before", "return_intermediate_dec", "enc_n_points")}
-
-
-def config_section(cfg, name):
-    """cfg[name] without its RELEASED_ONLY settings, once they are checked, and its IGNORED keys."""
-    if name not in cfg:
-        raise ValueError(f"config has no section {name!r} (sections present: {sorted(cfg)})")
-    section = {k: v for k, v in cfg[name].items() if k not in IGNORED.get(name, ())}
-    for key, released in RELEASED_ONLY.get(name, {}).items():
-        released = released(section) if callable(released) else released
-        value = section.pop(key, UNRELEASED_DEFAULTS.get(name, {}).get(key, released))
-        value = list(value) if isinstance(value, tuple) else value
-        if value != released:
-            raise ValueError(f"{name} {key}={value!r} is not implemented; the released models use {released!r}")
-    return section
-
-
-def make_section(cls, cfg, name, **shared):
-    """Build `cls(**config_section(cfg, name), **shared)`; a bad key gets an error naming the section."""
-    try:
-        return cls(**{**config_section(cfg, name), **shared})
-    except (TypeError, AssertionError) as e:  # AssertionError: torch's checks, e.g. widths that heads don't divide
-        raise ValueError(f"config section {name!r}: {e}") from None
-
-
 def build_vit(adapter):
     """The ViT of a ViTAdapter config section: ECViT from the original's keys, or, with a `dinov3`
     key (a hub name such as "dinov3_vitb16" or DINOv3 kwargs), the DINOv3 ViT of the teacher."""
@@ -1622,13 +1498,6 @@ def build_vit(adapter):
     return ViT(**vit)
 
 
-# The top-level keys of a config: the network's sections and settings, the postprocessors', and the
-# loss sections of the training files (train_det, train_seg: ECCriterion; train_pose: DETRPoseCriterion).
-CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", "DETRTransformer", "PostProcessor",
-               "DETRPosePostProcessor", "eval_spatial_size", "num_classes", "use_focal_loss", "ECCriterion",
-               "DETRPoseCriterion"}
-
-
 def build_model(cfg):
     """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
     vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
@@ -1640,9 +1509,10 @@ def build_model(cfg):
     for key in ("num_classes", "ViTAdapter"):
         if key not in cfg:
             raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
-    if set(cfg) - CONFIG_KEYS:  # a misspelt section would silently take the defaults
-        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - CONFIG_KEYS)}; known: {sorted(CONFIG_KEYS)}")
-    adapter = config_section(cfg, "ViTAdapter")
+    if set(cfg) - support.CONFIG_KEYS:  # a misspelt section would silently take the defaults
+        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - support.CONFIG_KEYS)}; "
+                         f"known: {sorted(support.CONFIG_KEYS)}")
+    adapter = support.config_section(cfg, "ViTAdapter")
     known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "embed_dim",
              "num_heads", "depth", "ffn_ratio", "ffn_layer", "dinov3"}
     if set(adapter) - known:
@@ -1652,47 +1522,18 @@ def build_model(cfg):
     last_two = [len(vit.blocks) - 2, len(vit.blocks) - 1]
     backbone = ViTAdapter(vit, adapter.get("interaction_indexes", last_two), adapter.get("proj_dim"))
     size = cfg.get("eval_spatial_size")
-    encoder = make_section(HybridEncoder, cfg, "HybridEncoder")
+    encoder = support.make_section(HybridEncoder, cfg, "HybridEncoder")
     decoder_cls = DETRTransformer if "DETRTransformer" in cfg else ECTransformer
-    decoder = make_section(decoder_cls, cfg, decoder_cls.__name__, num_classes=cfg["num_classes"],
-                           eval_spatial_size=size)
+    decoder = support.make_section(decoder_cls, cfg, decoder_cls.__name__, num_classes=cfg["num_classes"],
+                                   eval_spatial_size=size)
     return ECModel(backbone, encoder, decoder)
-
-
-def checkpoint_state_dict(ckpt):
-    """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
-    if "ema" in ckpt and isinstance(ckpt["ema"], dict) and ckpt["ema"]:
-        ema = ckpt["ema"]
-        return ema["module"] if "module" in ema else ema
-    if "model" in ckpt:
-        return ckpt["model"]
-    return ckpt
-
-
-def read_checkpoint(path, what="checkpoint", mmap=False):
-    """The dict in checkpoint file `path`, as torch.load reads it with weights_only (tensors only);
-    `what` names it in errors. With mmap, tensors are read only when used (to look at a large
-    checkpoint's epoch)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
-    except Exception as e:  # torch raises many kinds for files that are not checkpoints, some without a message
-        empty = os.path.isfile(path) and os.path.getsize(path) == 0
-        reason = "the file is empty (0 bytes)" if empty else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot read {what} {path}: {reason}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
-    if not mmap:  # every tensor: weights, EMA, optimizer state
-        support.check_finite(support.named_tensors(ckpt), f"{what} {path}")
-    return ckpt
 
 
 def load_weights(net, source):
     """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or
     one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
     shape must match."""
-    sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
+    sd = support.checkpoint_state_dict(source if isinstance(source, dict) else support.read_checkpoint(source))
     check_state_dict(net.state_dict(), sd)
     support.check_state_dict(sd, "checkpoint")
     net.load_state_dict(sd, strict=True)
@@ -1713,12 +1554,6 @@ def check_state_dict(own, sd):
         problems = [f"{what}: {show(xs)}" for what, xs in
                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
         raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# Released weights: the distilled ECViTs and the trained models, fetched into torch hub's cache
-# ---------------------------------------------------------------------------------------------
-RELEASE_URL = "https://github.com/capsule2077/edgecrafter/releases/download/edgecrafterv1/"
 
 
 def vit_size(sd):
@@ -1745,69 +1580,6 @@ def load_backbone(net, sd, source):
         raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
     support.check_state_dict(sd, source)
     vit.load_state_dict(sd)
-
-
-def released_backbone(cfg):
-    """The URL of the released ECViT that a config's ViTAdapter names ("ecvitt", "ecseg_vitt", ...),
-    as the original downloads it when it builds the network; None when the section sets
-    skip_load_backbone or describes a ViT of another width, depth or FFN (no released weights fit)."""
-    adapter = cfg["ViTAdapter"]
-    name = adapter.get("name", "")
-    preset = "ec" + name.rpartition("_")[2].removeprefix("ec")  # ecseg_vitt and ecpose_vitt are ecvitt's size
-    if adapter.get("skip_load_backbone") or "dinov3" in adapter or preset not in ECVIT:
-        return None
-    dim, heads, ffn_ratio, _ = ECVIT[preset]
-    if (adapter.get("embed_dim", 192), adapter.get("num_heads", 3), adapter.get("ffn_ratio", 4), adapter.get("depth", 12)) \
-            != (dim, heads, ffn_ratio, 12):
-        return None
-    return f"{RELEASE_URL}{name}.pth"
-
-
-def released_checkpoint(name):
-    """The released model `name` ("ecdet_s" ... "ecpose_x"), downloaded once into torch hub's cache:
-    the checkpoint as torch.load returns it (weights under ["ema"]["module"] or ["model"])."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown released model {name!r}; expected one of {', '.join(PRESETS)}")
-    return download(f"{RELEASE_URL}{name}.pth", f"download it elsewhere and pass the file instead of {name!r}")
-
-
-def download(url, hint):
-    """torch.load of the file at `url`, cached as torch hub caches checkpoints (TORCH_HOME/hub/
-    checkpoints). The file is written under a temporary name and renamed when complete, so a failed
-    download leaves nothing in the cache; a cached file that does not load is fetched again once.
-    `hint` ends the error raised when the URL cannot be reached: what the user can do instead."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    for attempt in range(2):
-        if not os.path.exists(path):
-            fetch(url, path, hint)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            if attempt:
-                raise ValueError(f"{path}, downloaded again from {url}, does not load: {e}") from None
-            print(f"the cached {path} does not load ({e}); downloading it again")
-            os.remove(path)
-
-
-def fetch(url, path, hint):
-    """Download `url` to `path` through a temporary file in the same folder."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial"
-    print(f"downloading {url} to {path}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            expected = response.headers.get("Content-Length")
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-            got = f.tell()
-        if expected is not None and got != int(expected):
-            raise ConnectionError(f"the connection ended after {got} of {expected} bytes")
-        os.replace(tmp, path)
-    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts and cut connections alike
-        raise ConnectionError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,16 +163,16 @@ def load_network(spec, weights):
 
     The config is `spec`'s when given, else the checkpoint's own: this project's checkpoints carry it
     (and their class names), a released one does not, so it needs `spec`. classes: (names, category
-    ids), each a list by label, the checkpoint's or else model.default_classes (COCO's). weights: a
+    ids), each a list by label, the checkpoint's or else support.default_classes (COCO's). weights: a
     file, a loaded checkpoint, or a preset name for the released model (downloaded; spec defaults to
     it). Without weights, seeded random ones, the same in every process.
     """
     ckpt = None
     if isinstance(weights, str) and weights in model.PRESETS and not os.path.exists(weights):
         # a preset name: the released model, downloaded once into torch hub's cache, on its preset's network
-        spec, ckpt = spec or weights, model.released_checkpoint(weights)
+        spec, ckpt = spec or weights, support.released_checkpoint(weights, model.PRESETS)
     elif weights is not None:
-        ckpt = weights if isinstance(weights, dict) else model.read_checkpoint(weights, "--weights")
+        ckpt = weights if isinstance(weights, dict) else support.read_checkpoint(weights, "--weights")
     if spec is None:
         if ckpt is None:
             raise ValueError("give --model (a preset or a JSON config), --weights (a checkpoint of this project), or both")
@@ -203,7 +203,7 @@ def load_network(spec, weights):
     if ckpt is not None and "names" in ckpt:
         classes = ckpt["names"], ckpt["category_ids"]
     else:
-        classes = model.default_classes(cfg["num_classes"], "DETRTransformer" in cfg)
+        classes = support.default_classes(cfg["num_classes"], "DETRTransformer" in cfg)
     return net.eval(), cfg, name, classes
 
 
@@ -390,7 +390,7 @@ def classes_from(props, what, pose):
     if "names" in props and "category_ids" in props:
         return json.loads(props["names"]), json.loads(props["category_ids"])
     tqdm.write(f"warning: {what} carries no class names; taking COCO's", file=sys.stderr)
-    return model.default_classes(2 if pose else 80, pose)
+    return support.default_classes(2 if pose else 80, pose)
 
 
 class TorchRuntime:
@@ -551,7 +551,7 @@ class Predictor:
         boxes (n, 4) float pixel x1, y1, x2, y2 in the original image (ECPose: the keypoints' extent)
         scores (n,), labels (n,) int64, names [n str], category_ids [n int] (the COCO ids)
         masks (n, H, W) bool at the original size (ECSeg)
-        keypoints (n, 51): per keypoint (model.KEYPOINT_NAMES) pixel x, y and a score (ECPose)
+        keypoints (n, 51): per keypoint (support.KEYPOINT_NAMES) pixel x, y and a score (ECPose)
     config: a preset or JSON config for a released checkpoint (which carries none); img_size (H, W):
     the input size of a checkpoint's network (default: its eval_spatial_size); runtime: a RUNTIMES
     key, to override the file's extension; precision: "fp32" or "bf16" (PyTorch's autocast, OpenVINO's
@@ -575,7 +575,7 @@ class Predictor:
             raise ValueError(f"--img-size {' '.join(map(str, size))}: {weights} was exported for "
                              f"{self.runtime.size[0]}x{self.runtime.size[1]} input")
         if self.runtime.resizable:
-            model.check_input_size(self.runtime.cfg, size)
+            support.check_input_size(self.runtime.cfg, size)
         self.size = size
         if cuda_graph:
             if not isinstance(self.runtime, TorchRuntime):
@@ -592,7 +592,7 @@ class Predictor:
 
     def prepare(self, images):
         """RGB PIL images -> (the network's input (B, 3, H, W), original sizes (B, 2) as (w, h))."""
-        return torch.stack([model.preprocess(im, self.size) for im in images]), torch.tensor([im.size for im in images])
+        return torch.stack([support.preprocess(im, self.size) for im in images]), torch.tensor([im.size for im in images])
 
     def infer(self, batch, sizes):
         """The network and its top-K selection on a batch -> model.select_top's outputs, on the CPU."""
@@ -621,11 +621,9 @@ class Predictor:
 # ---------------------------------------------------------------------------------------------
 # Drawing: boxes with class name and score, ECSeg masks, ECPose skeletons
 # ---------------------------------------------------------------------------------------------
-PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 178, 29), (207, 210, 49),
-           (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
 
 
-def draw(image, result, names, conf=0.0, skeleton=model.SKELETON):
+def draw(image, result, names, conf=0.0, skeleton=support.SKELETON):
     """A copy of RGB PIL `image` with the detections of `result` scoring at least `conf` drawn.
 
     result: labels (n,), scores (n,) and boxes (n, 4) pixel x1, y1, x2, y2 in `image`, each drawn
@@ -642,14 +640,14 @@ def draw(image, result, names, conf=0.0, skeleton=model.SKELETON):
     if "masks" in res and len(labels):
         masks = F.interpolate(res["masks"][:, None], size=pixels.shape[:2], mode="nearest")[:, 0].bool()
         for mask, label in zip(masks, labels):
-            pixels[mask] = 0.5 * pixels[mask] + 0.5 * torch.tensor(PALETTE[label % len(PALETTE)], dtype=torch.float32)
+            pixels[mask] = 0.5 * pixels[mask] + 0.5 * torch.tensor(support.PALETTE[label % len(support.PALETTE)], dtype=torch.float32)
     picture = Image.fromarray(pixels.round().byte().numpy())
     canvas = ImageDraw.Draw(picture)
     side = max(picture.size)
     width, font = max(2, round(side / 320)), ImageFont.load_default(max(10, round(side / 64)))
     # Lowest score first, so that where one query is reported with two classes the better one shows.
     for box, label, score in reversed(list(zip(res["boxes"].tolist(), labels, res["scores"].tolist()))):
-        colour = PALETTE[label % len(PALETTE)]
+        colour = support.PALETTE[label % len(support.PALETTE)]
         canvas.rectangle(box, outline=colour, width=width)
         text = f"{names[label] if label < len(names) else label} {score:.2f}"
         _, _, right, bottom = canvas.textbbox((0, 0), text, font=font)
@@ -660,7 +658,7 @@ def draw(image, result, names, conf=0.0, skeleton=model.SKELETON):
     if "keypoints" in res:
         radius = 1.5 * width / 2
         for i, xy in enumerate(res["keypoints"].unflatten(-1, (-1, 3))[..., :2].tolist()):
-            colour = PALETTE[i % len(PALETTE)]
+            colour = support.PALETTE[i % len(support.PALETTE)]
             for a, b in skeleton:
                 canvas.line([tuple(xy[a]), tuple(xy[b])], fill=colour, width=width)
             for x, y in xy:

@@ -1,11 +1,13 @@
 """What every stage needs but the paper does not, in sections: files written whole and only inside
-the run folder, one run per folder, annotation files checked whole, weights checked before use; data
-sets in the layouts people have them, devices, optional packages and TensorBoard.
+the run folder, one run per folder, checkpoints, logs and resume; weights checked before use, released
+ones downloaded; the networks' input conventions and COCO's classes; configs and annotation files
+checked whole; data sets in the layouts people have them, synthetic demo data; process groups and
+devices; the command line, optional packages, TensorBoard and drawing.
 
 Library functions raise ordinary exceptions (ValueError, OSError) with a message that names the
 argument or file; each script's main() turns them into one line `SCRIPT: error: ...` and exit
-code 2 (train_det.run_script). This module imports only the standard library, numpy, torch and PIL:
-the stage files import it, never the other way round.
+code 2 (run_script). This module imports only the standard library, numpy, torch, torchvision, PIL
+and pycocotools: the stage files import it, never the other way round.
 """
 import argparse
 import collections
@@ -13,18 +15,27 @@ import contextlib
 import errno
 import fcntl
 import glob
+import http.client
 import importlib.util
 import json
+import math
 import os
+import re
+import sys
+import tempfile
+import urllib.request
 import warnings
 from collections.abc import Mapping
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.distributed as dist
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
+
 
 # ---- Writing files: atomically, inside the run folder ----
-
 # The temporary files of atomic writes carry this prefix, which nothing else writes, so that the
 # start-of-run clean-up removes a killed run's leftovers and never a user's own file.
 TMP_PREFIX = ".edgecrafter-tmp"
@@ -143,7 +154,6 @@ def files_below(root, skip=None):
 
 
 # ---- One run per folder at a time ----
-
 LOCK_NAME = ".edgecrafter.lock"
 # The run folders this process holds: real path -> (the open lock file, the folders it created).
 _held = {}
@@ -196,39 +206,180 @@ def release_folders(failed=False):
         del _held[real]
 
 
-# ---- Annotation files: checked whole before training or evaluation ----
+# ---- Run folders: claimed, checked and cleaned; checkpoints and logs written whole; resume ----
+def write_atomically(path, write):
+    """Call write(file) on a temporary file that then replaces `path` (atomic_path), so that a
+    killed run leaves the old file or the new one, never half of one. A failed write leaves no
+    temporary file behind and names the file, and a full disk as the cause."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: a failed write raises OSError
+        write(f)
 
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
+
+def save_checkpoint(obj, path):
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
-def check_coco_ids(data, path):
-    """Refuse (ValueError naming the file and the ids) a COCO annotation dict whose image,
-    annotation or category ids are not integers or repeat, or whose annotations refer to images or
-    categories by anything but an integer: pycocotools indexes by id, so a repeated id silently gives
-    one image the other's objects, and an object is counted twice or not at all by COCOeval."""
-    show = lambda values: ", ".join(map(repr, values[:5])) + (f" ... ({len(values)} in all)" if len(values) > 5 else "")
-    for key, what in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
-        entries = data[key]
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ValueError(f"COCO annotation file {path}: '{key}' must be a list of objects")
-        ids = [e.get("id") for e in entries]
-        wrong = [i for i in ids if not is_int(i)]
-        if wrong:
-            kinds = sorted({type(i).__name__ for i in wrong})
-            raise ValueError(f"COCO annotation file {path}: {what} ids must be integers; found {len(wrong)} of type "
-                             f"{', '.join(kinds)}: {show(wrong)}")
-        repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
-        if repeated:
-            raise ValueError(f"COCO annotation file {path}: {what} ids must be unique; repeated: {show(repeated)}")
-    for ref in ("image_id", "category_id"):
-        wrong = [a.get("id") for a in data["annotations"] if not is_int(a.get(ref))]
-        if wrong:
-            raise ValueError(f"COCO annotation file {path}: the {ref} of annotations {show(wrong)} is not an integer")
+def write_log(lines, path):
+    """A run's log.jsonl: one JSON line per entry of `lines`, written whole and atomically."""
+    write_atomically(path, lambda f: f.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
+
+
+def read_log(path, keep):
+    """The lines of the log.jsonl at `path` for which keep(line) holds; [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in map(json.loads, filter(str.strip, f)) if keep(line)]
+
+
+def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
+    """Make args.output_dir ready before any work: a folder that takes files, held by this run alone
+    (claim_folder: another run into it is refused until this one ends), not holding `run_files`
+    of an earlier run unless args.resume continues it (or --eval-only, which writes nothing there, only
+    reads) or args.overwrite replaces it. Nothing is deleted here: clean_output_dir does that once the
+    run has passed its checks."""
+    folder = args.output_dir
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"--output-dir {folder} is a file, not a folder")
+    reads_only = getattr(args, "eval_only", False)
+    if reads_only:
+        return
+    try:
+        if int(os.environ.get("RANK", 0)) == 0:  # the other ranks write nothing of their own
+            claim_folder(folder)
+        else:
+            os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise OSError(f"--output-dir {folder}: cannot write there ({e.strerror or e})") from None
+    found = [name for name in run_files if os.path.exists(os.path.join(folder, name))]
+    if found and not (args.resume or args.overwrite):
+        raise ValueError(f"--output-dir {folder} already holds a run ({', '.join(found)}): continue it with "
+                         f"--resume, or replace it with --overwrite")
+
+
+
+def clean_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
+    """Once a run has passed its checks, before its first write: remove what atomic writes of killed
+    runs left in args.output_dir (support's temporary files only) and, with --overwrite, the earlier
+    run's `run_files` and its TensorBoard events."""
+    if int(os.environ.get("RANK", 0)) != 0 or getattr(args, "eval_only", False):
+        return
+    remove_temporary_files(args.output_dir)
+    events = [name for name in os.listdir(args.output_dir) if name.startswith("events.out.tfevents.")]
+    for name in [*run_files, *events] if args.overwrite else ():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(args.output_dir, name))
+
+
+def resume_checkpoint(args):
+    """The training checkpoint of --resume, refused when it would roll back the output folder's
+    last.pth (DIR/best.pth of an earlier epoch, say). --epochs, --lr and --backbone-lr not given
+    take the run's values; given, they apply from the next epoch, and the change is reported."""
+    ckpt = read_checkpoint(args.resume, "--resume")
+    if not {"model", "ema", "optimizer", "scaler", "epoch", "best"} <= set(ckpt):
+        raise ValueError(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
+    ema = ckpt["ema"].get("module") if isinstance(ckpt["ema"], dict) else ckpt["ema"]
+    for what, sd in (("model", ckpt["model"]), ("ema", ema)):
+        check_state_dict(sd, f"--resume {args.resume} ({what})")
+    if not (is_int(ckpt["epoch"]) and isinstance(ckpt["best"], (int, float))):
+        raise ValueError(f"--resume {args.resume}: its epoch and best AP are not numbers")
+    last = os.path.join(args.output_dir, "last.pth")
+    if not args.eval_only and os.path.exists(last) and not os.path.samefile(last, args.resume):
+        newer = checkpoint_epoch(last)
+        if newer > ckpt["epoch"]:
+            raise ValueError(f"--resume {args.resume} is epoch {ckpt['epoch']}, but {last} is epoch {newer}, which "
+                             f"resuming would roll back: resume from {last}, or continue epoch {ckpt['epoch']} "
+                             f"in another --output-dir")
+    for key, before in ((k, ckpt.get("args", {}).get(k)) for k in ("epochs", "lr", "backbone_lr")):
+        if getattr(args, key) is None:
+            setattr(args, key, before)
+        elif before is not None and getattr(args, key) != before and not args.eval_only:
+            print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} (so far {before}) applies from epoch "
+                  f"{ckpt['epoch'] + 1} on")
+    if args.epochs is not None and args.epochs <= ckpt["epoch"] and not args.eval_only:
+        raise ValueError(f"--resume {args.resume} has done {ckpt['epoch']} epochs already; give --epochs above that "
+                         f"to train on")
+    return ckpt
+
+
+def checkpoint_epoch(path):
+    """The epoch of a checkpoint file, without reading its tensors."""
+    return read_checkpoint(path, "checkpoint", mmap=True).get("epoch", 0)
+
+
+def restore_run_files(args, ckpt):
+    """Bring the output folder in line with the checkpoint a run resumes from, whatever instant a kill
+    came at: log.jsonl holds exactly its epochs' lines, and best.pth its best epoch: the resumed one
+    when that was the best (a kill between writing last.pth and best.pth), else the best.pth beside
+    --resume (a run continued in another folder). Returns the log lines."""
+    best = os.path.join(args.output_dir, "best.pth")
+    history = restore_log(ckpt, os.path.join(args.output_dir, "log.jsonl"), lambda line: line["epoch"] <= ckpt["epoch"])
+    if int(os.environ.get("RANK", 0)) == 0:
+        resumed_is_best = ckpt.get("best_epoch") == ckpt["epoch"]
+        source = args.resume if resumed_is_best else os.path.join(os.path.dirname(args.resume), "best.pth")
+        if (not os.path.exists(best) or checkpoint_epoch(best) != ckpt.get("best_epoch")) and \
+                os.path.exists(source) and checkpoint_epoch(source) == ckpt.get("best_epoch"):
+            save_checkpoint(ckpt if resumed_is_best else read_checkpoint(source), best)
+    return history
+
+
+def restore_log(ckpt, path, keep):
+    """The log lines `ckpt` carries (an older one: those of `path` where keep(line)), rewritten to `path`."""
+    history = ckpt["log"] if "log" in ckpt else read_log(path, keep)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_log(history, path)
+    return list(history)
+
+
+def restore_optimizer(optimizer, scaler, ckpt):
+    """Load the optimiser's and the scaler's saved state but keep this run's learning rates (each group's
+    initial_lr, which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
+    initial = [group["initial_lr"] for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # torch's kinds for a state of another shape
+        raise ValueError(f"the checkpoint's optimizer state does not fit this run: {e!r}") from None
+    for group, lr in zip(optimizer.param_groups, initial):
+        group["initial_lr"] = lr
+
+
+def restart_from_best(path, net, ema, optimizer, scaler, rank):
+    """The original's last phase: when strong augmentation ends (stop_epoch), training goes on from
+    the best checkpoint so far (weights, EMA, optimiser and scaler), not from the last epoch's."""
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 has written it
+    if not os.path.exists(path):  # no epoch had AP above 0 (the original stops with an error here)
+        return
+    ckpt = read_checkpoint(path)
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    restore_optimizer(optimizer, scaler, ckpt)
+    if rank == 0:
+        print(f"strong augmentation off: continuing from {path} (epoch {ckpt['epoch']}, AP {ckpt['best']:.4f})")
+
+
+def load_matching(net, state, what, require_all=False):
+    """Load the entries of `state` whose names and shapes fit `net` (fine-tuning on other classes).
+    Refused (ValueError) when they hold less than half of the network's numbers, as then `state` is
+    of another model, and with require_all when any tensor stays at its initial value."""
+    own = net.state_dict()
+    items = state.items() if isinstance(state, Mapping) else []
+    fits = {k: v for k, v in items if k in own and torch.is_tensor(v) and own[k].shape == v.shape}
+    check_finite(fits.items(), what)
+    skipped = sorted(set(own) - set(fits))
+    share = sum(v.numel() for v in fits.values()) / sum(v.numel() for v in own.values())
+    if share < 0.5 or (require_all and skipped):
+        why = "--eval-only evaluates the network as it is" if require_all else "is it a checkpoint of this model?"
+        raise ValueError(f"{what} fits {len(fits)} of the model's {len(own)} tensors ({share:.0%} of its numbers; "
+                         f"not e.g. {', '.join(skipped[:3])}): {why}")
+    net.load_state_dict(fits, strict=False)
+    print(f"{what}: loaded {len(fits)} of {len(own)} tensors" + (f"; kept initial values of {len(skipped)}, "
+          f"e.g. {', '.join(skipped[:3])}" if skipped else ""))
 
 
 # ---- Weights: tensors of finite numbers only ----
-
 def named_tensors(obj, prefix=""):
     """(name, tensor) for every tensor in a checkpoint's nested dicts and lists."""
     if torch.is_tensor(obj):
@@ -271,6 +422,264 @@ def check_state_dict(sd, what):
     if wrong:
         raise ValueError(f"{what}: {len(wrong)} entries of its state dict are not tensors, e.g. {', '.join(wrong[:3])}")
     check_finite(sd.items(), what)
+
+
+# ---- Checkpoint files: read with weights_only, every tensor checked; released weights, in torch hub's cache ----
+def checkpoint_state_dict(ckpt):
+    """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
+    if "ema" in ckpt and isinstance(ckpt["ema"], dict) and ckpt["ema"]:
+        ema = ckpt["ema"]
+        return ema["module"] if "module" in ema else ema
+    if "model" in ckpt:
+        return ckpt["model"]
+    return ckpt
+
+
+def read_checkpoint(path, what="checkpoint", mmap=False):
+    """The dict in checkpoint file `path`, as torch.load reads it with weights_only (tensors only);
+    `what` names it in errors. With mmap, tensors are read only when used (to look at a large
+    checkpoint's epoch)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except Exception as e:  # torch raises many kinds for files that are not checkpoints, some without a message
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        reason = "the file is empty (0 bytes)" if empty else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read {what} {path}: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{what} {path} holds a {type(ckpt).__name__}, not a checkpoint (a dict)")
+    if not mmap:  # every tensor: weights, EMA, optimizer state
+        check_finite(named_tensors(ckpt), f"{what} {path}")
+    return ckpt
+
+
+RELEASE_URL = "https://github.com/capsule2077/edgecrafter/releases/download/edgecrafterv1/"
+
+
+def released_backbone(cfg, vits):
+    """The URL of the released ECViT that a config's ViTAdapter names ("ecvitt", "ecseg_vitt", ...),
+    as the original downloads it when it builds the network; None when the section sets
+    skip_load_backbone or describes a ViT of another width, depth or FFN (no released weights fit). vits: the
+    ECViT presets, name -> (embed_dim, num_heads, ffn_ratio, proj_dim) (model.ECVIT)."""
+    adapter = cfg["ViTAdapter"]
+    name = adapter.get("name", "")
+    preset = "ec" + name.rpartition("_")[2].removeprefix("ec")  # ecseg_vitt and ecpose_vitt are ecvitt's size
+    if adapter.get("skip_load_backbone") or "dinov3" in adapter or preset not in vits:
+        return None
+    dim, heads, ffn_ratio, _ = vits[preset]
+    if (adapter.get("embed_dim", 192), adapter.get("num_heads", 3), adapter.get("ffn_ratio", 4), adapter.get("depth", 12)) \
+            != (dim, heads, ffn_ratio, 12):
+        return None
+    return f"{RELEASE_URL}{name}.pth"
+
+
+def released_checkpoint(name, presets):
+    """The released model `name` ("ecdet_s" ... "ecpose_x"), downloaded once into torch hub's cache:
+    the checkpoint as torch.load returns it (weights under ["ema"]["module"] or ["model"])."""
+    if name not in presets:
+        raise ValueError(f"unknown released model {name!r}; expected one of {', '.join(presets)}")
+    return download(f"{RELEASE_URL}{name}.pth", f"download it elsewhere and pass the file instead of {name!r}")
+
+
+def download(url, hint):
+    """torch.load of the file at `url`, cached as torch hub caches checkpoints (TORCH_HOME/hub/
+    checkpoints). The file is written under a temporary name and renamed when complete, so a failed
+    download leaves nothing in the cache; a cached file that does not load is fetched again once.
+    `hint` ends the error raised when the URL cannot be reached: what the user can do instead."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    for attempt in range(2):
+        if not os.path.exists(path):
+            fetch(url, path, hint)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            if attempt:
+                raise ValueError(f"{path}, downloaded again from {url}, does not load: {e}") from None
+            print(f"the cached {path} does not load ({e}); downloading it again")
+            os.remove(path)
+
+
+def fetch(url, path, hint):
+    """Download `url` to `path` through a temporary file in the same folder."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.partial"
+    print(f"downloading {url} to {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            expected = response.headers.get("Content-Length")
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+            got = f.tell()
+        if expected is not None and got != int(expected):
+            raise ConnectionError(f"the connection ended after {got} of {expected} bytes")
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts and cut connections alike
+        raise ConnectionError(f"cannot download {url} ({getattr(e, 'reason', e)}); {hint}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---- The networks' conventions: ImageNet-normalised inputs, COCO's classes, keypoints and skeleton ----
+# The released networks' input and output conventions. Inputs: RGB in [0, 1] normalised with
+# ImageNet's mean and std. Outputs: ECDet and ECSeg's labels 0..79 stand for COCO's 80 categories,
+# whose ids run from 1 to 90 with gaps; ECPose's labels are the category ids themselves (person = 1),
+# its 17 keypoints COCO's, joined by COCO's skeleton (its 1-based pairs, here 0-based).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+COCO_NAMES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush")
+COCO_IDS = tuple(i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})
+KEYPOINT_NAMES = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip",
+                  "left_knee", "right_knee", "left_ankle", "right_ankle")
+SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8), (7, 9),
+            (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
+
+
+def normalize(image):
+    """An RGB PIL image -> float (3, H, W): [0, 1], then normalised with the ImageNet mean and std
+    (IMAGENET_MEAN, IMAGENET_STD), the networks' input convention."""
+    # TF.to_dtype's and TF.normalize's arithmetic (x * (1 / 255) - mean) / std, but on one contiguous float
+    # copy updated in place: a training DataLoader worker spends a tenth of its time here at 640 x 640.
+    tensor = TF.pil_to_tensor(image).to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
+    return tensor.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
+
+
+def preprocess(image, size):
+    """An RGB PIL image -> the network's input (3, H, W) for `size` (H, W): stretched bilinearly
+    (antialiased, as torchvision's Resize does for training's validation) and normalised."""
+    return normalize(TF.resize(image, list(size)))
+
+
+def default_classes(num_classes, pose=False):
+    """(names, category ids), each by label, for a network that does not carry its own (a released
+    checkpoint): COCO's for 80 classes, person = 1 for ECPose; otherwise the label itself."""
+    if pose:
+        return ["person" if c == 1 else "" for c in range(num_classes)], list(range(num_classes))
+    if num_classes == len(COCO_NAMES):
+        return list(COCO_NAMES), list(COCO_IDS)
+    return [str(label) for label in range(num_classes)], list(range(num_classes))
+
+
+# ---- Configs and inputs: checked against what the released models implement ----
+def check_images(images):
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    H, W = images.shape[-2:]
+    if H % 32 or W % 32:
+        raise ValueError(f"input size {H}x{W} is not a multiple of 32 (the stride of the coarsest level); "
+                         f"resize or pad to e.g. {(H + 31) // 32 * 32}x{(W + 31) // 32 * 32}")
+
+
+def check_input_size(cfg, size, flag="--img-size"):
+    """Refuse (ValueError) an input size (H, W) that the network of config `cfg` cannot take: sides
+    that are positive multiples of 32 (the stride of the coarsest level) giving at least as many
+    positions over the three levels (strides 8, 16, 32) as the decoder selects queries among them."""
+    h, w = size
+    if min(h, w) <= 0 or h % 32 or w % 32:
+        raise ValueError(f"{flag} {h} {w}: both sides must be positive multiples of 32 (the stride of the coarsest "
+                         f"feature map)")
+    queries = (cfg.get("ECTransformer") or cfg.get("DETRTransformer") or {}).get("num_queries", 300)
+    positions = sum((h // s) * (w // s) for s in (8, 16, 32))
+    if positions < queries:
+        raise ValueError(f"{flag} {h} {w}: too small for this network, whose decoder selects {queries} queries among "
+                         f"the {positions} positions of its feature maps")
+
+
+def same_width(section):  # the encoder and the decoder keep one width, hidden_dim (256 if unset), at every level
+    return [section.get("hidden_dim", 256)] * 3
+
+
+# Settings that every released model has and that this code implements only so, per config section
+# (a function of the section where the value depends on another key). config_section checks them and
+# drops them, so the constructors take only what they use. A key left out takes the original's
+# default: for UNRELEASED_DEFAULTS one that was never released, so such a config is refused.
+RELEASED_ONLY = {
+    "ViTAdapter": {"num_levels": 3, "embed_layer": "ConvPyramidPatchEmbed", "patch_size": 16},
+    "HybridEncoder": {"in_channels": same_width, "feat_strides": [8, 16, 32], "csp_type": "csp2", "fuse_op": "sum"},
+    "ECTransformer": {"feat_channels": same_width, "feat_strides": [8, 16, 32], "num_levels": 3, "layer_scale": 1,
+                      "cross_attn_method": "default", "query_select_method": "default", "aux_loss": True,
+                      "learn_query_content": False},
+    "DETRTransformer": {"num_feature_levels": 3, "feat_strides": [8, 16, 32], "dec_n_points": 4,
+                        "num_body_points": 17, "learnable_tgt_init": True, "two_stage_type": "standard",
+                        "aux_loss": True, "dec_pred_class_embed_share": False, "dec_pred_pose_embed_share": False,
+                        "two_stage_class_embed_share": False, "two_stage_bbox_embed_share": False,
+                        "cls_no_bias": False},
+}
+UNRELEASED_DEFAULTS = {"DETRTransformer": {"num_feature_levels": 1, "learnable_tgt_init": False, "two_stage_type": "no",
+                                           "two_stage_class_embed_share": True, "two_stage_bbox_embed_share": True}}
+# Keys that do nothing, in the original too.
+IGNORED = {"DETRTransformer": ("normalize_before", "return_intermediate_dec", "enc_n_points")}
+
+
+def config_section(cfg, name):
+    """cfg[name] without its RELEASED_ONLY settings, once they are checked, and its IGNORED keys."""
+    if name not in cfg:
+        raise ValueError(f"config has no section {name!r} (sections present: {sorted(cfg)})")
+    section = {k: v for k, v in cfg[name].items() if k not in IGNORED.get(name, ())}
+    for key, released in RELEASED_ONLY.get(name, {}).items():
+        released = released(section) if callable(released) else released
+        value = section.pop(key, UNRELEASED_DEFAULTS.get(name, {}).get(key, released))
+        value = list(value) if isinstance(value, tuple) else value
+        if value != released:
+            raise ValueError(f"{name} {key}={value!r} is not implemented; the released models use {released!r}")
+    return section
+
+
+def make_section(cls, cfg, name, **shared):
+    """Build `cls(**config_section(cfg, name), **shared)`; a bad key gets an error naming the section."""
+    try:
+        return cls(**{**config_section(cfg, name), **shared})
+    except (TypeError, AssertionError) as e:  # AssertionError: torch's checks, e.g. widths that heads don't divide
+        raise ValueError(f"config section {name!r}: {e}") from None
+
+
+# The top-level keys of a config: the network's sections and settings, the postprocessors', and the
+# loss sections of the training files (train_det, train_seg: ECCriterion; train_pose: DETRPoseCriterion).
+CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", "DETRTransformer", "PostProcessor",
+               "DETRPosePostProcessor", "eval_spatial_size", "num_classes", "use_focal_loss", "ECCriterion",
+               "DETRPoseCriterion"}
+
+
+# ---- Annotation files: checked whole before training or evaluation ----
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_coco_ids(data, path):
+    """Refuse (ValueError naming the file and the ids) a COCO annotation dict whose image,
+    annotation or category ids are not integers or repeat, or whose annotations refer to images or
+    categories by anything but an integer: pycocotools indexes by id, so a repeated id silently gives
+    one image the other's objects, and an object is counted twice or not at all by COCOeval."""
+    show = lambda values: ", ".join(map(repr, values[:5])) + (f" ... ({len(values)} in all)" if len(values) > 5 else "")
+    for key, what in (("images", "image"), ("annotations", "annotation"), ("categories", "category")):
+        entries = data[key]
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ValueError(f"COCO annotation file {path}: '{key}' must be a list of objects")
+        ids = [e.get("id") for e in entries]
+        wrong = [i for i in ids if not is_int(i)]
+        if wrong:
+            kinds = sorted({type(i).__name__ for i in wrong})
+            raise ValueError(f"COCO annotation file {path}: {what} ids must be integers; found {len(wrong)} of type "
+                             f"{', '.join(kinds)}: {show(wrong)}")
+        repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
+        if repeated:
+            raise ValueError(f"COCO annotation file {path}: {what} ids must be unique; repeated: {show(repeated)}")
+    for ref in ("image_id", "category_id"):
+        wrong = [a.get("id") for a in data["annotations"] if not is_int(a.get(ref))]
+        if wrong:
+            raise ValueError(f"COCO annotation file {path}: the {ref} of annotations {show(wrong)} is not an integer")
+
 
 # ---- Data sets as they come: COCO, Roboflow, YOLO ----
 #
@@ -563,8 +972,181 @@ def yolo_annotation(values, labels, size, num_keypoints, dims, where):
     return ann
 
 
-# ---- The command line: one way to say things in every script ----
+# ---- Synthetic demo data: coloured shapes in the COCO layout ----
+# Non-contiguous category ids, as in COCO, so the label remap is exercised.
+SYNTHETIC_CATEGORIES = {1: "circle", 3: "square", 7: "triangle"}
+# Shapes the generator can draw: points and the inner radius as a fraction of the outer (1: a
+# regular polygon of that many corners; less: a star of that many points).
+SHAPES = {"circle": (32, 1.0), "square": (4, 1.0), "triangle": (3, 1.0), "hexagon": (6, 1.0), "star": (5, 0.45),
+          "sparkle": (4, 0.4)}
 
+
+def _background(rng, w, h):
+    """(h, w, 3) uint8: a colour ramp between two dark colours plus Gaussian noise."""
+    a, b = rng.uniform(0, 140, size=(2, 3))
+    ramp = np.linspace(0, 1, w)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
+    return np.clip(a + (b - a) * ramp + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _synthetic_image(rng, img_size, image_id, ann_id, split_dir, shapes=SYNTHETIC_CATEGORIES, sizes=(0.625, 1.0),
+                     gray=0.0):
+    """Draw one image, save it, return its COCO image entry and annotations. shapes: category id ->
+    a SHAPES name; sizes: the range of each side as a fraction of img_size; gray: the fraction of
+    images saved as grayscale."""
+    w, h = (int(img_size * s) for s in rng.uniform(*sizes, size=2))
+    canvas = Image.fromarray(_background(rng, w, h))
+    draw = ImageDraw.Draw(canvas)
+    placed, annotations = [], []
+    for _ in range(rng.choice(5, p=[0.05, 0.25, 0.3, 0.25, 0.15])):
+        for _ in range(20):  # retry until the shape's square hull overlaps no earlier one
+            r = rng.uniform(0.08, 0.22) * min(w, h)
+            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
+            if all(abs(cx - px) > r + pr or abs(cy - py) > r + pr for px, py, pr in placed):
+                break
+        else:
+            continue
+        placed.append((cx, cy, r))
+        cat = int(rng.choice(list(shapes)))
+        n, inner = SHAPES[shapes[cat]]
+        corners = n if inner == 1 else 2 * n  # a star alternates outer and inner corners
+        angle = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(corners) / corners
+        radius = r * np.where(np.arange(corners) % 2 == 1, inner, 1.0)
+        poly = np.round(np.stack([cx + radius * np.cos(angle), cy + radius * np.sin(angle)], 1), 2)
+        colour = rng.integers(60, 256, size=3)
+        colour[rng.integers(3)] = 255  # one saturated channel keeps shapes brighter than the background
+        draw.polygon([tuple(p) for p in poly.tolist()], fill=tuple(colour.tolist()))
+        (x1, y1), (x2, y2) = poly.min(0), poly.max(0)
+        segmentation = [poly.ravel().tolist()]
+        area = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))))
+        annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=cat, iscrowd=0, area=area,
+                                bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)], segmentation=segmentation))
+    if gray and rng.random() < gray:
+        canvas = canvas.convert("L")
+    file_name = f"{image_id:012d}.jpg"
+    canvas.save(os.path.join(split_dir, file_name), quality=90)
+    return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
+
+
+def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0,
+                        draw=_synthetic_image, categories=None, ann_prefix="instances"):
+    """Write a small COCO-format data set of coloured shapes on noisy backgrounds; returns root.
+
+    Layout: root/train2017/*.jpg, root/val2017/*.jpg, root/annotations/instances_{train,val}2017.json.
+    Each image has sides drawn from [0.625, 1] * img_size pixels and 0-4 non-overlapping regular
+    polygons (circle = 32 corners, square, triangle; category ids 1, 3, 7), each annotated with bbox
+    (x, y, w, h pixels), area (of the polygon's mask), iscrowd 0 and a polygon segmentation.
+    The same seed writes the same files. Other stages write their own data in this layout by
+    passing draw (as _synthetic_image), their categories (COCO category dicts) and ann_prefix.
+    """
+    rng = np.random.default_rng(seed)
+    categories = categories or [dict(id=c, name=name, supercategory="shape") for c, name in SYNTHETIC_CATEGORIES.items()]
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    for split, count in (("train2017", num_train), ("val2017", num_val)):
+        split_dir = os.path.join(root, split)
+        os.makedirs(split_dir, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            # ids from 1: COCOeval takes a matched-annotation id of 0 for "unmatched"
+            image, anns = draw(rng, img_size, image_id, len(annotations) + 1, split_dir)
+            images.append(image)
+            annotations += anns
+        data = dict(info=dict(description="EdgeCrafter synthetic shapes"), images=images,
+                    annotations=annotations, categories=categories)
+        with open(os.path.join(root, "annotations", f"{ann_prefix}_{split}.json"), "w") as f:
+            json.dump(data, f)
+    return root
+
+
+# ---- Processes and devices: torchrun's process group, tensors moved and averaged; user errors in one line ----
+def setup_distributed(spec):
+    """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    dev = device(spec)
+    if dev.type == "cuda" and (world > 1 or dev.index is None):  # torchrun: each process its own GPU
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return rank, world, dev
+
+
+def start_run(args):
+    """(rank, world size), and args.device, device_type and amp_dtype: with --amp bf16 on CPUs and on GPUs
+    that support it, else fp16 (with make_optimizer's gradient scaler)."""
+    rank, world, device = setup_distributed(args.device)
+    args.device, args.device_type = device, device.type
+    args.amp_dtype = None
+    if args.amp:
+        args.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
+    return rank, world
+
+
+def distributed(net, device, world):
+    """`net` as the training step sees it: with several processes, DDP (BatchNorm synchronised on GPUs)."""
+    if world == 1:
+        return net
+    if device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+
+
+def mean_over_ranks(n, device):
+    """n averaged over the DDP ranks when torch.distributed is initialised, at least 1, a float."""
+    return average_over_ranks(torch.as_tensor([n], dtype=torch.float, device=device)).clamp(min=1).item()
+
+
+def average_over_ranks(x):
+    """Float tensor x, in place, averaged over the DDP ranks when torch.distributed is initialised."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def to_device(targets, device):
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def to_float(outputs):
+    """Autocast outputs in float32: the loss runs in full precision, as in the original."""
+    if torch.is_tensor(outputs):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: to_float(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(to_float(v) for v in outputs)
+    return outputs
+
+
+# The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def run_script(script, fn, *args):
+    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2.
+    Either way the run's folder is let go; a refused run removes the empty folder it created."""
+    try:
+        return fn(*args)
+    except USER_ERRORS as e:
+        release_folders(failed=True)
+        print(f"{script}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        release_folders()
+
+
+def diverged(what, epoch, step, terms, checkpoint):
+    """The error that stops a run at its first non-finite loss or gradient: where, each loss term,
+    and what is on disk (nothing of the current epoch has been written)."""
+    kept = f"{checkpoint} is unchanged" if os.path.exists(checkpoint) else "no checkpoint was written"
+    values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
+    return FloatingPointError(f"non-finite {what} at epoch {epoch + 1}, step {step}: {values}. Stopped; {kept}")
+
+
+# ---- The command line: one way to say things in every script ----
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default: argparse's `(default: X)` unless the help says it already,
     `(default: none)` for an option that is off unless given; flags and required options show none."""
@@ -601,7 +1183,6 @@ def cpu_cores():
 
 
 # ---- Optional packages: imported where a command needs them ----
-
 def optional_import(name, what, pip=None):
     """The module `name`, imported when `what` (a command or option) first needs it, so that every other
     command runs without it. Missing, it raises ValueError in one line with the pip install that brings it."""
@@ -612,7 +1193,6 @@ def optional_import(name, what, pip=None):
 
 
 # ---- TensorBoard: a run's numbers per epoch, when the package is installed ----
-
 class TensorBoard:
     """Scalars as TensorBoard events in a run folder (torch.utils.tensorboard), written by rank 0 when the
     tensorboard package is installed; otherwise every call does nothing, so a run is the same without it."""
@@ -643,3 +1223,66 @@ def epoch_scalars(losses, optimizer, stats):
     scalars.update({f"Test/coco_eval_{kind}_{i}": v for kind, numbers in stats.items() if isinstance(numbers, list)
                     for i, v in enumerate(numbers)})
     return scalars
+
+
+# ---- Drawing: the palette of every picture, a run's curves ----
+PALETTE = [(255, 56, 56), (72, 249, 10), (0, 194, 255), (255, 157, 151), (255, 178, 29), (207, 210, 49),
+           (26, 147, 52), (0, 212, 187), (52, 69, 147), (132, 56, 255), (255, 55, 199), (255, 112, 31)]
+
+
+def draw_curves(panels, path, size=(480, 320)):
+    """Save a PNG of line charts side by side, one per (title, {label: [value per epoch]}) in `panels`;
+    None values are gaps. Returns path."""
+    font = ImageFont.load_default(12)
+    w, h = size
+    left, right, top, bottom = 52, 12, 24, 28  # margins for the axes' labels and the title
+    image = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (title, series) in enumerate(panels):
+        x0, y0, x1, y1 = p * w + left, top, (p + 1) * w - right, h - bottom
+        values = [v for ys in series.values() for v in ys if v is not None]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        epochs = max((len(ys) for ys in series.values()), default=1)
+        to_xy = lambda i, v: (x0 + (x1 - x0) * (i / max(epochs - 1, 1)), y1 - (y1 - y0) * (v - lo) / (hi - lo))
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        draw.text(((x0 + x1) / 2, 4), title, fill="black", font=font, anchor="ma")
+        for v in (lo, (lo + hi) / 2, hi):
+            draw.text((x0 - 4, to_xy(0, v)[1]), f"{v:.3g}", fill="black", font=font, anchor="rm")
+        for i in sorted({0, (epochs - 1) // 2, epochs - 1}):
+            draw.text((to_xy(i, lo)[0], y1 + 4), str(i + 1), fill="black", font=font, anchor="ma")
+        draw.text(((x0 + 3 * x1) / 4, h - 4), "epoch", fill="black", font=font, anchor="md")
+        for k, (label, ys) in enumerate(series.items()):
+            colour = PALETTE[k % len(PALETTE)]
+            points = [to_xy(i, v) if v is not None else None for i, v in enumerate(ys)]
+            for a, b in zip(points, points[1:]):
+                if a is not None and b is not None:
+                    draw.line([a, b], fill=colour, width=2)
+            for pt in points:
+                if pt is not None:
+                    draw.ellipse([pt[0] - 2, pt[1] - 2, pt[0] + 2, pt[1] + 2], fill=colour)
+        for k, label in enumerate(series):  # the legend over the lines
+            draw.rectangle(draw.textbbox((x1 - 6, y0 + 4 + 14 * k), label, font=font, anchor="ra"), fill="white")
+            draw.text((x1 - 6, y0 + 4 + 14 * k), label, fill=PALETTE[k % len(PALETTE)], font=font, anchor="ra")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp)
+    return path
+
+
+def draw_log(log_file, path):
+    """curves.png of a run from its log.jsonl: the loss terms (each summed over the decoder layers,
+    the encoder's and the denoising outputs, with their total) and every COCO AP and AP50 per epoch."""
+    with open(log_file) as f:
+        log = [json.loads(line) for line in f if line.strip()]
+    terms = {"total": [entry["loss"] for entry in log]}
+    for i, entry in enumerate(log):
+        for name, v in entry["losses"].items():
+            base = re.sub(r"(_(aux|enc|dn)_\d+|_dn_pre|_pre)$", "", name)
+            terms.setdefault(base, [0.0] * len(log))[i] += v
+    ap = {}
+    for key in log[-1]:
+        if key.startswith("coco_") and not key.endswith("_per_class"):
+            ap[f"{key[5:]} AP"] = [entry.get(key, [None])[0] for entry in log]
+            ap[f"{key[5:]} AP50"] = [entry.get(key, [None, None])[1] for entry in log]
+    return draw_curves([("loss", terms), ("COCO AP", ap)], path)

@@ -25,6 +25,7 @@ import sys
 import torch
 
 import model
+import support
 import train_det
 
 build_dinov3 = model.build_dinov3  # where ../shared/parity/README.md's API looks for it
@@ -100,7 +101,7 @@ def parse_arch(value, option):
 
 def load_dinov3(source, arch, what="DINOv3 checkpoint"):
     """DINOv3 ViT `arch` with the weights of a released checkpoint (a path or a bare state dict)."""
-    sd = model.read_checkpoint(source, what) if isinstance(source, (str, os.PathLike)) else source
+    sd = support.read_checkpoint(source, what) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(sd, dict):
         raise ValueError(f"{what}: expected a DINOv3 state dict, found a {type(sd).__name__}")
     check_dinov3(sd, arch, what)
@@ -153,7 +154,7 @@ def main(argv=None):
     args = train_det.parse_args(argv, TASK, parser)
     if not (args.demo or args.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
-    return train_det.run_script("teacher.py", run, args, args)
+    return support.run_script("teacher.py", run, args, args)
 
 
 def run(own, args):
@@ -167,13 +168,13 @@ def run(own, args):
     if args.demo:
         return train_det.demo(args, TASK, cfg)
     if own.dinov3:
-        check_dinov3(model.read_checkpoint(own.dinov3, "--dinov3"), arch, f"--dinov3 {own.dinov3}")
+        check_dinov3(support.read_checkpoint(own.dinov3, "--dinov3"), arch, f"--dinov3 {own.dinov3}")
         args.backbone_weights = own.dinov3  # a bare ViT state dict, as train_det's --backbone-weights expects
     elif not (args.resume or args.tune):
         print("warning: no --dinov3 weights; the teacher's ViT starts from random weights", file=sys.stderr)
-    train_det.check_output_dir(args)  # before the config goes in
+    support.check_output_dir(args)  # before the config goes in
     args.model = os.path.join(args.output_dir, "teacher_model.json")
-    train_det.write_atomically(args.model, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+    support.write_atomically(args.model, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
     return train_det.run(args, TASK)
 
 

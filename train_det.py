@@ -4,9 +4,9 @@
     python train_det.py --demo          # a short CPU run on a synthetic data set
 
 The file reads top to bottom as the stage runs: the COCO-format data set, the ECDet augmentation
-recipe with its epoch policy, batch collation with MixUp, a synthetic data set for demos and tests,
-COCO AP evaluation; then the loss (Hungarian matching and the ECDet criterion); then the training
-loop (AdamW, warm-up + flat-cosine schedule, EMA, AMP, DDP, checkpoints and resume).
+recipe with its epoch policy, batch collation with MixUp, COCO AP evaluation; then the loss (Hungarian
+matching and the ECDet criterion); then the training loop (AdamW, warm-up + flat-cosine schedule, EMA,
+AMP). Run folders, checkpoints and resume, DDP and the synthetic demo data are support.py's.
 
 Box conventions: data sets and annotations hold pixel boxes; the targets the model trains on hold
 normalised (cx, cy, w, h) in [0, 1]; the evaluator takes pixel (x1, y1, x2, y2) boxes in the
@@ -22,9 +22,6 @@ import json
 import math
 import os
 import random
-import re
-import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping
@@ -36,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw, ImageFont
-from pycocotools import mask as mask_utils
+from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torchvision import tv_tensors
 from torchvision.ops import box_convert, box_iou, generalized_box_iou
@@ -46,7 +42,8 @@ from tqdm import tqdm
 import model
 import predict
 import support
-from model import IMAGENET_MEAN, IMAGENET_STD, weighting_function
+from model import weighting_function
+from support import IMAGENET_MEAN, IMAGENET_STD
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
@@ -72,7 +69,6 @@ IMAGE_KEYS = ("image_id", "orig_size")
 
 
 # ---- Data: COCO-format data set ----
-
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection / instance segmentation data set.
 
@@ -210,7 +206,6 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 # ---- Data: augmentation (the ECDet recipe) ----
-
 def merge_instances(targets):
     """One target with the objects of all `targets` (same canvas); other entries from targets[0]."""
     merged = dict(targets[0])
@@ -333,11 +328,10 @@ class DetTransforms:
             image, target = self.resize(image, target)
         target = dict(target, boxes=normalised_cxcywh(target["boxes"]))
         target = {k: v.as_subclass(torch.Tensor) if isinstance(v, tv_tensors.Mask) else v for k, v in target.items()}
-        return model.normalize(image), target  # the networks' input convention, as predict.py feeds them
+        return support.normalize(image), target  # the networks' input convention, as predict.py feeds them
 
 
 # ---- Data: batch collation with MixUp ----
-
 class BatchImageCollate:
     """[(image (3, H, W), target)] * B -> (images (B, 3, H, W), [target] * B), with batch MixUp.
 
@@ -373,94 +367,7 @@ class BatchImageCollate:
         return images, targets
 
 
-# ---- Data: synthetic COCO-format data set ----
-
-# Non-contiguous category ids, as in COCO, so the label remap is exercised.
-SYNTHETIC_CATEGORIES = {1: "circle", 3: "square", 7: "triangle"}
-# Shapes the generator can draw: points and the inner radius as a fraction of the outer (1: a
-# regular polygon of that many corners; less: a star of that many points).
-SHAPES = {"circle": (32, 1.0), "square": (4, 1.0), "triangle": (3, 1.0), "hexagon": (6, 1.0), "star": (5, 0.45),
-          "sparkle": (4, 0.4)}
-
-
-def _background(rng, w, h):
-    """(h, w, 3) uint8: a colour ramp between two dark colours plus Gaussian noise."""
-    a, b = rng.uniform(0, 140, size=(2, 3))
-    ramp = np.linspace(0, 1, w)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
-    return np.clip(a + (b - a) * ramp + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def _synthetic_image(rng, img_size, image_id, ann_id, split_dir, shapes=SYNTHETIC_CATEGORIES, sizes=(0.625, 1.0),
-                     gray=0.0):
-    """Draw one image, save it, return its COCO image entry and annotations. shapes: category id ->
-    a SHAPES name; sizes: the range of each side as a fraction of img_size; gray: the fraction of
-    images saved as grayscale."""
-    w, h = (int(img_size * s) for s in rng.uniform(*sizes, size=2))
-    canvas = Image.fromarray(_background(rng, w, h))
-    draw = ImageDraw.Draw(canvas)
-    placed, annotations = [], []
-    for _ in range(rng.choice(5, p=[0.05, 0.25, 0.3, 0.25, 0.15])):
-        for _ in range(20):  # retry until the shape's square hull overlaps no earlier one
-            r = rng.uniform(0.08, 0.22) * min(w, h)
-            cx, cy = rng.uniform(r + 1, w - r - 1), rng.uniform(r + 1, h - r - 1)
-            if all(abs(cx - px) > r + pr or abs(cy - py) > r + pr for px, py, pr in placed):
-                break
-        else:
-            continue
-        placed.append((cx, cy, r))
-        cat = int(rng.choice(list(shapes)))
-        n, inner = SHAPES[shapes[cat]]
-        corners = n if inner == 1 else 2 * n  # a star alternates outer and inner corners
-        angle = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.arange(corners) / corners
-        radius = r * np.where(np.arange(corners) % 2 == 1, inner, 1.0)
-        poly = np.round(np.stack([cx + radius * np.cos(angle), cy + radius * np.sin(angle)], 1), 2)
-        colour = rng.integers(60, 256, size=3)
-        colour[rng.integers(3)] = 255  # one saturated channel keeps shapes brighter than the background
-        draw.polygon([tuple(p) for p in poly.tolist()], fill=tuple(colour.tolist()))
-        (x1, y1), (x2, y2) = poly.min(0), poly.max(0)
-        segmentation = [poly.ravel().tolist()]
-        area = float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))))
-        annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=cat, iscrowd=0, area=area,
-                                bbox=[float(x1), float(y1), float(x2 - x1), float(y2 - y1)], segmentation=segmentation))
-    if gray and rng.random() < gray:
-        canvas = canvas.convert("L")
-    file_name = f"{image_id:012d}.jpg"
-    canvas.save(os.path.join(split_dir, file_name), quality=90)
-    return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
-
-
-def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0,
-                        draw=_synthetic_image, categories=None, ann_prefix="instances"):
-    """Write a small COCO-format data set of coloured shapes on noisy backgrounds; returns root.
-
-    Layout: root/train2017/*.jpg, root/val2017/*.jpg, root/annotations/instances_{train,val}2017.json.
-    Each image has sides drawn from [0.625, 1] * img_size pixels and 0-4 non-overlapping regular
-    polygons (circle = 32 corners, square, triangle; category ids 1, 3, 7), each annotated with bbox
-    (x, y, w, h pixels), area (of the polygon's mask), iscrowd 0 and a polygon segmentation.
-    The same seed writes the same files. Other stages write their own data in this layout by
-    passing draw (as _synthetic_image), their categories (COCO category dicts) and ann_prefix.
-    """
-    rng = np.random.default_rng(seed)
-    categories = categories or [dict(id=c, name=name, supercategory="shape") for c, name in SYNTHETIC_CATEGORIES.items()]
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split, count in (("train2017", num_train), ("val2017", num_val)):
-        split_dir = os.path.join(root, split)
-        os.makedirs(split_dir, exist_ok=True)
-        images, annotations = [], []
-        for image_id in range(1, count + 1):
-            # ids from 1: COCOeval takes a matched-annotation id of 0 for "unmatched"
-            image, anns = draw(rng, img_size, image_id, len(annotations) + 1, split_dir)
-            images.append(image)
-            annotations += anns
-        data = dict(info=dict(description="EdgeCrafter synthetic shapes"), images=images,
-                    annotations=annotations, categories=categories)
-        with open(os.path.join(root, "annotations", f"{ann_prefix}_{split}.json"), "w") as f:
-            json.dump(data, f)
-    return root
-
-
 # ---- Evaluation: COCO AP (predict.CocoEvaluator) and pictures ----
-
 def scale_boxes(result, scale):
     """A result of model.postprocess in pixels of another size: boxes times scale (2,) = (sx, sy)."""
     return dict(result, boxes=result["boxes"] * scale.repeat(2))
@@ -495,66 +402,7 @@ def draw_predictions(images, targets, results, names, path, score_threshold=0.5,
     return path
 
 
-def draw_curves(panels, path, size=(480, 320)):
-    """Save a PNG of line charts side by side, one per (title, {label: [value per epoch]}) in `panels`;
-    None values are gaps. Returns path."""
-    font = ImageFont.load_default(12)
-    w, h = size
-    left, right, top, bottom = 52, 12, 24, 28  # margins for the axes' labels and the title
-    image = Image.new("RGB", (w * len(panels), h), "white")
-    draw = ImageDraw.Draw(image)
-    for p, (title, series) in enumerate(panels):
-        x0, y0, x1, y1 = p * w + left, top, (p + 1) * w - right, h - bottom
-        values = [v for ys in series.values() for v in ys if v is not None]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        hi = hi if hi > lo else lo + 1.0
-        epochs = max((len(ys) for ys in series.values()), default=1)
-        to_xy = lambda i, v: (x0 + (x1 - x0) * (i / max(epochs - 1, 1)), y1 - (y1 - y0) * (v - lo) / (hi - lo))
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-        draw.text(((x0 + x1) / 2, 4), title, fill="black", font=font, anchor="ma")
-        for v in (lo, (lo + hi) / 2, hi):
-            draw.text((x0 - 4, to_xy(0, v)[1]), f"{v:.3g}", fill="black", font=font, anchor="rm")
-        for i in sorted({0, (epochs - 1) // 2, epochs - 1}):
-            draw.text((to_xy(i, lo)[0], y1 + 4), str(i + 1), fill="black", font=font, anchor="ma")
-        draw.text(((x0 + 3 * x1) / 4, h - 4), "epoch", fill="black", font=font, anchor="md")
-        for k, (label, ys) in enumerate(series.items()):
-            colour = predict.PALETTE[k % len(predict.PALETTE)]
-            points = [to_xy(i, v) if v is not None else None for i, v in enumerate(ys)]
-            for a, b in zip(points, points[1:]):
-                if a is not None and b is not None:
-                    draw.line([a, b], fill=colour, width=2)
-            for pt in points:
-                if pt is not None:
-                    draw.ellipse([pt[0] - 2, pt[1] - 2, pt[0] + 2, pt[1] + 2], fill=colour)
-        for k, label in enumerate(series):  # the legend over the lines
-            draw.rectangle(draw.textbbox((x1 - 6, y0 + 4 + 14 * k), label, font=font, anchor="ra"), fill="white")
-            draw.text((x1 - 6, y0 + 4 + 14 * k), label, fill=predict.PALETTE[k % len(predict.PALETTE)], font=font, anchor="ra")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with support.atomic_path(path) as tmp:
-        image.save(tmp)
-    return path
-
-
-def draw_log(log_file, path):
-    """curves.png of a run from its log.jsonl: the loss terms (each summed over the decoder layers,
-    the encoder's and the denoising outputs, with their total) and every COCO AP and AP50 per epoch."""
-    with open(log_file) as f:
-        log = [json.loads(line) for line in f if line.strip()]
-    terms = {"total": [entry["loss"] for entry in log]}
-    for i, entry in enumerate(log):
-        for name, v in entry["losses"].items():
-            base = re.sub(r"(_(aux|enc|dn)_\d+|_dn_pre|_pre)$", "", name)
-            terms.setdefault(base, [0.0] * len(log))[i] += v
-    ap = {}
-    for key in log[-1]:
-        if key.startswith("coco_") and not key.endswith("_per_class"):
-            ap[f"{key[5:]} AP"] = [entry.get(key, [None])[0] for entry in log]
-            ap[f"{key[5:]} AP50"] = [entry.get(key, [None, None])[1] for entry in log]
-    return draw_curves([("loss", terms), ("COCO AP", ap)], path)
-
-
 # ---- Loss: matching and the ECDet criterion ----
-
 def cxcywh_to_xyxy(boxes):
     """(..., 4) cx, cy, w, h -> x1, y1, x2, y2, with negative sizes clamped to 0: FDR can
     predict an edge past the opposite one, and the IoUs below need x1 <= x2."""
@@ -660,19 +508,6 @@ def denoising_matches(dn_meta, targets):
     """Denoising query matches: the positive query of group g for object j reconstructs object j."""
     return [(q, torch.arange(len(t['labels']), device=q.device).repeat(dn_meta['dn_num_group']))
             for q, t in zip(dn_meta['dn_positive_idx'], targets)]
-
-
-def mean_over_ranks(n, device):
-    """n averaged over the DDP ranks when torch.distributed is initialised, at least 1, a float."""
-    return average_over_ranks(torch.as_tensor([n], dtype=torch.float, device=device)).clamp(min=1).item()
-
-
-def average_over_ranks(x):
-    """Float tensor x, in place, averaged over the DDP ranks when torch.distributed is initialised."""
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
 
 
 def batch_index(indices):
@@ -906,8 +741,8 @@ class ECCriterion(nn.Module):
         layers = outputs['aux_outputs']
         pre, encoder = outputs['pre_outputs'], outputs['enc_aux_outputs']
         indices, layer_indices, pre_indices, encoder_indices, union = match_all(self.matcher, outputs, targets)
-        num_union = mean_over_ranks(sum(len(q) for q, _ in union), device)
-        num_boxes = mean_over_ranks(sum(len(t['labels']) for t in targets), device)
+        num_union = support.mean_over_ranks(sum(len(q) for q, _ in union), device)
+        num_boxes = support.mean_over_ranks(sum(len(t['labels']) for t in targets), device)
         shared = self.shared_terms(outputs, union)
 
         groups = [('', outputs, indices),
@@ -964,7 +799,6 @@ def build_criterion(cfg, matcher_cls=HungarianMatcher, criterion_cls=ECCriterion
 
 
 # ---- Training: optimizer, schedule, EMA ----
-
 def param_groups(net, lr, backbone_lr, weight_decay):
     """AdamW groups of the original recipe: the ViT (`backbone.backbone.*`) at backbone_lr, everything
     else (the feature generator's projections included) at lr; no weight decay on norms and biases."""
@@ -1016,70 +850,9 @@ class ModelEMA:
         self.updates = state["updates"]
 
 
-# ---- Training: processes, devices, checkpoints ----
-
-def setup_distributed(device):
-    """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = support.device(device)
-    if device.type == "cuda" and (world > 1 or device.index is None):  # torchrun: each process its own GPU
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def start_run(args):
-    """(rank, world size), and args.device, device_type and amp_dtype: with --amp bf16 on CPUs and on GPUs
-    that support it, else fp16 (with make_optimizer's gradient scaler)."""
-    rank, world, device = setup_distributed(args.device)
-    args.device, args.device_type = device, device.type
-    args.amp_dtype = None
-    if args.amp:
-        args.amp_dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is the total over {world} processes; make it a multiple")
-    return rank, world
-
-
+# ---- Training: mixed precision, the ViT's initial weights ----
 def autocast(args):
     return torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None)
-
-
-def distributed(net, device, world):
-    """`net` as the training step sees it: with several processes, DDP (BatchNorm synchronised on GPUs)."""
-    if world == 1:
-        return net
-    if device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    return torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-
-
-def write_atomically(path, write):
-    """Call write(file) on a temporary file that then replaces `path` (support.atomic_path), so that a
-    killed run leaves the old file or the new one, never half of one. A failed write leaves no
-    temporary file behind and names the file, and a full disk as the cause."""
-    with support.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: a failed write raises OSError
-        write(f)
-
-
-def save_checkpoint(obj, path):
-    write_atomically(path, lambda f: torch.save(obj, f))
-
-
-def write_log(lines, path):
-    """A run's log.jsonl: one JSON line per entry of `lines`, written whole and atomically."""
-    write_atomically(path, lambda f: f.write("".join(json.dumps(line) + "\n" for line in lines).encode()))
-
-
-def read_log(path, keep):
-    """The lines of the log.jsonl at `path` for which keep(line) holds; [] when there is none."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [line for line in map(json.loads, filter(str.strip, f)) if keep(line)]
 
 
 def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
@@ -1087,7 +860,7 @@ def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
     the config names (downloaded by rank 0, as the original does when it builds the network).
     Returns False, after saying so, when the ViT keeps its random weights: --backbone-weights none,
     or a config that no released ECViT fits."""
-    url = model.released_backbone(cfg) if args.backbone_weights is None else None
+    url = support.released_backbone(cfg, model.ECVIT) if args.backbone_weights is None else None
     if args.backbone_weights in (None, "none") and url is None:
         why = "--backbone-weights none" if args.backbone_weights else f"no released ECViT fits {args.model}"
         rate = f"--backbone-lr {args.backbone_lr}" if backbone_lr_given else "the head's learning rate"
@@ -1098,7 +871,7 @@ def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
     wait = url is not None and dist.is_initialized()
     if wait and rank != 0:
         dist.barrier()  # rank 0 fills the cache first
-    state = model.download(url, hint) if url else model.read_checkpoint(args.backbone_weights, "--backbone-weights")
+    state = support.download(url, hint) if url else support.read_checkpoint(args.backbone_weights, "--backbone-weights")
     if wait and rank == 0:
         dist.barrier()
     model.load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}")
@@ -1107,107 +880,7 @@ def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
     return True
 
 
-def load_matching(net, state, what, require_all=False):
-    """Load the entries of `state` whose names and shapes fit `net` (fine-tuning on other classes).
-    Refused (ValueError) when they hold less than half of the network's numbers, as then `state` is
-    of another model, and with require_all when any tensor stays at its initial value."""
-    own = net.state_dict()
-    items = state.items() if isinstance(state, Mapping) else []
-    fits = {k: v for k, v in items if k in own and torch.is_tensor(v) and own[k].shape == v.shape}
-    support.check_finite(fits.items(), what)
-    skipped = sorted(set(own) - set(fits))
-    share = sum(v.numel() for v in fits.values()) / sum(v.numel() for v in own.values())
-    if share < 0.5 or (require_all and skipped):
-        why = "--eval-only evaluates the network as it is" if require_all else "is it a checkpoint of this model?"
-        raise ValueError(f"{what} fits {len(fits)} of the model's {len(own)} tensors ({share:.0%} of its numbers; "
-                         f"not e.g. {', '.join(skipped[:3])}): {why}")
-    net.load_state_dict(fits, strict=False)
-    print(f"{what}: loaded {len(fits)} of {len(own)} tensors" + (f"; kept initial values of {len(skipped)}, "
-          f"e.g. {', '.join(skipped[:3])}" if skipped else ""))
-
-
-def check_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
-    """Make args.output_dir ready before any work: a folder that takes files, held by this run alone
-    (support.claim_folder: another run into it is refused until this one ends), not holding `run_files`
-    of an earlier run unless args.resume continues it (or --eval-only, which writes nothing there, only
-    reads) or args.overwrite replaces it. Nothing is deleted here: clean_output_dir does that once the
-    run has passed its checks."""
-    folder = args.output_dir
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ValueError(f"--output-dir {folder} is a file, not a folder")
-    reads_only = getattr(args, "eval_only", False)
-    if reads_only:
-        return
-    try:
-        if int(os.environ.get("RANK", 0)) == 0:  # the other ranks write nothing of their own
-            support.claim_folder(folder)
-        else:
-            os.makedirs(folder, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        raise OSError(f"--output-dir {folder}: cannot write there ({e.strerror or e})") from None
-    found = [name for name in run_files if os.path.exists(os.path.join(folder, name))]
-    if found and not (args.resume or args.overwrite):
-        raise ValueError(f"--output-dir {folder} already holds a run ({', '.join(found)}): continue it with "
-                         f"--resume, or replace it with --overwrite")
-
-
-
-def clean_output_dir(args, run_files=("last.pth", "best.pth", "log.jsonl")):
-    """Once a run has passed its checks, before its first write: remove what atomic writes of killed
-    runs left in args.output_dir (support's temporary files only) and, with --overwrite, the earlier
-    run's `run_files` and its TensorBoard events."""
-    if int(os.environ.get("RANK", 0)) != 0 or getattr(args, "eval_only", False):
-        return
-    support.remove_temporary_files(args.output_dir)
-    events = [name for name in os.listdir(args.output_dir) if name.startswith("events.out.tfevents.")]
-    for name in [*run_files, *events] if args.overwrite else ():
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(args.output_dir, name))
-
-
-# The exceptions that mean bad input (or a diverged run) rather than a bug: scripts report them in one line.
-USER_ERRORS = (ValueError, OSError, FloatingPointError)
-
-
-def run_script(script, fn, *args):
-    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2.
-    Either way the run's folder is let go; a refused run removes the empty folder it created."""
-    try:
-        return fn(*args)
-    except USER_ERRORS as e:
-        support.release_folders(failed=True)
-        print(f"{script}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2)
-    finally:
-        support.release_folders()
-
-
-def diverged(what, epoch, step, terms, checkpoint):
-    """The error that stops a run at its first non-finite loss or gradient: where, each loss term,
-    and what is on disk (nothing of the current epoch has been written)."""
-    kept = f"{checkpoint} is unchanged" if os.path.exists(checkpoint) else "no checkpoint was written"
-    values = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items())
-    return FloatingPointError(f"non-finite {what} at epoch {epoch + 1}, step {step}: {values}. Stopped; {kept}")
-
-
-def to_device(targets, device):
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-
-
-def to_float(outputs):
-    """Autocast outputs in float32: the loss runs in full precision, as in the original."""
-    if torch.is_tensor(outputs):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: to_float(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(to_float(v) for v in outputs)
-    return outputs
-
-
 # ---- Training: the task a stage trains, and the loop ----
-
 @dataclasses.dataclass
 class Task:
     """What a stage changes in the shared loop: ECSeg and ECPose pass their own."""
@@ -1224,7 +897,7 @@ class Task:
     transforms: type = DetTransforms
     build_criterion: object = build_criterion  # cfg -> criterion
     criterion: type = ECCriterion  # its preset_config adds the loss section to a preset's
-    make_synthetic: object = make_synthetic_coco
+    make_synthetic: object = support.make_synthetic_coco
     draw: object = draw_predictions
     demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
     restart_from_best: bool = True  # at stop_epoch, as the original's ECDet/ECSeg engine (not ECPose's)
@@ -1274,19 +947,19 @@ def set_epoch(loader, epoch, seed, rank):
 
 def optimise(loss, terms, net, optimizer, scaler, clip_max_norm, stage, epoch, step, checkpoint):
     """One step on `loss`, the gradient norm clipped to clip_max_norm (if > 0). A non-finite loss (on any
-    rank) or gradient norm stops the run: diverged() names the stage, where, the `terms` and checkpoint."""
+    rank) or gradient norm stops the run: support.diverged() names the stage, where, the `terms` and checkpoint."""
     finite = torch.isfinite(loss.detach()).float()
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     if not finite.item():
-        raise diverged(f"{stage}loss", epoch, step, terms, checkpoint)
+        raise support.diverged(f"{stage}loss", epoch, step, terms, checkpoint)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)  # a no-op without fp16
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip_max_norm if clip_max_norm > 0 else math.inf)
     # The gradients are all-reduced, so every rank stops together; fp16's scaler skips its own overflows.
     if not scaler.is_enabled() and not torch.isfinite(norm):
-        raise diverged(f"{stage}gradient norm", epoch, step, {**terms, "gradient_norm": norm}, checkpoint)
+        raise support.diverged(f"{stage}gradient norm", epoch, step, {**terms, "gradient_norm": norm}, checkpoint)
     scaler.step(optimizer)
     scaler.update()
 
@@ -1298,10 +971,10 @@ def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, ep
     for i, (images, targets) in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = schedule(epoch * len(loader) + i, group["initial_lr"])
-        images, targets = images.to(args.device, non_blocking=True), to_device(targets, args.device)
+        images, targets = images.to(args.device, non_blocking=True), support.to_device(targets, args.device)
         with autocast(args):
             outputs = net(images, targets)
-        losses = criterion(to_float(outputs), targets)
+        losses = criterion(support.to_float(outputs), targets)
         loss = sum(losses.values())
         optimise(loss, losses, net, optimizer, scaler, args.clip_max_norm, "", epoch, i,
                  os.path.join(args.output_dir, "last.pth"))
@@ -1310,7 +983,7 @@ def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, ep
             sums[k] = sums.get(k, 0.0) + v.item()
         count += 1
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-    means = average_over_ranks(torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device))
+    means = support.average_over_ranks(torch.tensor([sums[k] / max(count, 1) for k in sorted(sums)], device=args.device))
     return dict(zip(sorted(sums), means.tolist()))
 
 
@@ -1325,7 +998,7 @@ def evaluate(net, loader, task, cfg, args, rank, picture=None):
         with autocast(args):
             outputs = net(images.to(args.device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(args.device)
-        results = task.postprocess(to_float(outputs), sizes, cfg)
+        results = task.postprocess(support.to_float(outputs), sizes, cfg)
         evaluator.update([t["image_id"] for t in targets], results)
         if picture is not None and rank == 0:
             task.draw(images, targets, results, data.names, picture)
@@ -1371,68 +1044,8 @@ def model_config(args, task, num_classes):
             raise ValueError(f"--model: {e}") from None
     cfg = copy.deepcopy(cfg)
     cfg["num_classes"], cfg["eval_spatial_size"] = num_classes, list(args.img_size)
-    model.check_input_size(cfg, args.img_size)
+    support.check_input_size(cfg, args.img_size)
     return cfg
-
-
-def resume_checkpoint(args):
-    """The training checkpoint of --resume, refused when it would roll back the output folder's
-    last.pth (DIR/best.pth of an earlier epoch, say). --epochs, --lr and --backbone-lr not given
-    take the run's values; given, they apply from the next epoch, and the change is reported."""
-    ckpt = model.read_checkpoint(args.resume, "--resume")
-    if not {"model", "ema", "optimizer", "scaler", "epoch", "best"} <= set(ckpt):
-        raise ValueError(f"--resume {args.resume} is not a training checkpoint of this project (use --tune)")
-    ema = ckpt["ema"].get("module") if isinstance(ckpt["ema"], dict) else ckpt["ema"]
-    for what, sd in (("model", ckpt["model"]), ("ema", ema)):
-        support.check_state_dict(sd, f"--resume {args.resume} ({what})")
-    if not (support.is_int(ckpt["epoch"]) and isinstance(ckpt["best"], (int, float))):
-        raise ValueError(f"--resume {args.resume}: its epoch and best AP are not numbers")
-    last = os.path.join(args.output_dir, "last.pth")
-    if not args.eval_only and os.path.exists(last) and not os.path.samefile(last, args.resume):
-        newer = checkpoint_epoch(last)
-        if newer > ckpt["epoch"]:
-            raise ValueError(f"--resume {args.resume} is epoch {ckpt['epoch']}, but {last} is epoch {newer}, which "
-                             f"resuming would roll back: resume from {last}, or continue epoch {ckpt['epoch']} "
-                             f"in another --output-dir")
-    for key, before in ((k, ckpt.get("args", {}).get(k)) for k in ("epochs", "lr", "backbone_lr")):
-        if getattr(args, key) is None:
-            setattr(args, key, before)
-        elif before is not None and getattr(args, key) != before and not args.eval_only:
-            print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} (so far {before}) applies from epoch "
-                  f"{ckpt['epoch'] + 1} on")
-    if args.epochs is not None and args.epochs <= ckpt["epoch"] and not args.eval_only:
-        raise ValueError(f"--resume {args.resume} has done {ckpt['epoch']} epochs already; give --epochs above that "
-                         f"to train on")
-    return ckpt
-
-
-def checkpoint_epoch(path):
-    """The epoch of a checkpoint file, without reading its tensors."""
-    return model.read_checkpoint(path, "checkpoint", mmap=True).get("epoch", 0)
-
-
-def restore_run_files(args, ckpt):
-    """Bring the output folder in line with the checkpoint a run resumes from, whatever instant a kill
-    came at: log.jsonl holds exactly its epochs' lines, and best.pth its best epoch: the resumed one
-    when that was the best (a kill between writing last.pth and best.pth), else the best.pth beside
-    --resume (a run continued in another folder). Returns the log lines."""
-    best = os.path.join(args.output_dir, "best.pth")
-    history = restore_log(ckpt, os.path.join(args.output_dir, "log.jsonl"), lambda line: line["epoch"] <= ckpt["epoch"])
-    if int(os.environ.get("RANK", 0)) == 0:
-        resumed_is_best = ckpt.get("best_epoch") == ckpt["epoch"]
-        source = args.resume if resumed_is_best else os.path.join(os.path.dirname(args.resume), "best.pth")
-        if (not os.path.exists(best) or checkpoint_epoch(best) != ckpt.get("best_epoch")) and \
-                os.path.exists(source) and checkpoint_epoch(source) == ckpt.get("best_epoch"):
-            save_checkpoint(ckpt if resumed_is_best else model.read_checkpoint(source), best)
-    return history
-
-
-def restore_log(ckpt, path, keep):
-    """The log lines `ckpt` carries (an older one: those of `path` where keep(line)), rewritten to `path`."""
-    history = ckpt["log"] if "log" in ckpt else read_log(path, keep)
-    if int(os.environ.get("RANK", 0)) == 0:
-        write_log(history, path)
-    return list(history)
 
 
 def make_optimizer(groups, betas, args, ckpt=None):
@@ -1440,36 +1053,8 @@ def make_optimizer(groups, betas, args, ckpt=None):
     optimizer = torch.optim.AdamW(groups, betas=betas)
     scaler = torch.amp.GradScaler(args.device_type, enabled=args.amp_dtype == torch.float16)
     if ckpt is not None:
-        restore_optimizer(optimizer, scaler, ckpt)
+        support.restore_optimizer(optimizer, scaler, ckpt)
     return optimizer, scaler
-
-
-def restore_optimizer(optimizer, scaler, ckpt):
-    """Load the optimiser's and the scaler's saved state but keep this run's learning rates (each group's
-    initial_lr, which the schedule scales): a --resume's new --lr and --backbone-lr apply from here on."""
-    initial = [group["initial_lr"] for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # torch's kinds for a state of another shape
-        raise ValueError(f"the checkpoint's optimizer state does not fit this run: {e!r}") from None
-    for group, lr in zip(optimizer.param_groups, initial):
-        group["initial_lr"] = lr
-
-
-def restart_from_best(path, net, ema, optimizer, scaler, rank):
-    """The original's last phase: when strong augmentation ends (stop_epoch), training goes on from
-    the best checkpoint so far (weights, EMA, optimiser and scaler), not from the last epoch's."""
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 has written it
-    if not os.path.exists(path):  # no epoch had AP above 0 (the original stops with an error here)
-        return
-    ckpt = model.read_checkpoint(path)
-    net.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    restore_optimizer(optimizer, scaler, ckpt)
-    if rank == 0:
-        print(f"strong augmentation off: continuing from {path} (epoch {ckpt['epoch']}, AP {ckpt['best']:.4f})")
 
 
 def training_recipe(args, task):
@@ -1517,8 +1102,8 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
             recipe["backbone_lr"] = args.backbone_lr = recipe["lr"]  # a random ViT learns only at the head's rate
     if args.tune:
         released = args.tune in model.PRESETS and not os.path.exists(args.tune)
-        tune = model.released_checkpoint(args.tune) if released else model.read_checkpoint(args.tune, "--tune")
-        state, own = model.checkpoint_state_dict(tune), net.state_dict()
+        tune = support.released_checkpoint(args.tune, model.PRESETS) if released else support.read_checkpoint(args.tune, "--tune")
+        state, own = support.checkpoint_state_dict(tune), net.state_dict()
         differ = [k for k, v in own.items() if isinstance(state, Mapping) and torch.is_tensor(state.get(k))
                   and state[k].shape != v.shape]
         fresh = sorted(set(differ) & class_heads(cfg)) if differ else []
@@ -1526,7 +1111,7 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
             print(f"--tune {args.tune}: {min(state[k].shape[0] for k in fresh)} classes there, {cfg['num_classes']} "
                   f"in this data set: the ViT, encoder and decoder start from its weights, the class heads afresh "
                   f"({', '.join(fresh[:2])}, ...)")
-        load_matching(net, state, f"--tune {args.tune}", require_all=args.eval_only)
+        support.load_matching(net, state, f"--tune {args.tune}", require_all=args.eval_only)
     if ckpt is not None:
         try:
             model.load_weights(net, ckpt["model"])
@@ -1537,9 +1122,9 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
 
 def run(args, task):
     """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
-    rank, world = start_run(args)
-    check_output_dir(args)
-    ckpt = resume_checkpoint(args) if args.resume else None
+    rank, world = support.start_run(args)
+    support.check_output_dir(args)
+    ckpt = support.resume_checkpoint(args) if args.resume else None
     backbone_lr_given = args.backbone_lr is not None
     recipe = training_recipe(args, task)
     train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
@@ -1558,11 +1143,11 @@ def run(args, task):
     train_loader = make_loader(task, train_dir, train_ann, True, args, recipe, rank, world)
     if len(train_loader.dataset.names) != cfg["num_classes"] or train_loader.dataset.names != val_loader.dataset.names:
         raise ValueError(f"{train_ann} and {val_ann} have different categories")
-    train_net = distributed(net, args.device, world)
+    train_net = support.distributed(net, args.device, world)
     optimizer, scaler = make_optimizer(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
                                        recipe["betas"], args, ckpt)
-    clean_output_dir(args)
-    history = restore_run_files(args, ckpt) if ckpt is not None else []
+    support.clean_output_dir(args)
+    history = support.restore_run_files(args, ckpt) if ckpt is not None else []
     steps = len(train_loader)
     total, no_aug = args.epochs * steps, (args.epochs - recipe["stop_epoch"]) * steps
     warmup, flat = min(recipe["warmup_iter"], 3 * steps), recipe["mosaic_epoch"] * steps
@@ -1577,7 +1162,7 @@ def run(args, task):
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         t0 = time.time()
         if task.restart_from_best and epoch == recipe["stop_epoch"] > 0:
-            restart_from_best(os.path.join(args.output_dir, "best.pth"), net, ema, optimizer, scaler, rank)
+            support.restart_from_best(os.path.join(args.output_dir, "best.pth"), net, ema, optimizer, scaler, rank)
         set_epoch(train_loader, epoch, args.seed, rank)
         losses = train_one_epoch(train_net, criterion, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
         stats = evaluate(ema.module, val_loader, task, cfg, args, rank, picture)
@@ -1589,17 +1174,17 @@ def run(args, task):
             best, best_epoch = ap, epoch + 1
         if rank == 0:
             # The checkpoint carries the log and the best epoch, so that a resume after a kill between
-            # these three writes restores the other two (restore_run_files).
+            # these three writes restores the other two (support.restore_run_files).
             state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
                      "log": history, "config": cfg, "names": val_loader.dataset.names,
                      "category_ids": category_ids(val_loader.dataset),
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
-            save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
+            support.save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
             if best_epoch == epoch + 1:
-                save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
-            write_log(history, os.path.join(args.output_dir, "log.jsonl"))
-            draw_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "curves.png"))
+                support.save_checkpoint(state, os.path.join(args.output_dir, "best.pth"))
+            support.write_log(history, os.path.join(args.output_dir, "log.jsonl"))
+            support.draw_log(os.path.join(args.output_dir, "log.jsonl"), os.path.join(args.output_dir, "curves.png"))
             board.add(support.epoch_scalars(losses, optimizer, stats), epoch + 1)
             print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}, AP {ap:.4f} (best {best:.4f})")
     return metrics
@@ -1689,7 +1274,7 @@ def demo(args, task, cfg=None):
     picture of predictions, all under --output-dir. `cfg`: the network (default: demo_config(task));
     the task's `demo` entries override DEMO."""
     settings = {**DEMO, **task.demo}
-    check_output_dir(args)
+    support.check_output_dir(args)
     root = os.path.join(args.output_dir, "demo_data")
     if not os.path.exists(os.path.join(root, "annotations")):
         task.make_synthetic(root, num_train=settings["num_train"], num_val=settings["num_val"],
@@ -1702,7 +1287,7 @@ def demo(args, task, cfg=None):
     cfg = copy.deepcopy(cfg or demo_config(task))
     cfg["num_classes"] = len(task.dataset(val_dir, val_ann, **task.dataset_kwargs).names)
     cfg["eval_spatial_size"] = list(args.img_size)
-    write_atomically(config, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+    support.write_atomically(config, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
     if "lr" in settings:  # a stage's own rate, for the heads and the randomly initialised ViT alike
         args.lr, args.backbone_lr = args.lr or settings["lr"], args.backbone_lr or settings["lr"]
     metrics = run(args, task)
@@ -1719,7 +1304,7 @@ DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16)
 def main(argv=None, task=None):
     task = task or Task()
     args = parse_args(argv, task)
-    return run_script(task.script, demo if args.demo else run, args, task)
+    return support.run_script(task.script, demo if args.demo else run, args, task)
 
 
 if __name__ == "__main__":

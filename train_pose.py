@@ -35,8 +35,9 @@ from torchvision import tv_tensors
 
 import model
 import predict
+import support
 import train_det as td
-from model import KEYPOINT_NAMES, SKELETON
+from support import KEYPOINT_NAMES, SKELETON
 from train_det import (IMAGE_KEYS, CocoDetection, ECCriterion, HungarianMatcher, Mosaic, Task, batch_index, matched,
                        merge_instances, normalised_cxcywh)
 
@@ -284,7 +285,7 @@ class PoseTransforms:
                 image, target = hflip(image, target)
             image, target = self.jitter(image, target)
         image, target = self.resize(image, target)
-        return model.normalize(image), to_targets(target)
+        return support.normalize(image), to_targets(target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def _stick_figure_image(rng, img_size, image_id, ann_id, split_dir):
     0, as COCO); with probability 0.3 a rectangle hides part of the image and the keypoints under it
     are labelled occluded (v = 1). bbox and area are those of the figure's pixels."""
     w, h = (int(img_size * s) for s in rng.uniform(0.625, 1.0, size=2))
-    canvas = Image.fromarray(td._background(rng, w, h))
+    canvas = Image.fromarray(support._background(rng, w, h))
     draw, placed, figures = ImageDraw.Draw(canvas), [], []
     wanted = rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4])
     for _ in range(4 * wanted):
@@ -379,11 +380,11 @@ def _stick_figure_image(rng, img_size, image_id, ann_id, split_dir):
 def make_synthetic_pose(root, num_train=200, num_val=50, img_size=128, seed=0):
     """Write a small COCO keypoints data set of stick figures on noisy backgrounds; returns root.
 
-    train_det.make_synthetic_coco's layout, with annotations/person_keypoints_{train,val}2017.json:
+    support.make_synthetic_coco's layout, with annotations/person_keypoints_{train,val}2017.json:
     images with sides in [0.625, 1] * img_size pixels and 1-3 figures each (see _stick_figure_image),
     category 1 "person" with COCO's keypoint names and skeleton. The same seed writes the same files.
     """
-    return td.make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=_stick_figure_image,
+    return support.make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=_stick_figure_image,
                                   categories=[PERSON], ann_prefix="person_keypoints")
 
 

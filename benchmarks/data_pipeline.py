@@ -82,7 +82,7 @@ class Stages:
 def instrument(data, collate, stages):
     """Time the project's pipeline stage by stage. Stages nest (mosaic's resize and affine are also
     inside mosaic); the report subtracts them."""
-    import model
+    import support
     import train_det
     t = data.transforms
     data.load = stages.wrap(data.load, "decode + target")
@@ -95,7 +95,7 @@ def instrument(data, collate, stages):
     names = ["sanitize", "flip", "resize to 640", "sanitize"]
     t.flip_resize.transforms = [stages.wrap(op, name) for op, name in zip(t.flip_resize.transforms, names)]
     train_det.normalised_cxcywh = stages.wrap(train_det.normalised_cxcywh, "boxes to cx, cy, w, h")
-    model.normalize = stages.wrap(model.normalize, "to float + normalise")
+    support.normalize = stages.wrap(support.normalize, "to float + normalise")
     return stages.wrap(collate, "collate + mixup")
 
 
@@ -168,8 +168,8 @@ def main(argv=None):
         args.data = os.path.abspath(args.data or os.path.join(tmp, "coco640"))
         if not os.path.isfile(os.path.join(args.data, "annotations", "instances_train2017.json")):
             sys.path.insert(0, ROOT)
-            import train_det
-            train_det.make_synthetic_coco(args.data, num_train=args.images, num_val=1, img_size=640, seed=SEED)
+            import support
+            support.make_synthetic_coco(args.data, num_train=args.images, num_val=1, img_size=640, seed=SEED)
         sides = ["project"] + (["original"] if args.original else [])
         rates = {side: [] for side in sides}
         for r in range(args.rounds):

@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 
 import model  # noqa: E402
 import predict  # noqa: E402
+import support  # noqa: E402
 import train_det  # noqa: E402
 
 SEED = 0
@@ -51,10 +52,10 @@ SOURCE_IMAGES = 64  # distinct JPEGs; the annotation file lists each many times 
 # ---- Data: synthetic COCO-format JPEGs, listed often enough for every step ----
 
 def write_data(root, size, count):
-    """A synthetic data set (train_det.make_synthetic_coco) whose training annotation file lists its
+    """A synthetic data set (support.make_synthetic_coco) whose training annotation file lists its
     SOURCE_IMAGES images over and over as `count` images, so that one epoch covers the whole run
     without drawing `count` pictures."""
-    train_det.make_synthetic_coco(root, num_train=SOURCE_IMAGES, num_val=1, img_size=size, seed=SEED)
+    support.make_synthetic_coco(root, num_train=SOURCE_IMAGES, num_val=1, img_size=size, seed=SEED)
     path = os.path.join(root, "annotations", "instances_train2017.json")
     with open(path) as f:
         data = json.load(f)

@@ -14,6 +14,7 @@ from torchvision import tv_tensors
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import predict  # noqa: E402
+import support  # noqa: E402
 import train_det as td  # noqa: E402
 import train_seg  # noqa: E402
 
@@ -36,7 +37,7 @@ def one_thread_and_seeds():
 
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
-    return td.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=24, num_val=16, img_size=SOURCE_SIZE)
+    return support.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=24, num_val=16, img_size=SOURCE_SIZE)
 
 
 def dataset(root, split="train2017", masks=False, **kwargs):
@@ -81,8 +82,8 @@ def test_synthetic_round_trip_and_remap(coco_root, tmp_path):
         assert [ds.label_to_cat[label] for label in target["labels"].tolist()] == [a["category_id"] for a in anns]
         assert target["masks"].shape == (len(anns), image.size[1], image.size[0])
     # the same seed writes the same files; another seed does not
-    again = td.make_synthetic_coco(str(tmp_path / "again"), num_train=24, num_val=16, img_size=SOURCE_SIZE)
-    other = td.make_synthetic_coco(str(tmp_path / "other"), num_train=24, num_val=16, img_size=SOURCE_SIZE, seed=1)
+    again = support.make_synthetic_coco(str(tmp_path / "again"), num_train=24, num_val=16, img_size=SOURCE_SIZE)
+    other = support.make_synthetic_coco(str(tmp_path / "other"), num_train=24, num_val=16, img_size=SOURCE_SIZE, seed=1)
     read = lambda root, name: open(os.path.join(root, name), "rb").read()  # noqa: E731
     ann_name, img_name = "annotations/instances_train2017.json", "train2017/000000000003.jpg"
     assert read(again, ann_name) == read(coco_root, ann_name) and read(again, img_name) == read(coco_root, img_name)
@@ -90,7 +91,7 @@ def test_synthetic_round_trip_and_remap(coco_root, tmp_path):
 
 
 def test_missing_and_corrupt_images_are_skipped_and_counted(tmp_path):
-    root = td.make_synthetic_coco(str(tmp_path), num_train=6, num_val=1, img_size=64)
+    root = support.make_synthetic_coco(str(tmp_path), num_train=6, num_val=1, img_size=64)
     os.remove(os.path.join(root, "train2017", "000000000002.jpg"))
     with open(os.path.join(root, "train2017", "000000000004.jpg"), "wb") as f:
         f.write(b"not a jpeg at all")
@@ -170,7 +171,7 @@ def test_train_transforms_keep_boxes_and_masks_together(coco_root, mosaic_prob, 
         assert target["boxes"].shape == (n, 4) and target["masks"].shape == (n, IMG_SIZE, IMG_SIZE)
         assert ((target["boxes"] >= 0) & (target["boxes"] <= 1)).all()
         if n:  # the shapes (one saturated channel) outshine the dark background: the pixels moved with the masks
-            brightness = (image * torch.tensor(td.IMAGENET_STD).view(3, 1, 1)).amax(0)
+            brightness = (image * torch.tensor(support.IMAGENET_STD).view(3, 1, 1)).amax(0)
             shape = target["masks"].bool().any(0)
             assert brightness[shape].mean() > brightness[~shape].mean() + 0.1
         for box, mask in zip(pixel_boxes(target, IMG_SIZE), target["masks"]):
@@ -385,5 +386,5 @@ def test_draw_predictions(coco_root, tmp_path):
     with_boxes = [(tile, res) for tile, res in zip(tiles, results) if len(res["labels"])]
     assert with_boxes
     for tile, res in with_boxes:
-        colour = np.array(predict.PALETTE[res["labels"][0].item()])
+        colour = np.array(support.PALETTE[res["labels"][0].item()])
         assert (tile.reshape(-1, 3) == colour).all(1).sum() > 10

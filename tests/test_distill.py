@@ -11,8 +11,8 @@ from PIL import Image
 
 import distill
 import model
+import support
 import teacher
-import train_det as td
 
 STUDENT = '{"embed_dim": 64, "depth": 3, "num_heads": 2}'
 
@@ -23,7 +23,7 @@ def files(tmp_path_factory):
     one and a text file, in subfolders; val: 4 pictures), a teacher checkpoint in train_det's
     format with the DINOv3 fixture as backbone, and that DINOv3 as a bare state dict."""
     root = tmp_path_factory.mktemp("distill")
-    data = td.make_synthetic_coco(str(root / "coco"), num_train=16, num_val=4, img_size=64, seed=2)
+    data = support.make_synthetic_coco(str(root / "coco"), num_train=16, num_val=4, img_size=64, seed=2)
     train = root / "coco" / "train2017"
     (train / "more" / "deeper").mkdir(parents=True)
     first = Image.open(next(train.glob("*.jpg")))

@@ -18,6 +18,7 @@ from PIL import Image
 import export
 import model
 import predict
+import support
 import train_det as td
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
@@ -217,7 +218,7 @@ def test_agreement_is_coco_ap_against_fp32s_confident_detections():
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """A small COCO-format data set of coloured shapes: calibration images and labelled ones."""
-    return td.make_synthetic_coco(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=4, img_size=96, seed=3)
+    return support.make_synthetic_coco(str(tmp_path_factory.mktemp("shapes")), num_train=8, num_val=4, img_size=96, seed=3)
 
 
 def ranked_alike(name, root):
@@ -283,7 +284,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     fx = load_fixture("demo_det")
     torch.save(fx, root / "demo.pth")
-    data = td.make_synthetic_coco(str(root / "shapes"), num_train=16, num_val=1, img_size=160, seed=5)
+    data = support.make_synthetic_coco(str(root / "shapes"), num_train=16, num_val=1, img_size=160, seed=5)
     return ["--weights", str(root / "demo.pth"), "--threads", "1"], f"{data}/train2017"
 
 

@@ -55,7 +55,7 @@ def to_roboflow(coco_root, dest):
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    coco = td.make_synthetic_coco(str(root / "coco"), num_train=4, num_val=2, img_size=SIZE, seed=1)
+    coco = support.make_synthetic_coco(str(root / "coco"), num_train=4, num_val=2, img_size=SIZE, seed=1)
     config = root / "tiny.json"
     config.write_text(json.dumps(td.demo_config(td.Task())))
     return dict(root=root, coco=coco, config=str(config), roboflow=to_roboflow(coco, str(root / "roboflow")),

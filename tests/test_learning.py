@@ -15,6 +15,7 @@ from PIL import Image
 import export
 import model
 import predict
+import support
 import train_det as td
 
 # A user's data set as the demo never sees it: other shapes, non-contiguous category ids, a quarter of
@@ -26,9 +27,9 @@ def make_user_set(root, num_train=240, num_val=48, img_size=256, seed=2026, ids=
     """Write the user-like data set under root (COCO layout); `ids` relabels the three shapes (the
     original code needs 0..N-1)."""
     shapes = dict(zip(ids, USER_SHAPES.values()))
-    draw = functools.partial(td._synthetic_image, shapes=shapes, sizes=(0.5, 1.25), gray=0.25)
+    draw = functools.partial(support._synthetic_image, shapes=shapes, sizes=(0.5, 1.25), gray=0.25)
     categories = [dict(id=c, name=name, supercategory="shape") for c, name in shapes.items()]
-    return td.make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=draw, categories=categories)
+    return support.make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=draw, categories=categories)
 
 
 # ---- Released weights, served from 127.0.0.1 ----
@@ -68,7 +69,7 @@ def server(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     srv = Server()
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    monkeypatch.setattr(model, "RELEASE_URL", srv.url)
+    monkeypatch.setattr(support, "RELEASE_URL", srv.url)
     yield srv
     srv.shutdown()
     srv.server_close()
@@ -102,16 +103,16 @@ def test_a_preset_starts_from_its_released_ecvit_downloaded_once(server, tmp_pat
     assert server.requests == ["ecvitt.pth"]  # the second time reads torch hub's cache
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "ecvitt.pth").is_file()
     # ECSeg and ECPose presets name their own task's distilled ECViT, as the original
-    assert model.released_backbone(model.preset_config("ecseg_m")) == server.url + "ecseg_vittplus.pth"
-    assert model.released_backbone(model.preset_config("ecpose_x")) == server.url + "ecpose_vitsplus.pth"
+    assert support.released_backbone(model.preset_config("ecseg_m"), model.ECVIT) == server.url + "ecseg_vittplus.pth"
+    assert support.released_backbone(model.preset_config("ecpose_x"), model.ECVIT) == server.url + "ecpose_vitsplus.pth"
 
 
 def test_configs_without_a_released_vit_train_it_from_random_weights_at_the_head_rate(server, capsys):
     small = td.demo_config(td.Task())  # a 64-wide ECViT named ecvitt: no released weights fit it
-    assert model.released_backbone(small) is None
+    assert support.released_backbone(small, model.ECVIT) is None
     skip = model.preset_config("ecdet_s")
     skip["ViTAdapter"]["skip_load_backbone"] = True
-    assert model.released_backbone(skip) is None
+    assert support.released_backbone(skip, model.ECVIT) is None
     assert not td.load_backbone(None, model.preset_config("ecdet_s"), backbone_args("--backbone-weights", "none"), 0)
     assert server.requests == []
     assert capsys.readouterr().out == ("backbone: random initial weights (--backbone-weights none), trained at "
@@ -120,7 +121,7 @@ def test_configs_without_a_released_vit_train_it_from_random_weights_at_the_head
 
 def test_offline_fails_at_once_naming_the_url_and_the_ways_around(monkeypatch, tmp_path, ecdet_s):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(model, "RELEASE_URL", "http://127.0.0.1:9/")  # the discard port: nothing listens
+    monkeypatch.setattr(support, "RELEASE_URL", "http://127.0.0.1:9/")  # the discard port: nothing listens
     with pytest.raises(ConnectionError) as e:
         td.load_backbone(ecdet_s, model.preset_config("ecdet_s"), backbone_args(), 0)
     message = str(e.value)
@@ -132,7 +133,7 @@ def test_a_download_cut_half_way_leaves_nothing_in_the_cache(server, tmp_path):
     server.files["ecvitt.pth"] = saved(ecvit("ecdet_s"), tmp_path)
     server.cut.add("ecvitt.pth")
     with pytest.raises(ConnectionError, match="ended after .* bytes"):
-        model.download(server.url + "ecvitt.pth", "hint")
+        support.download(server.url + "ecvitt.pth", "hint")
     assert list((tmp_path / "torch_home" / "hub" / "checkpoints").iterdir()) == []
 
 
@@ -141,12 +142,12 @@ def test_a_cached_file_that_does_not_load_is_named_and_fetched_again_once(server
     cache.mkdir(parents=True)
     (cache / "ecvitt.pth").write_bytes(b"not a checkpoint")
     server.files["ecvitt.pth"] = saved({"register_token": torch.ones(3)}, tmp_path)
-    assert torch.equal(model.download(server.url + "ecvitt.pth", "hint")["register_token"], torch.ones(3))
+    assert torch.equal(support.download(server.url + "ecvitt.pth", "hint")["register_token"], torch.ones(3))
     assert f"the cached {cache / 'ecvitt.pth'} does not load" in capsys.readouterr().out
     (cache / "ecvitt.pth").write_bytes(b"not a checkpoint")
     server.files["ecvitt.pth"] = b"still not a checkpoint"
     with pytest.raises(ValueError, match="ecvitt.pth, downloaded again from .* does not load"):
-        model.download(server.url + "ecvitt.pth", "hint")
+        support.download(server.url + "ecvitt.pth", "hint")
     assert server.requests == ["ecvitt.pth"] * 2
 
 
@@ -161,10 +162,10 @@ def test_a_backbone_file_of_another_ecvit_size_names_both_sizes(tmp_path, ecdet_
 def test_tune_with_a_preset_name_downloads_the_released_model(server, tmp_path):
     sd = {"ema": {"module": {"decoder.up": torch.tensor([0.5])}}}
     server.files["ecdet_s.pth"] = saved(sd, tmp_path)
-    assert model.released_checkpoint("ecdet_s")["ema"]["module"]["decoder.up"].item() == 0.5
+    assert support.released_checkpoint("ecdet_s", model.PRESETS)["ema"]["module"]["decoder.up"].item() == 0.5
     assert server.requests == ["ecdet_s.pth"]
     with pytest.raises(ValueError, match="unknown released model 'ecdet_q'"):
-        model.released_checkpoint("ecdet_q")
+        support.released_checkpoint("ecdet_q", model.PRESETS)
 
 
 def test_predict_with_a_preset_name_runs_the_released_model(server, tmp_path, ecdet_s):
@@ -172,7 +173,7 @@ def test_predict_with_a_preset_name_runs_the_released_model(server, tmp_path, ec
     p = predict.Predictor("ecdet_s", conf=0.0)
     [result] = p(np.zeros((64, 80, 3), np.uint8))
     assert server.requests == ["ecdet_s.pth"] and len(result["boxes"]) > 0
-    assert result["names"][0] in model.COCO_NAMES  # a released checkpoint gets COCO's names
+    assert result["names"][0] in support.COCO_NAMES  # a released checkpoint gets COCO's names
 
 
 # ---- What a run reports: the per-class table, log.jsonl, curves.png ----
@@ -202,9 +203,9 @@ def test_curves_png_draws_each_loss_term_and_ap_per_epoch(tmp_path, monkeypatch)
                 "losses": {"loss_mal": 1.0, "loss_mal_aux_0": 1.0, "loss_mal_dn_pre": 1.0, "loss_giou_enc_0": 7.0 - e}}
                for e in range(3)]
     log.write_text("".join(json.dumps(e) + "\n" for e in entries))
-    drawn, draw = [], td.draw_curves
-    monkeypatch.setattr(td, "draw_curves", lambda panels, path: drawn.append(panels) or draw(panels, path))
-    td.draw_log(str(log), str(tmp_path / "curves.png"))
+    drawn, draw = [], support.draw_curves
+    monkeypatch.setattr(support, "draw_curves", lambda panels, path: drawn.append(panels) or draw(panels, path))
+    support.draw_log(str(log), str(tmp_path / "curves.png"))
     (loss_title, losses), (ap_title, ap) = drawn[0]
     assert losses == {"total": [10.0, 9.0, 8.0], "loss_mal": [3.0] * 3, "loss_giou": [7.0, 6.0, 5.0]}
     assert ap == {"bbox AP": [0.0, 0.1, 0.2], "bbox AP50": [0.0, 0.2, 0.4]}
@@ -264,7 +265,7 @@ def test_only_the_class_heads_follow_the_number_of_classes(preset):
 def test_tune_a_released_model_on_other_classes_keeps_all_but_the_class_heads(server, tmp_path, ecdet_s, capsys):
     server.files["ecdet_s.pth"] = saved({"ema": {"module": ecdet_s.state_dict()}}, tmp_path)
     args = td.parse_args(["--model", "ecdet_s", "--tune", "ecdet_s", "--device", "cpu"])
-    td.start_run(args)
+    support.start_run(args)
     cfg = td.model_config(args, td.Task(), 3)
     _, net = td.initial_network(args, td.Task(), cfg, None, td.training_recipe(args, td.Task()), False, 0)
     [line] = [line for line in capsys.readouterr().out.splitlines() if "classes there" in line]

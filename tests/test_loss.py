@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 import train_det
 from conftest import load_fixture
 from model import build_model, distance2bbox, load_weights, weighting_function
-from train_det import HungarianMatcher, build_criterion, cxcywh_to_xyxy, fgl_targets, mean_over_ranks, union_of_matches
+from support import mean_over_ranks
+from train_det import HungarianMatcher, build_criterion, cxcywh_to_xyxy, fgl_targets, union_of_matches
 
 # Outputs of the original ECDet in train mode (det_tiny weights, and two batches with denoising
 # and without targets) and the original criterion's losses on exactly them; see the file's 'source'.

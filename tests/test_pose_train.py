@@ -18,6 +18,7 @@ from PIL import Image
 
 import model
 import predict
+import support
 import train_det as td
 import train_pose as tp
 
@@ -229,7 +230,7 @@ def test_pictures_draw_each_persons_skeleton(tmp_path):
     path = tp.POSE.draw(torch.zeros(1, 3, 64, 64), [{"orig_size": torch.tensor([64, 64])}], [result], ["", "person"],
                         str(tmp_path / "p.png"))
     picture = np.asarray(Image.open(path)).astype(int)
-    assert tuple(picture[30, 20]) == predict.PALETTE[0]  # the first person's elbow-wrist bone
+    assert tuple(picture[30, 20]) == support.PALETTE[0]  # the first person's elbow-wrist bone
     assert abs(picture[30, 40] - picture[30, 55]).sum() == 0  # the second scores under the threshold
 
 
@@ -272,7 +273,7 @@ TINY = dict(images=2, size=64, seed=1, epochs=90, batch=2, lr="1e-3", min_ap50=0
 
 
 def test_short_run_learns_keypoints_and_logs_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(td, "save_checkpoint", lambda state, path: None)  # tested by train_det's tests; slow here
+    monkeypatch.setattr(support, "save_checkpoint", lambda state, path: None)  # tested by train_det's tests; slow here
     torch.set_num_threads(1)  # the measured path (two threads round otherwise, and end elsewhere on other CPUs)
     root = tp.make_synthetic_pose(str(tmp_path / "data"), num_train=TINY["images"], num_val=1, img_size=TINY["size"],
                                   seed=TINY["seed"])

@@ -14,6 +14,7 @@ from PIL import Image
 import export
 import model
 import predict
+import support
 import train_det as td
 import train_pose as tp
 import train_seg as ts
@@ -38,7 +39,7 @@ def save_tiny(path, task, **meta):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    data = td.make_synthetic_coco(str(root / "coco"), num_train=1, num_val=6, img_size=SIZE, seed=2)
+    data = support.make_synthetic_coco(str(root / "coco"), num_train=1, num_val=6, img_size=SIZE, seed=2)
     path, net, cfg = save_tiny(root / "det.pth", td.Task(), names=NAMES, category_ids=IDS)
     (root / "det.json").write_text(json.dumps(cfg))
     return dict(root=root, images=os.path.join(data, "val2017"), ckpt=path, net=net, cfg=cfg,
@@ -56,11 +57,11 @@ def stacked(results):
 
 
 def test_validation_transform_and_predictor_feed_the_network_alike(tiny):
-    assert td.IMAGENET_MEAN is model.IMAGENET_MEAN and td.IMAGENET_STD is model.IMAGENET_STD
+    assert td.IMAGENET_MEAN is support.IMAGENET_MEAN and td.IMAGENET_STD is support.IMAGENET_STD
     data = td.CocoDetection(tiny["images"], os.path.join(tiny["root"], "coco/annotations/instances_val2017.json"))
     image, target = data[0]
     expected, _ = td.DetTransforms(train=False, img_size=[SIZE, SIZE])(image, target)
-    assert torch.equal(model.preprocess(predict.load_image(image), [SIZE, SIZE]), expected)
+    assert torch.equal(support.preprocess(predict.load_image(image), [SIZE, SIZE]), expected)
 
 
 def test_detections_equal_postprocess_of_the_network(tiny):
@@ -68,7 +69,7 @@ def test_detections_equal_postprocess_of_the_network(tiny):
     p = predict.Predictor(tiny["ckpt"], conf=0.0)
     got = p(image)[0]
     with torch.no_grad():
-        outputs = tiny["net"](model.preprocess(image.convert("RGB"), [SIZE, SIZE])[None])
+        outputs = tiny["net"](support.preprocess(image.convert("RGB"), [SIZE, SIZE])[None])
     sizes = torch.tensor([image.size])
     ref = model.postprocess(outputs, sizes, model.num_top_queries(tiny["cfg"]))
     diff = export.differences(stacked(ref), stacked([got]), sizes.numpy(), 1e-5)

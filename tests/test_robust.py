@@ -33,7 +33,7 @@ def data(tmp_path_factory):
     """A synthetic COCO set (8 training, 4 validation images), the tiny demo network as a JSON config,
     and a checkpoint of another, narrower network."""
     root = tmp_path_factory.mktemp("robust")
-    coco = td.make_synthetic_coco(str(root / "coco"), num_train=8, num_val=4, img_size=SIZE, seed=1)
+    coco = support.make_synthetic_coco(str(root / "coco"), num_train=8, num_val=4, img_size=SIZE, seed=1)
     cfg = td.demo_config(td.Task())
     (root / "tiny.json").write_text(json.dumps(cfg))
     other = json.loads(json.dumps(cfg))
@@ -133,13 +133,13 @@ class Killed(BaseException):
 
 
 def kill_at(monkeypatch, function, when):
-    real = getattr(td, function)
+    real = getattr(support, function)
 
     def patched(*args):
         if when(*args):
             raise Killed
         return real(*args)
-    monkeypatch.setattr(td, function, patched)
+    monkeypatch.setattr(support, function, patched)
 
 
 @pytest.mark.parametrize("instant", ["between last.pth and best.pth", "between best.pth and log.jsonl"])
@@ -171,11 +171,11 @@ def test_a_kill_between_the_epoch_files_loses_no_epoch_line(data, tmp_path, monk
 
 def test_a_failed_write_keeps_the_old_file_and_names_a_full_disk(tmp_path):
     path = tmp_path / "last.pth"
-    td.save_checkpoint({"epoch": 1}, str(path))
+    support.save_checkpoint({"epoch": 1}, str(path))
     before = path.read_bytes()
     os.symlink("/dev/full", support.temporary_path(path))  # the temporary file lands on a full device
     with pytest.raises(OSError, match=f"cannot write {path}: disk full"):
-        td.save_checkpoint({"epoch": 2, "weights": torch.zeros(1000)}, str(path))
+        support.save_checkpoint({"epoch": 2, "weights": torch.zeros(1000)}, str(path))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pth"]
 
 
@@ -684,11 +684,11 @@ def test_a_refused_run_leaves_no_folder_it_made_and_deletes_nothing(bad, tmp_pat
 
 def test_full_disks_and_refused_writes_name_the_file_and_keep_the_old_one(data, bad, tmp_path, monkeypatch, capsys):
     picture = tmp_path / "curves.png"
-    td.draw_curves([("loss", {"total": [3.0, 2.0]})], str(picture))
+    support.draw_curves([("loss", {"total": [3.0, 2.0]})], str(picture))
     before = picture.read_bytes()
     os.symlink("/dev/full", support.temporary_path(picture))
     with pytest.raises(OSError, match=f"cannot write {picture}: disk full"):
-        td.draw_curves([("loss", {"total": [3.0, 1.0]})], str(picture))
+        support.draw_curves([("loss", {"total": [3.0, 1.0]})], str(picture))
     assert picture.read_bytes() == before and os.listdir(tmp_path) == ["curves.png"]
 
     # torch's zip writer turns ENOSPC into a RuntimeError: on a full disk, that is said too

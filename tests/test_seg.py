@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 import model
 import predict
+import support
 import train_det as td
 import train_seg as ts
 
@@ -197,7 +198,7 @@ def uncompressed_rle(mask):
 @pytest.fixture(scope="module")
 def rle_root(tmp_path_factory):
     """Synthetic shapes whose annotations alternate: polygon, compressed RLE, uncompressed RLE."""
-    root = td.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=16, num_val=8, img_size=SIZE * 2, seed=3)
+    root = support.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=16, num_val=8, img_size=SIZE * 2, seed=3)
     for split in ("train2017", "val2017"):
         path = os.path.join(root, "annotations", f"instances_{split}.json")
         with open(path) as f:
@@ -373,12 +374,12 @@ TINY = dict(images=8, epochs=24, batch=2, lr="2e-3", min_ap50=0.2)
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-    return td.make_synthetic_coco(str(tmp_path_factory.mktemp("tiny")), num_train=TINY["images"], num_val=2,
+    return support.make_synthetic_coco(str(tmp_path_factory.mktemp("tiny")), num_train=TINY["images"], num_val=2,
                                   img_size=SIZE, seed=1)
 
 
 def test_short_run_learns_masks_and_logs_segm_next_to_bbox(tiny_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(td, "save_checkpoint", lambda state, path: None)  # tested by train_det's tests; slow here
+    monkeypatch.setattr(support, "save_checkpoint", lambda state, path: None)  # tested by train_det's tests; slow here
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(td.demo_config(ts.SegTask())))
     images, ann = os.path.join(tiny_root, "train2017"), os.path.join(tiny_root, "annotations", "instances_train2017.json")

@@ -7,6 +7,7 @@ import torch
 from conftest import load_fixture, load_schema
 
 import model
+import support
 import teacher
 import train_det as td
 
@@ -141,7 +142,7 @@ def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path, ca
     torch.save(fx["state_dict"], tmp_path / "dinov3_tiny.pth")
     (tmp_path / "arch.json").write_text(json.dumps(fx["config"]))
     # 128 px: the teacher's ECDet-X decoder selects 300 queries among the 16^2 + 8^2 + 4^2 positions.
-    data = td.make_synthetic_coco(str(tmp_path / "coco"), num_train=4, num_val=2, img_size=128)
+    data = support.make_synthetic_coco(str(tmp_path / "coco"), num_train=4, num_val=2, img_size=128)
     out = tmp_path / "out"
     common = ["--data", data, "--img-size", "128", "--batch-size", "2", "--epochs", "1", "--workers", "0",
               "--device", "cpu", "--output-dir", str(out)]

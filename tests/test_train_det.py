@@ -17,7 +17,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    return td.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=16, num_val=8, img_size=SIZE, seed=1)
+    return support.make_synthetic_coco(str(tmp_path_factory.mktemp("coco")), num_train=16, num_val=8, img_size=SIZE, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_two_processes_under_torchrun(data_root, tiny_config, tmp_path):
 def test_short_run_fits_a_tiny_data_set(tmp_path, monkeypatch):
     """The loop and loss can learn: 160 steps on 16 synthetic images, augmentation off, evaluated on
     the same images. Measured here: AP50 0.298 (AP 0.103); asserted with a margin."""
-    root = td.make_synthetic_coco(str(tmp_path / "coco"), num_train=16, num_val=1, img_size=SIZE, seed=3)
+    root = support.make_synthetic_coco(str(tmp_path / "coco"), num_train=16, num_val=1, img_size=SIZE, seed=3)
     monkeypatch.setitem(td.RECIPES, "fit", dict(zip(td._RECIPE, (40, 1e-3, 1e-3, 1e-4, 0.0, 0, 0))))
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(td.demo_config(td.Task())))
