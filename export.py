@@ -468,16 +468,18 @@ def coco_ap(runner, cfg, size, images_dir, ann_file):
     images stretched to `size` as in validation."""
     import train_pose
     import train_seg
-    task = train_pose.POSE if "DETRTransformer" in cfg else train_seg.SegTask() if cfg.get("model") == "ECSeg" \
-        else train_det.Task()
+    dataset, transforms, iou_types = (
+        (train_pose.CocoKeypoints, train_pose.PoseTransforms, ("keypoints",)) if "DETRTransformer" in cfg else
+        (train_seg.CocoSegmentation, train_det.DetTransforms, ("bbox", "segm")) if cfg.get("model") == "ECSeg" else
+        (train_det.CocoDetection, train_det.DetTransforms, ("bbox",)))
     loader_args = argparse.Namespace(img_size=list(size), batch_size=1, workers=0, device_type="cpu")
     no_augmentation = dict(mosaic_prob=0.0, mosaic_epoch=0, stop_epoch=0)
     try:
-        loader = train_det.make_loader(task, images_dir, ann_file, False, loader_args, no_augmentation, 0, 1)
+        loader = train_det.make_loader(dataset, transforms, images_dir, ann_file, False, loader_args, no_augmentation, 0, 1)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--val-images/--val-ann: {e}") from None
     data = loader.dataset
-    evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
+    evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, iou_types)
     for images, targets in loader:
         sizes = torch.stack([t["orig_size"] for t in targets])
         top = runner(images.numpy(), sizes.numpy())
@@ -485,7 +487,7 @@ def coco_ap(runner, cfg, size, images_dir, ann_file):
                          model.per_image({k: torch.from_numpy(v) for k, v in top.items()}, sizes))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' tables, one per deployment
         stats = evaluator.summarize()
-    return {t: stats[t] for t in task.iou_types}
+    return {t: stats[t] for t in iou_types}
 
 
 # ---------------------------------------------------------------------------------------------

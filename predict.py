@@ -666,6 +666,45 @@ def draw(image, result, names, conf=0.0, skeleton=support.SKELETON):
     return picture
 
 
+def scale_result(result, scale):
+    """A result of model.postprocess in pixels of another size: its boxes' and keypoints' x, y times
+    scale (2,) = (sx, sy) (keypoint scores stay)."""
+    out = dict(result)
+    if "boxes" in out:
+        out["boxes"] = out["boxes"] * scale.repeat(2)
+    if "keypoints" in out:
+        out["keypoints"] = (out["keypoints"].unflatten(-1, (-1, 3)) * torch.cat([scale, scale.new_ones(1)])).flatten(-2)
+    return out
+
+
+def draw_batch(images, targets, results, names, path, score_threshold=0.5, ncols=4):
+    """Save a PNG grid of a training batch's images with their detections drawn by `draw`; returns path.
+
+    images: (B, 3, H, W) ImageNet-normalised, as training's transforms make them; targets: theirs
+    (orig_size brings the results, in the original image's pixels, to the tensor's size); results: per
+    image, model.postprocess's; names: class name per label. Detections below score_threshold are not drawn.
+    """
+    mean, std = torch.tensor(support.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(support.IMAGENET_STD).view(3, 1, 1)
+    tiles = []
+    for image, target, res in zip(images, targets, results):
+        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
+        (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
+        res = scale_result(res, torch.tensor([w / orig_w, h / orig_h], device=res["scores"].device))
+        tiles.append(draw(Image.fromarray(pixels.permute(1, 2, 0).numpy()), res, names, score_threshold))
+    if not tiles:
+        raise ValueError("draw_batch() got no images")
+    ncols = min(ncols, len(tiles))
+    nrows = -(-len(tiles) // ncols)
+    tile_w, tile_h = tiles[0].size
+    grid = Image.new("RGB", (ncols * tile_w, nrows * tile_h))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % ncols) * tile_w, (i // ncols) * tile_h))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with support.atomic_path(path) as tmp:
+        grid.save(tmp)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # COCO results and AP (pycocotools), for --coco-ann and the training's evaluation
 # ---------------------------------------------------------------------------------------------

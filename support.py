@@ -17,6 +17,7 @@ import fcntl
 import glob
 import http.client
 import importlib.util
+import io
 import json
 import math
 import os
@@ -681,6 +682,57 @@ def check_coco_ids(data, path):
             raise ValueError(f"COCO annotation file {path}: the {ref} of annotations {show(wrong)} is not an integer")
 
 
+def check_coco_entries(coco, path):
+    """Refuse (ValueError naming the file) a COCO data set (pycocotools COCO) with a category without a
+    name, or an image without a file name or a positive width and height."""
+    for c, cat in coco.cats.items():
+        if not isinstance(cat.get("name"), str):
+            raise ValueError(f"COCO annotation file {path}: category {c} has no 'name'")
+    for image_id, info in coco.imgs.items():
+        for key in ("file_name", "width", "height"):
+            value = info.get(key)
+            if not (isinstance(value, str) if key == "file_name" else isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"COCO annotation file {path}: image {image_id} has no valid '{key}' (found {value!r})")
+
+
+def usable_boxes(coco, path, cat_to_label):
+    """The training targets of a COCO data set (pycocotools COCO of file `path`): {image_id: [(annotation,
+    label, [x1, y1, x2, y2] clipped to the image)]}, and the number of dropped boxes per reason (a Counter),
+    each reason warned about. Crowd regions are no targets. Boxes with a non-finite coordinate, of zero or
+    negative size after clipping, or mostly (more than half) outside the image are dropped from the ground
+    truth too (COCOeval matches any detection to a NaN box); a malformed annotation is refused."""
+    instances, dropped, kept = {}, collections.Counter(), []
+    for ann in coco.dataset["annotations"]:
+        try:
+            crowd = ann.get("iscrowd", 0)
+            if not crowd and ann["category_id"] not in cat_to_label:
+                raise ValueError(f"unknown category_id {ann['category_id']}")
+            info = coco.imgs[ann["image_id"]]
+            x, y, w, h = (float(v) for v in ann["bbox"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            ident = ann.get("id") if isinstance(ann, dict) else ann
+            raise ValueError(f"COCO annotation file {path}: annotation {ident} is malformed: {e!r}") from e
+        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, info["width"]), min(y + h, info["height"])
+        if not all(map(math.isfinite, (x, y, w, h))):
+            dropped["with a non-finite coordinate"] += 1
+        elif crowd:
+            kept.append(ann)
+        elif x2 <= x1 or y2 <= y1:
+            dropped["of zero or negative size"] += 1
+        elif (x2 - x1) * (y2 - y1) < 0.5 * w * h:
+            dropped["mostly outside their image"] += 1
+        else:
+            kept.append(ann)
+            instances.setdefault(ann["image_id"], []).append((ann, cat_to_label[ann["category_id"]], [x1, y1, x2, y2]))
+    if dropped:
+        coco.dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    for reason, n in sorted(dropped.items()):
+        warnings.warn(f"{n} boxes {reason} in {path}; dropped from training and evaluation")
+    return instances, dropped
+
+
 # ---- Data sets as they come: COCO, Roboflow, YOLO ----
 #
 # Every layout ends as what the stages already read: an image folder and a COCO-format annotation
@@ -1057,6 +1109,104 @@ def make_synthetic_coco(root, num_train=200, num_val=50, img_size=128, seed=0,
     return root
 
 
+# ---- Synthetic demo data for ECPose: stick figures with COCO's 17 keypoints ----
+PERSON = dict(id=1, name="person", supercategory="person", keypoints=list(KEYPOINT_NAMES),
+              skeleton=[[a + 1, b + 1] for a, b in SKELETON])
+LIMBS = [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)]
+
+
+def _stick_figure(rng, u, pelvis):
+    """(17, 2) keypoints of a figure u pixels tall facing the camera (its left on the image's right),
+    pelvis at `pelvis`, leaning a little, arms and legs at random angles."""
+    lean = rng.normal(0, 0.15)
+    down = lambda a: np.array([np.sin(lean + a), np.cos(lean + a)])  # a: radians from down toward image right
+    up, side = -down(0), np.array([np.cos(lean), -np.sin(lean)])  # side: toward the figure's left
+    kp = np.zeros((17, 2))
+    neck = pelvis + 0.3 * u * up
+    kp[0] = head = neck + 0.12 * u * up  # the nose, at the centre of the head
+    for s, (eye, ear, shoulder, elbow, wrist, hip, knee, ankle) in ((1, range(1, 17, 2)), (-1, range(2, 17, 2))):
+        kp[eye], kp[ear] = head + (0.035 * s * side + 0.02 * up) * u, head + 0.075 * s * u * side
+        kp[shoulder], kp[hip] = neck + 0.11 * s * u * side, pelvis + 0.07 * s * u * side
+        arm, leg = rng.uniform(0.1, 2.8), rng.uniform(-0.1, 0.6)
+        kp[elbow] = kp[shoulder] + 0.16 * u * down(s * arm)
+        kp[wrist] = kp[elbow] + 0.14 * u * down(s * (arm + rng.uniform(-0.3, 1.8)))
+        kp[knee] = kp[hip] + 0.23 * u * down(s * leg)
+        kp[ankle] = kp[knee] + 0.23 * u * down(s * (leg + rng.uniform(-0.6, 0.2)))
+    return kp
+
+
+def _draw_figure(draw, kp, u, fill):
+    """Torso, limbs and head. PIL's pixel i covers [i, i + 1), so a point p is drawn at p - 0.5."""
+    p = [tuple(q) for q in (kp - 0.5).tolist()]
+    draw.polygon([p[5], p[6], p[12], p[11]], fill=fill)
+    for a, b in LIMBS:
+        draw.line([p[a], p[b]], fill=fill, width=max(round(0.06 * u), 1))
+    r = 0.08 * u
+    draw.ellipse([p[0][0] - r, p[0][1] - r, p[0][0] + r, p[0][1] + r], fill=fill)
+
+
+def _stick_figure_image(rng, img_size, image_id, ann_id, split_dir):
+    """Draw one image of 1, 2 or 3 figures (probability 0.2, 0.4, 0.4; a figure that finds no place
+    apart from the others in four tries is left out), save it, return its COCO image entry and
+    annotations.
+
+    Keypoints outside the image, and each ear with probability 0.3, are not labelled (v = 0, x = y =
+    0, as COCO); with probability 0.3 a rectangle hides part of the image and the keypoints under it
+    are labelled occluded (v = 1). bbox and area are those of the figure's pixels."""
+    w, h = (int(img_size * s) for s in rng.uniform(0.625, 1.0, size=2))
+    canvas = Image.fromarray(_background(rng, w, h))
+    draw, placed, figures = ImageDraw.Draw(canvas), [], []
+    wanted = rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4])
+    for _ in range(4 * wanted):
+        if len(placed) == wanted:
+            break
+        u = rng.uniform(0.45, 0.9) * h
+        pelvis = rng.uniform([0.05 * w, 0.45 * u], [0.95 * w, h - 0.25 * u])
+        if any(abs(pelvis[0] - x) < 0.2 * (u + v) for x, v in placed):
+            continue  # too close to an earlier figure: another place, up to four tries per figure
+        placed.append((pelvis[0], u))
+        kp = _stick_figure(rng, u, pelvis)
+        mask = Image.new("1", (w, h))
+        _draw_figure(ImageDraw.Draw(mask), kp, u, 1)
+        colour = rng.integers(60, 256, size=3)
+        colour[rng.integers(3)] = 255  # one saturated channel keeps figures brighter than the background
+        _draw_figure(draw, kp, u, tuple(colour.tolist()))
+        for x, y in kp[1:3] - 0.5:  # dark eyes show which way the figure faces
+            r = max(0.015 * u, 0.6)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(20, 20, 20))
+        v = np.where(((kp >= 0) & (kp < [w, h])).all(1), 2, 0)
+        v[[3, 4]] *= rng.random(2) >= 0.3
+        figures.append((kp, v, np.asarray(mask)))
+    if rng.random() < 0.3:
+        x1, y1 = rng.uniform(0, [w, h])
+        x2, y2 = np.array([x1, y1]) + rng.uniform(0.15, 0.3, size=2) * [w, h]
+        draw.rectangle([x1, y1, x2, y2], fill=tuple(rng.integers(0, 256, size=3).tolist()))
+        for kp, v, _ in figures:
+            v[(v == 2) & (kp[:, 0] >= x1) & (kp[:, 0] <= x2) & (kp[:, 1] >= y1) & (kp[:, 1] <= y2)] = 1
+    annotations = []
+    for kp, v, mask in figures:
+        ys, xs = np.nonzero(mask)
+        keypoints = np.concatenate([np.where(v[:, None] > 0, kp.round(2), 0), v[:, None]], 1)
+        annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=1, iscrowd=0,
+                                area=float(mask.sum()), num_keypoints=int((v > 0).sum()),
+                                bbox=[float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())],
+                                keypoints=[float(x) if i % 3 < 2 else int(x) for i, x in enumerate(keypoints.ravel())]))
+    file_name = f"{image_id:012d}.jpg"
+    canvas.save(f"{split_dir}/{file_name}", quality=90)
+    return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
+
+
+def make_synthetic_pose(root, num_train=200, num_val=50, img_size=128, seed=0):
+    """Write a small COCO keypoints data set of stick figures on noisy backgrounds; returns root.
+
+    make_synthetic_coco's layout, with annotations/person_keypoints_{train,val}2017.json:
+    images with sides in [0.625, 1] * img_size pixels and 1-3 figures each (see _stick_figure_image),
+    category 1 "person" with COCO's keypoint names and skeleton. The same seed writes the same files.
+    """
+    return make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=_stick_figure_image,
+                               categories=[PERSON], ann_prefix="person_keypoints")
+
+
 # ---- Processes and devices: torchrun's process group, tensors moved and averaged; user errors in one line ----
 def setup_distributed(spec):
     """(rank, world size, device) from the environment torchrun provides; NCCL on GPUs, gloo on CPUs."""
@@ -1125,11 +1275,11 @@ def to_float(outputs):
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
 
 
-def run_script(script, fn, *args):
-    """fn(*args), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2.
+def run_script(script, fn, *args, **kwargs):
+    """fn(*args, **kwargs), a user error leaving as argparse's do: one line `SCRIPT: error: ...` on stderr, exit code 2.
     Either way the run's folder is let go; a refused run removes the empty folder it created."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except USER_ERRORS as e:
         release_folders(failed=True)
         print(f"{script}: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -1180,6 +1330,230 @@ def cpu_cores():
     """The cores this process may run on (its affinity where the OS tells it, else all): the default of
     every thread count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+# ---- A training stage's set-up: its command line, data, recipe, config, initial weights; the demo ----
+def training_parser(script, name, default_model, description=None, model_option=True):
+    """The command line every training stage shares (train_det.py, train_seg.py, train_pose.py, teacher.py);
+    a stage that sets the network itself (teacher.py) leaves out --model."""
+    description = description or (f"Train {default_model.split('_')[0].upper()} ({name}) on a data set in the COCO, "
+                                  f"Roboflow COCO or YOLO layout.")
+    parser = argparse.ArgumentParser(prog=script, description=description, formatter_class=HelpFormatter)
+    parser.set_defaults(task=name)
+    if model_option:
+        parser.add_argument("--model", default=default_model, help="preset name or a JSON config in the original's "
+                            "vocabulary")
+    else:
+        parser.set_defaults(model=None)
+    parser.add_argument("--data", help="a data set: COCO root (annotations/, train2017/, val2017/), Roboflow COCO export "
+                        "(train/ and valid/ with _annotations.coco.json), or YOLO data.yaml (or its folder)")
+    for option in ("--train-images", "--train-ann", "--val-images", "--val-ann"):
+        parser.add_argument(option, help="an image folder or COCO annotation file; default: --data's")
+    parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "
+                        "preset name; default: the --model preset's")
+    parser.add_argument("--epochs", type=int, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=int, default=32, help="total over all processes")
+    parser.add_argument("--lr", type=float, help="default: the recipe's")
+    parser.add_argument("--backbone-lr", type=float, help="the ViT's; default: the recipe's (--lr for a random ViT)")
+    parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
+    parser.add_argument("--output-dir", default=f"outputs/{name}", help="refused when it holds a run (last.pth, "
+                        "best.pth, log.jsonl), unless --resume or --overwrite")
+    parser.add_argument("--resume", help="continue a run from its last.pth (or from a checkpoint that is not older "
+                        "than --output-dir's last.pth); --epochs, --lr and --backbone-lr default to the run's and, "
+                        "given, apply from the next epoch")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
+                        "deleting its last.pth, best.pth and log.jsonl")
+    parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
+    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint, or a preset name for "
+                        "the released model, downloaded; unmatched tensors stay as initialised; refused when less than "
+                        "half the network's numbers fit, and with --eval-only when any tensor does not)")
+    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format; default: "
+                        "the released ECViT the model names (downloaded); 'none': random weights, trained at --lr")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
+    parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
+    parser.add_argument("--seed", type=int, default=0, help="of the initial weights, shuffling and augmentation")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
+    parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
+    return parser
+
+
+def parse_training_args(parser, argv, presets):
+    """The checked arguments of a training_parser (one a stage may have extended); --model may name only
+    the presets (of `presets`) of the parser's default model's family."""
+    args = parser.parse_args(argv)
+    for option, value, least in (("--epochs", args.epochs, 1), ("--stop-after", args.stop_after, 1),
+                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
+                                 ("--seed", args.seed, 0)):
+        if value is not None and value < least:
+            parser.error(f"{option} must be at least {least}, got {value}")
+    for option, value in (("--lr", args.lr), ("--backbone-lr", args.backbone_lr)):
+        if value is not None and not 0 <= value < math.inf:  # NaN too; 0 keeps the weights as they are
+            parser.error(f"{option} must be a finite number, 0 or more, got {value}")
+    if len(args.img_size) > 2 or any(s <= 0 or s % 32 for s in args.img_size):
+        parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected H [W], positive multiples of 32 (the "
+                     f"stride of the coarsest feature map)")
+    args.img_size = args.img_size * 2 if len(args.img_size) == 1 else args.img_size
+    family = (parser.get_default("model") or "").partition("_")[0]
+    if family and args.model in presets and not args.model.startswith(family + "_"):
+        parser.error(f"--model {args.model} is not a {args.task} model; {parser.prog} trains "
+                     f"{', '.join(p for p in presets if p.startswith(family + '_'))} (or a JSON config of one)")
+    if args.eval_only and not (args.resume or args.tune):
+        parser.error("--eval-only needs weights: --resume or --tune")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
+    return args
+
+
+def dataset_paths(args, iou_types):
+    """(train images, train annotations, val images, val annotations) from --data (data_splits: COCO,
+    Roboflow or YOLO layout) or the explicit options, which take precedence. Keypoint stages read COCO's
+    person_keypoints_*.json, the others instances_*.json."""
+    explicit = [args.train_images, args.train_ann, args.val_images, args.val_ann]
+    if args.data:
+        splits = ("val",) if args.eval_only else ("train", "val")
+        labels = {"bbox": "boxes", "segm": "polygons", "keypoints": "keypoints"}[iou_types[-1]]
+        prefix = "person_keypoints" if labels == "keypoints" else "instances"
+        found = data_splits(args.data, splits, {s: os.path.join("annotations", f"{prefix}_{s}2017.json")
+                            for s in ("train", "val")}, labels, args.output_dir, len(KEYPOINT_NAMES))
+        default = [*found.get("train", (None, None)), *found["val"]]
+        return [e or d for e, d in zip(explicit, default)]
+    if not all(explicit[2:]) or (not args.eval_only and not all(explicit[:2])):
+        raise ValueError("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
+    return explicit
+
+
+def training_recipe(args, recipes, defaults):
+    """--recipe's (default: the --model preset's, else the first of `recipes`, the stage's default model's)
+    over `defaults`, with --epochs, --lr and --backbone-lr, which it sets in args (saved with the run)."""
+    name = args.recipe or (args.model if args.model in recipes else next(iter(recipes)))
+    if name not in recipes:
+        raise ValueError(f"--recipe {name!r} is unknown; expected one of {', '.join(recipes)}")
+    base = recipes[name]
+    recipe = {**defaults, **base}
+    recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
+    # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
+    # number of final epochs without strong augmentation.
+    recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
+    recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
+    args.epochs, args.lr, args.backbone_lr = recipe["epochs"], recipe["lr"], recipe["backbone_lr"]
+    args.clip_max_norm = recipe["clip_max_norm"]
+    return recipe
+
+
+def model_config(args, preset_config, num_classes):
+    """The network's configuration: --model's preset (preset_config(name), the loss section included) or JSON
+    file, with this data set's classes and image size."""
+    if args.model.endswith(".json"):
+        try:
+            with open(args.model) as f:
+                cfg = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--model {args.model}: cannot read the JSON config: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"--model {args.model}: expected a JSON object (a model config), found a {type(cfg).__name__}")
+    else:
+        try:
+            cfg = preset_config(args.model)
+        except ValueError as e:
+            raise ValueError(f"--model: {e}") from None
+    cfg = {**cfg, "num_classes": num_classes, "eval_spatial_size": list(args.img_size)}
+    check_input_size(cfg, args.img_size)
+    return cfg
+
+
+def initial_backbone(net, cfg, args, rank, vits, backbone_lr_given=False):
+    """Start the ViT from --backbone-weights FILE or, without that option, from the released ECViT
+    the config names (of `vits`, model.ECVIT; downloaded by rank 0, as the original does when it builds
+    the network). Returns False, after saying so, when the ViT keeps its random weights: --backbone-weights
+    none, or a config that no released ECViT fits."""
+    url = released_backbone(cfg, vits) if args.backbone_weights is None else None
+    if args.backbone_weights in (None, "none") and url is None:
+        why = "--backbone-weights none" if args.backbone_weights else f"no released ECViT fits {args.model}"
+        rate = f"--backbone-lr {args.backbone_lr}" if backbone_lr_given else "the head's learning rate"
+        if rank == 0:
+            print(f"backbone: random initial weights ({why}), trained at {rate}")
+        return False
+    hint = "pass a local copy with --backbone-weights FILE, or --backbone-weights none to train the ViT from random weights"
+    wait = url is not None and dist.is_initialized()
+    if wait and rank != 0:
+        dist.barrier()  # rank 0 fills the cache first
+    state = download(url, hint) if url else read_checkpoint(args.backbone_weights, "--backbone-weights")
+    if wait and rank == 0:
+        dist.barrier()
+    load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}", vits)
+    if rank == 0:
+        print(f"backbone: {url or args.backbone_weights}")
+    return True
+
+
+def tune_weights(net, args, presets, class_heads, num_classes, rank):
+    """Load --tune's weights (a file, or a preset name: the released model, downloaded) into `net` where
+    names and shapes fit. On a data set of other classes, the class heads (`class_heads`, their tensor
+    names) start afresh and the rest from --tune, which is said in one line."""
+    released = args.tune in presets and not os.path.exists(args.tune)
+    tune = released_checkpoint(args.tune, presets) if released else read_checkpoint(args.tune, "--tune")
+    state, own = checkpoint_state_dict(tune), net.state_dict()
+    differ = {k for k, v in own.items() if isinstance(state, Mapping) and torch.is_tensor(state.get(k))
+              and state[k].shape != v.shape}
+    fresh = sorted(differ & class_heads)
+    if fresh and rank == 0 and not args.eval_only:
+        print(f"--tune {args.tune}: {min(state[k].shape[0] for k in fresh)} classes there, {num_classes} "
+              f"in this data set: the ViT, encoder and decoder start from its weights, the class heads afresh "
+              f"({', '.join(fresh[:2])}, ...)")
+    load_matching(net, state, f"--tune {args.tune}", require_all=args.eval_only)
+
+
+def demo(args, train, cfg, make_data=None, num_train=256, num_val=32, img_size=160, batch_size=16, lr=None):
+    """The README's first command for a stage: a synthetic data set (make_data, default make_synthetic_coco),
+    a short CPU training run of network `cfg` by train(args) on the recipe "demo", COCO AP and a picture of
+    predictions, all under --output-dir. `lr`: a stage's own rate, for the heads and the random ViT alike."""
+    check_output_dir(args)
+    root = os.path.join(args.output_dir, "demo_data")
+    if not os.path.exists(os.path.join(root, "annotations")):
+        (make_data or make_synthetic_coco)(root, num_train=num_train, num_val=num_val, img_size=img_size)
+    config = os.path.join(args.output_dir, "demo_model.json")
+    args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
+    args.img_size, args.batch_size = [img_size] * 2, batch_size
+    write_atomically(config, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
+    if lr is not None:
+        args.lr, args.backbone_lr = args.lr or lr, args.backbone_lr or lr
+    metrics = train(args)
+    last = os.path.join(args.output_dir, "last.pth")
+    if os.path.exists(last):  # the config as the run built it (its classes, its size): export.py and predict.py take it
+        built = read_checkpoint(last)["config"]
+        write_atomically(config, lambda f: f.write(json.dumps(built, indent=1).encode()))
+    kind = [k for k in metrics if k.startswith("coco_")][-1]
+    print(f"demo: {kind[5:]} AP {metrics[kind][0]:.3f}, AP50 {metrics[kind][1]:.3f} after {metrics['epoch']} epochs; "
+          f"predictions drawn in {os.path.join(args.output_dir, 'predictions.png')}")
+    return metrics
+
+
+def criterion_sections(cfg, matcher, criterion):
+    """The keyword arguments of `matcher` and `criterion` (classes, train_det's or a stage's) from a config's
+    loss section, checked: the section their `section` names, their `config_keys` present, the matcher's
+    `type` theirs, the focal class cost on; the section's num_classes, else the config's."""
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"build_criterion takes a preset name or a config dict, got {type(cfg).__name__}")
+    name = criterion.section
+    if name not in cfg:
+        raise ValueError(f"config has no section '{name}' (sections present: {sorted(cfg)})")
+    section = {k: v for k, v in cfg[name].items() if k not in criterion.unused_keys}
+    matcher_cfg = dict(section.get("matcher", {}))
+    for keys, where, found in ((criterion.config_keys, f"'{name}'", section),
+                               (matcher.config_keys, f"'{name}.matcher'", matcher_cfg)):
+        for key in keys:
+            if key not in found:
+                raise KeyError(f"criterion config: {where} has no '{key}'")
+    section.pop("matcher")
+    if matcher_cfg.pop("type", matcher.config_type) != matcher.config_type:
+        raise ValueError(f"criterion config: '{name}.matcher.type' must be '{matcher.config_type}'")
+    if not cfg.get("use_focal_loss", True):
+        raise ValueError("criterion config: the matcher uses the focal class cost; use_focal_loss must be true")
+    if "num_classes" not in section:
+        if "num_classes" not in cfg:
+            raise KeyError("criterion config: the config has no 'num_classes'")
+        section["num_classes"] = cfg["num_classes"]
+    return matcher_cfg, section
 
 
 # ---- Optional packages: imported where a command needs them ----
@@ -1286,3 +1660,8 @@ def draw_log(log_file, path):
             ap[f"{key[5:]} AP"] = [entry.get(key, [None])[0] for entry in log]
             ap[f"{key[5:]} AP50"] = [entry.get(key, [None, None])[1] for entry in log]
     return draw_curves([("loss", terms), ("COCO AP", ap)], path)
+
+
+def load_backbone(net, sd, source, vits):  # TEMPORARY shim until model21 merges
+    import model
+    model.load_backbone(net, sd, source)

@@ -130,52 +130,52 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
 # The --demo teacher: DINOv3's layout at 96 wide and 6 deep, on train_det's demo heads (64 wide),
 # so that it is larger than the demo's student (a 64-wide, 4-deep ECViT) yet trains in minutes.
 DEMO_DINOV3 = {**model.HUB_COMMON, "embed_dim": 96, "depth": 6, "num_heads": 3, "ffn_ratio": 4, "ffn_layer": "mlp"}
-# The recipe (train_det.RECIPES) is ECDet-X's, the one for the largest released backbone; --epochs,
-# --lr and --backbone-lr override it.
-TASK = train_det.Task(name="teacher", script="teacher.py", default_model="ecdet_x")
 
 
 def demo_teacher_config(arch=DEMO_DINOV3):
     """The demo's teacher ECDet: train_det's demo heads on DINOv3 `arch` (kwargs or hub name), whose
     last two blocks the feature generator reads."""
-    cfg = train_det.demo_config(train_det.Task())
+    cfg = train_det.demo_config()
     width, depth = cfg["HybridEncoder"]["in_channels"][0], model.dinov3_kwargs(arch)["depth"]
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": width}
     return cfg
 
 
 def main(argv=None):
-    parser = train_det.make_parser(TASK, "Fine-tune the task-specialized teacher (ECDet on a DINOv3 ViT) with "
-                                   "train_det.py's options; the network is ECDet-X's heads on the --arch ViT.", False)
+    parser = support.training_parser("teacher.py", "teacher", "ecdet_x", "Fine-tune the task-specialized teacher "
+                                     "(ECDet on a DINOv3 ViT) with train_det.py's options; the network is ECDet-X's "
+                                     "heads on the --arch ViT.", model_option=False)
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from; default: "
                         "random weights")
     parser.add_argument("--arch", help=f"one of {', '.join(model.DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
                         f"(with --demo: in place of the demo's {DEMO_DINOV3['embed_dim']}-wide ViT)")
-    args = train_det.parse_args(argv, TASK, parser)
+    args = support.parse_training_args(parser, argv, model.PRESETS)
     if not (args.demo or args.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
-    return support.run_script("teacher.py", run, args, args)
+    return support.run_script("teacher.py", train, args)
 
 
-def run(own, args):
-    """train_det.run on the teacher ECDet of own.arch (with --demo, the demo's on it), its ViT starting
-    from own.dinov3 (main passes its arguments as both)."""
-    arch = parse_arch(own.arch, "--arch") or DEMO_DINOV3
+def train(args):
+    """ECDet's stage (train_det.train, its recipe ECDet-X's, the one for the largest released backbone;
+    --epochs, --lr and --backbone-lr override it) on the teacher ECDet of --arch (with --demo, the demo's
+    on it), its ViT starting from --dinov3."""
+    arch = parse_arch(args.arch, "--arch") or DEMO_DINOV3
     try:
         cfg = demo_teacher_config(arch) if args.demo else teacher_config(arch)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"--arch {own.arch}: {e}") from None
+        raise ValueError(f"--arch {args.arch}: {e}") from None
     if args.demo:
-        return train_det.demo(args, TASK, cfg)
-    if own.dinov3:
-        check_dinov3(support.read_checkpoint(own.dinov3, "--dinov3"), arch, f"--dinov3 {own.dinov3}")
-        args.backbone_weights = own.dinov3  # a bare ViT state dict, as train_det's --backbone-weights expects
+        return support.demo(args, train_det.train, cfg)
+    if args.dinov3:
+        check_dinov3(support.read_checkpoint(args.dinov3, "--dinov3"), arch, f"--dinov3 {args.dinov3}")
+        args.backbone_weights = args.dinov3  # a bare ViT state dict, as train_det's --backbone-weights expects
     elif not (args.resume or args.tune):
         print("warning: no --dinov3 weights; the teacher's ViT starts from random weights", file=sys.stderr)
     support.check_output_dir(args)  # before the config goes in
     args.model = os.path.join(args.output_dir, "teacher_model.json")
+    args.recipe = args.recipe or "ecdet_x"
     support.write_atomically(args.model, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
-    return train_det.run(args, TASK)
+    return train_det.train(args)
 
 
 if __name__ == "__main__":

@@ -4,27 +4,21 @@
     python train_det.py --demo          # a short CPU run on a synthetic data set
 
 The file reads top to bottom as the stage runs: the COCO-format data set, the ECDet augmentation
-recipe with its epoch policy, batch collation with MixUp, COCO AP evaluation; then the loss (Hungarian
-matching and the ECDet criterion); then the training loop (AdamW, warm-up + flat-cosine schedule, EMA,
-AMP). Run folders, checkpoints and resume, DDP and the synthetic demo data are support.py's.
+recipe with its epoch policy, batch collation with MixUp; the loss (Hungarian matching and the ECDet
+criterion); the training loop (AdamW, warm-up + flat-cosine schedule, EMA, AMP) with COCO AP
+evaluation, `train`, which ECSeg, ECPose and the teacher call with what they change. Run folders,
+checkpoints and resume, argument checks, downloads, DDP and the synthetic demo data are support.py's.
 
 Box conventions: data sets and annotations hold pixel boxes; the targets the model trains on hold
 normalised (cx, cy, w, h) in [0, 1]; the evaluator takes pixel (x1, y1, x2, y2) boxes in the
 original image.
 """
-import argparse
-import collections
-import contextlib
 import copy
-import dataclasses
-import io
-import json
 import math
 import os
 import random
 import time
 import warnings
-from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -43,7 +37,6 @@ import model
 import predict
 import support
 from model import weighting_function
-from support import IMAGENET_MEAN, IMAGENET_STD
 
 # The training recipe per preset (the original's configs/ecdet/ecdet_*.yml):
 # epochs, head and backbone learning rates, weight decay, and the augmentation epochs (mosaic and
@@ -93,15 +86,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, img_dir, ann_file, transforms=None):
         self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
         self.coco = predict.load_coco(ann_file)
-        for c, cat in self.coco.cats.items():
-            if not isinstance(cat.get("name"), str):
-                raise ValueError(f"COCO annotation file {ann_file}: category {c} has no 'name'")
-        for image_id, info in self.coco.imgs.items():
-            for key in ("file_name", "width", "height"):
-                value = info.get(key)
-                if not (isinstance(value, str) if key == "file_name" else isinstance(value, (int, float)) and value > 0):
-                    raise ValueError(f"COCO annotation file {ann_file}: image {image_id} has no valid '{key}' "
-                                     f"(found {value!r})")
+        support.check_coco_entries(self.coco, ann_file)
         cat_ids = sorted(self.coco.cats)
         self.label_to_cat = dict(enumerate(cat_ids))
         self.cat_to_label = {c: label for label, c in self.label_to_cat.items()}
@@ -118,41 +103,10 @@ class CocoDetection(torch.utils.data.Dataset):
                              f"decode or differs in size from its entry (see the warnings)")
         if self.num_missing:
             warnings.warn(f"{self.num_missing} images listed in {ann_file} are missing from {img_dir}; skipped")
-        for reason, n in sorted(self.dropped_boxes.items()):
-            warnings.warn(f"{n} boxes {reason} in {ann_file}; dropped from training and evaluation")
 
     def _select_instances(self):
-        """{image_id: [(annotation, label, [x1, y1, x2, y2] clipped to the image)]}, and the number of
-        dropped boxes per reason (a Counter)."""
-        instances, dropped, kept = {}, collections.Counter(), []
-        for ann in self.coco.dataset["annotations"]:
-            try:
-                crowd = ann.get("iscrowd", 0)
-                if not crowd and ann["category_id"] not in self.cat_to_label:
-                    raise ValueError(f"unknown category_id {ann['category_id']}")
-                info = self.coco.imgs[ann["image_id"]]
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (AttributeError, KeyError, TypeError, ValueError) as e:
-                ident = ann.get("id") if isinstance(ann, dict) else ann
-                raise ValueError(f"COCO annotation file {self.ann_file}: annotation {ident} is malformed: {e!r}") from e
-            x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, info["width"]), min(y + h, info["height"])
-            if not all(map(math.isfinite, (x, y, w, h))):
-                dropped["with a non-finite coordinate"] += 1
-            elif crowd:
-                kept.append(ann)
-            elif x2 <= x1 or y2 <= y1:
-                dropped["of zero or negative size"] += 1
-            elif (x2 - x1) * (y2 - y1) < 0.5 * w * h:
-                dropped["mostly outside their image"] += 1
-            else:
-                kept.append(ann)
-                label = self.cat_to_label[ann["category_id"]]
-                instances.setdefault(ann["image_id"], []).append((ann, label, [x1, y1, x2, y2]))
-        if dropped:  # out of the ground truth too: COCOeval matches any detection to a NaN box
-            self.coco.dataset["annotations"] = kept
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.coco.createIndex()
-        return instances, dropped
+        """The usable boxes (support.usable_boxes); a stage's data set narrows them further."""
+        return support.usable_boxes(self.coco, self.ann_file, self.cat_to_label)
 
     def _path(self, image_id):
         return os.path.join(self.img_dir, self.coco.imgs[image_id]["file_name"])
@@ -365,41 +319,6 @@ class BatchImageCollate:
         else:
             images = torch.stack(images)
         return images, targets
-
-
-# ---- Evaluation: COCO AP (predict.CocoEvaluator) and pictures ----
-def scale_boxes(result, scale):
-    """A result of model.postprocess in pixels of another size: boxes times scale (2,) = (sx, sy)."""
-    return dict(result, boxes=result["boxes"] * scale.repeat(2))
-
-
-def draw_predictions(images, targets, results, names, path, score_threshold=0.5, ncols=4, rescale=scale_boxes):
-    """Save a PNG grid of images with their detections drawn by predict.draw; returns path.
-
-    images: (B, 3, H, W) normalised as DetTransforms makes them; targets: their targets (orig_size
-    brings the results, in the original image's pixels, to the tensor's size with `rescale`, which a
-    stage whose results hold more coordinates replaces); results: per image, model.postprocess's;
-    names: class name per label. Detections scoring below score_threshold are not drawn.
-    """
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    tiles = []
-    for image, target, res in zip(images, targets, results):
-        pixels = (image.detach().float().cpu() * std + mean).clamp(0, 1).mul(255).round().byte()
-        (h, w), (orig_w, orig_h) = image.shape[-2:], target["orig_size"].tolist()
-        res = rescale(res, torch.tensor([w / orig_w, h / orig_h], device=res["scores"].device))
-        tiles.append(predict.draw(Image.fromarray(pixels.permute(1, 2, 0).numpy()), res, names, score_threshold))
-    if not tiles:
-        raise ValueError("draw_predictions() got no images")
-    ncols = min(ncols, len(tiles))
-    nrows = math.ceil(len(tiles) / ncols)
-    tile_w, tile_h = tiles[0].size
-    grid = Image.new("RGB", (ncols * tile_w, nrows * tile_h))
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % ncols) * tile_w, (i // ncols) * tile_h))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with support.atomic_path(path) as tmp:
-        grid.save(tmp)
-    return path
 
 
 # ---- Loss: matching and the ECDet criterion ----
@@ -763,39 +682,18 @@ class ECCriterion(nn.Module):
         return losses
 
 
-def _require(section, keys, where):
-    for key in keys:
-        if key not in section:
-            raise KeyError(f"criterion config: {where} has no '{key}'")
-
-
-def build_criterion(cfg, matcher_cls=HungarianMatcher, criterion_cls=ECCriterion):
+def build_criterion(cfg, matcher=HungarianMatcher, criterion=ECCriterion):
     """A criterion from a preset name or a config dict in the original's vocabulary, ECDet's by default:
     {'num_classes': 80, 'ECCriterion': {'weight_dict', 'losses', 'gamma', 'reg_max', 'matcher': {'type',
     'weight_dict', 'alpha', 'gamma'}}}; ECSeg and ECPose pass their classes, which name the section and its
-    keys. num_classes is the section's own, else the config's."""
+    keys (support.criterion_sections checks them). num_classes is the section's own, else the config's."""
     if isinstance(cfg, str):
-        cfg = criterion_cls.preset_config(cfg)
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"build_criterion takes a preset name or a config dict, got {type(cfg).__name__}")
-    name = criterion_cls.section
-    if name not in cfg:
-        raise ValueError(f"config has no section '{name}' (sections present: {sorted(cfg)})")
-    section = {k: v for k, v in cfg[name].items() if k not in criterion_cls.unused_keys}
-    _require(section, criterion_cls.config_keys, f"'{name}'")
-    matcher_cfg = dict(section.pop('matcher'))
-    _require(matcher_cfg, matcher_cls.config_keys, f"'{name}.matcher'")
-    if matcher_cfg.pop('type', matcher_cls.config_type) != matcher_cls.config_type:
-        raise ValueError(f"criterion config: '{name}.matcher.type' must be '{matcher_cls.config_type}'")
-    if not cfg.get('use_focal_loss', True):
-        raise ValueError("criterion config: the matcher uses the focal class cost; use_focal_loss must be true")
-    if 'num_classes' not in section:
-        _require(cfg, ['num_classes'], 'the config')
-        section['num_classes'] = cfg['num_classes']
+        cfg = criterion.preset_config(cfg)
+    matcher_kwargs, kwargs = support.criterion_sections(cfg, matcher, criterion)
     try:
-        return criterion_cls(matcher_cls(**matcher_cfg), **section)
+        return criterion(matcher(**matcher_kwargs), **kwargs)
     except TypeError as e:
-        raise ValueError(f"criterion config: '{name}': {e}") from None
+        raise ValueError(f"criterion config: '{criterion.section}': {e}") from None
 
 
 # ---- Training: optimizer, schedule, EMA ----
@@ -850,73 +748,15 @@ class ModelEMA:
         self.updates = state["updates"]
 
 
-# ---- Training: mixed precision, the ViT's initial weights ----
+# ---- Training: the loop every stage runs ----
 def autocast(args):
     return torch.autocast(args.device_type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None)
 
 
-def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
-    """Start the ViT from --backbone-weights FILE or, without that option, from the released ECViT
-    the config names (downloaded by rank 0, as the original does when it builds the network).
-    Returns False, after saying so, when the ViT keeps its random weights: --backbone-weights none,
-    or a config that no released ECViT fits."""
-    url = support.released_backbone(cfg, model.ECVIT) if args.backbone_weights is None else None
-    if args.backbone_weights in (None, "none") and url is None:
-        why = "--backbone-weights none" if args.backbone_weights else f"no released ECViT fits {args.model}"
-        rate = f"--backbone-lr {args.backbone_lr}" if backbone_lr_given else "the head's learning rate"
-        if rank == 0:
-            print(f"backbone: random initial weights ({why}), trained at {rate}")
-        return False
-    hint = "pass a local copy with --backbone-weights FILE, or --backbone-weights none to train the ViT from random weights"
-    wait = url is not None and dist.is_initialized()
-    if wait and rank != 0:
-        dist.barrier()  # rank 0 fills the cache first
-    state = support.download(url, hint) if url else support.read_checkpoint(args.backbone_weights, "--backbone-weights")
-    if wait and rank == 0:
-        dist.barrier()
-    model.load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}")
-    if rank == 0:
-        print(f"backbone: {url or args.backbone_weights}")
-    return True
-
-
-# ---- Training: the task a stage trains, and the loop ----
-@dataclasses.dataclass
-class Task:
-    """What a stage changes in the shared loop: ECSeg and ECPose pass their own."""
-    name: str = "detection"
-    script: str = "train_det.py"         # the command line's name, in its error lines
-    default_model: str = "ecdet_s"
-    ann_prefix: str = "instances"        # annotations/{ann_prefix}_{train,val}2017.json
-    iou_types: tuple = ("bbox",)
-    # Preset name -> recipe: the _RECIPE keys; a recipe may also replace TRAINING's entries, and
-    # set the batch MixUp's probability (mixup_prob, default mosaic_prob).
-    recipes: dict = dataclasses.field(default_factory=lambda: RECIPES)
-    dataset: type = CocoDetection        # (img_dir, ann_file, transforms) -> data set
-    dataset_kwargs: dict = dataclasses.field(default_factory=dict)
-    transforms: type = DetTransforms
-    build_criterion: object = build_criterion  # cfg -> criterion
-    criterion: type = ECCriterion  # its preset_config adds the loss section to a preset's
-    make_synthetic: object = support.make_synthetic_coco
-    draw: object = draw_predictions
-    demo: dict = dataclasses.field(default_factory=dict)  # this stage's changes to DEMO (and its lr)
-    restart_from_best: bool = True  # at stop_epoch, as the original's ECDet/ECSeg engine (not ECPose's)
-
-    def postprocess(self, outputs, orig_sizes, cfg):
-        return model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
-
-    def demo_heads(self, cfg):
-        """demo_config's decoder: 64 wide, 3 layers, 50 queries."""
-        cfg["ECTransformer"].update(feat_channels=[64] * 3, hidden_dim=64, dim_feedforward=128, num_layers=3,
-                                    num_queries=50, num_denoising=30)
-        cfg["PostProcessor"]["num_top_queries"] = 50
-        return cfg
-
-
-def make_loader(task, img_dir, ann_file, train, args, recipe, rank, world):
-    transforms = task.transforms(train, args.img_size, mosaic_prob=recipe["mosaic_prob"],
-                                 mosaic_epoch=recipe["mosaic_epoch"], stop_epoch=recipe["stop_epoch"])
-    data = task.dataset(img_dir, ann_file, transforms, **task.dataset_kwargs)
+def make_loader(dataset, transforms, img_dir, ann_file, train, args, recipe, rank, world):
+    transforms = transforms(train, args.img_size, mosaic_prob=recipe["mosaic_prob"],
+                            mosaic_epoch=recipe["mosaic_epoch"], stop_epoch=recipe["stop_epoch"])
+    data = dataset(img_dir, ann_file, transforms)
     if not data.instances:
         raise ValueError(f"COCO annotation file {ann_file} has no object to {'train' if train else 'evaluate'} on (of "
                          f"{len(data.coco.anns)} annotations, none a usable box; crowd regions don't count)"
@@ -988,66 +828,6 @@ def train_one_epoch(net, criterion, loader, optimizer, scaler, ema, schedule, ep
 
 
 @torch.no_grad()
-def evaluate(net, loader, task, cfg, args, rank, picture=None):
-    """COCO AP of `net` on the loader's images: {iou_type: the 12 COCO numbers}. With `picture`,
-    rank 0 also draws its first batch's predictions there."""
-    net.eval()
-    data = loader.dataset
-    evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, task.iou_types)
-    for images, targets in tqdm(loader, desc="eval", disable=rank != 0, dynamic_ncols=True, leave=False):
-        with autocast(args):
-            outputs = net(images.to(args.device))
-        sizes = torch.stack([t["orig_size"] for t in targets]).to(args.device)
-        results = task.postprocess(support.to_float(outputs), sizes, cfg)
-        evaluator.update([t["image_id"] for t in targets], results)
-        if picture is not None and rank == 0:
-            task.draw(images, targets, results, data.names, picture)
-            picture = None
-    return evaluator.summarize()
-
-
-def dataset_paths(args, task):
-    """(train images, train annotations, val images, val annotations) from --data (support.data_splits: COCO,
-    Roboflow or YOLO layout) or the explicit options, which take precedence."""
-    explicit = [args.train_images, args.train_ann, args.val_images, args.val_ann]
-    if args.data:
-        splits = ("val",) if args.eval_only else ("train", "val")
-        labels = {"bbox": "boxes", "segm": "polygons", "keypoints": "keypoints"}[task.iou_types[-1]]
-        found = support.data_splits(args.data, splits, {s: os.path.join("annotations", f"{task.ann_prefix}_{s}2017.json")
-                                    for s in ("train", "val")}, labels, args.output_dir, len(model.COCO_SIGMAS))
-        default = [*found.get("train", (None, None)), *found["val"]]
-        return [e or d for e, d in zip(explicit, default)]
-    if not all(explicit[2:]) or (not args.eval_only and not all(explicit[:2])):
-        raise ValueError("give --data ROOT (COCO layout) or --train-images, --train-ann, --val-images and --val-ann")
-    return explicit
-
-
-def category_ids(data):
-    """The COCO category id of each label of data set `data`, a list (as checkpoints store it)."""
-    return [data.label_to_cat[label] for label in range(len(data.names))]
-
-
-def model_config(args, task, num_classes):
-    """The model's configuration: a preset or a JSON file, with this data set's classes and image size."""
-    if args.model.endswith(".json"):
-        try:
-            with open(args.model) as f:
-                cfg = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--model {args.model}: cannot read the JSON config: {e}") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"--model {args.model}: expected a JSON object (a model config), found a {type(cfg).__name__}")
-    else:
-        try:
-            cfg = task.criterion.preset_config(args.model)
-        except ValueError as e:
-            raise ValueError(f"--model: {e}") from None
-    cfg = copy.deepcopy(cfg)
-    cfg["num_classes"], cfg["eval_spatial_size"] = num_classes, list(args.img_size)
-    support.check_input_size(cfg, args.img_size)
-    return cfg
-
-
 def make_optimizer(groups, betas, args, ckpt=None):
     """AdamW over param groups (with lr, initial_lr, weight_decay) and the gradient scaler, restored from `ckpt`."""
     optimizer = torch.optim.AdamW(groups, betas=betas)
@@ -1057,22 +837,28 @@ def make_optimizer(groups, betas, args, ckpt=None):
     return optimizer, scaler
 
 
-def training_recipe(args, task):
-    """--recipe's (default: the --model preset's, else the task's default model's) over TRAINING, with
-    --epochs, --lr and --backbone-lr, which it sets in args (saved with the run)."""
-    name = args.recipe or (args.model if args.model in task.recipes else task.default_model)
-    if name not in task.recipes:
-        raise ValueError(f"--recipe {name!r} is unknown; expected one of {', '.join(task.recipes)}")
-    base = task.recipes[name]
-    recipe = {**TRAINING, **base}
-    recipe.update({k: getattr(args, k) for k in ("epochs", "lr", "backbone_lr") if getattr(args, k) is not None})
-    # Another length keeps the recipe's shape: mosaic for the same share of epochs, and the same
-    # number of final epochs without strong augmentation.
-    recipe["mosaic_epoch"] = round(base["mosaic_epoch"] * recipe["epochs"] / base["epochs"])
-    recipe["stop_epoch"] = max(recipe["epochs"] - (base["epochs"] - base["stop_epoch"]), 0)
-    args.epochs, args.lr, args.backbone_lr = recipe["epochs"], recipe["lr"], recipe["backbone_lr"]
-    args.clip_max_norm = recipe["clip_max_norm"]
-    return recipe
+@torch.no_grad()
+def evaluate(net, loader, postprocess, cfg, args, rank, iou_types, draw=None, picture=None):
+    """COCO AP of `net` on the loader's images: {iou_type: the 12 COCO numbers}. With `picture`,
+    rank 0 also draws its first batch's predictions there (draw: predict.draw_batch or a stage's)."""
+    net.eval()
+    data = loader.dataset
+    evaluator = predict.CocoEvaluator(data.coco, data.label_to_cat, iou_types)
+    for images, targets in tqdm(loader, desc="eval", disable=rank != 0, dynamic_ncols=True, leave=False):
+        with autocast(args):
+            outputs = net(images.to(args.device))
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(args.device)
+        results = postprocess(support.to_float(outputs), sizes, cfg)
+        evaluator.update([t["image_id"] for t in targets], results)
+        if picture is not None and rank == 0:
+            draw(images, targets, results, data.names, picture)
+            picture = None
+    return evaluator.summarize()
+
+
+def postprocess(outputs, orig_sizes, cfg):
+    """ECDet's results for COCO evaluation: model.postprocess with the config's number of detections."""
+    return model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
 
 
 def class_heads(cfg):
@@ -1084,13 +870,27 @@ def class_heads(cfg):
     return {k for k, v in own.items() if v.shape != other[k].shape}
 
 
-def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
-    """The criterion, and the network with the ViT's weights (unless --resume or --tune bring them),
-    then --tune's and --resume's. A random ViT trains at the head's rate unless --backbone-lr is given."""
+def train(args, recipes=RECIPES, dataset=CocoDetection, transforms=DetTransforms, criterion=ECCriterion,
+          matcher=HungarianMatcher, postprocess=postprocess, iou_types=("bbox",), draw=predict.draw_batch,
+          restart_from_best=True):
+    """Train (or with --eval-only, evaluate) a network; returns the last epoch's metrics. ECDet's stage by
+    default; ECSeg, ECPose and the teacher call it with what they change: their recipes, data set,
+    augmentation, criterion and matcher (whose preset_config adds the loss section to a preset), results,
+    COCO AP types, pictures, and whether training restarts from the best checkpoint at stop_epoch (the
+    original's ECDet/ECSeg engine does, its ECPose engine does not)."""
+    rank, world = support.start_run(args)
+    support.check_output_dir(args)
+    ckpt = support.resume_checkpoint(args) if args.resume else None
+    backbone_lr_given = args.backbone_lr is not None
+    recipe = support.training_recipe(args, recipes, TRAINING)
+    train_dir, train_ann, val_dir, val_ann = support.dataset_paths(args, iou_types)
+    val_loader = make_loader(dataset, transforms, val_dir, val_ann, False, args, recipe, rank, world)
+    names = val_loader.dataset.names
+    cfg = support.model_config(args, criterion.preset_config, len(names))
     try:
-        criterion = task.build_criterion(cfg)
+        loss = build_criterion(cfg, matcher, criterion)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"--model {args.model} is not a {task.name} model: {e.args[0] if e.args else e}") from None
+        raise ValueError(f"--model {args.model} is not a {args.task} model: {e.args[0] if e.args else e}") from None
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     try:
         net = model.build_model(cfg)
@@ -1098,50 +898,26 @@ def initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank):
         raise ValueError(f"--model {args.model}: {e}") from None
     # --resume and --tune bring the ViT's weights (the original then skips its download too)
     if not (args.resume or args.tune) or args.backbone_weights not in (None, "none"):
-        if not load_backbone(net, cfg, args, rank, backbone_lr_given) and not backbone_lr_given:
+        if not support.initial_backbone(net, cfg, args, rank, model.ECVIT, backbone_lr_given) and not backbone_lr_given:
             recipe["backbone_lr"] = args.backbone_lr = recipe["lr"]  # a random ViT learns only at the head's rate
     if args.tune:
-        released = args.tune in model.PRESETS and not os.path.exists(args.tune)
-        tune = support.released_checkpoint(args.tune, model.PRESETS) if released else support.read_checkpoint(args.tune, "--tune")
-        state, own = support.checkpoint_state_dict(tune), net.state_dict()
-        differ = [k for k, v in own.items() if isinstance(state, Mapping) and torch.is_tensor(state.get(k))
-                  and state[k].shape != v.shape]
-        fresh = sorted(set(differ) & class_heads(cfg)) if differ else []
-        if fresh and rank == 0 and not args.eval_only:
-            print(f"--tune {args.tune}: {min(state[k].shape[0] for k in fresh)} classes there, {cfg['num_classes']} "
-                  f"in this data set: the ViT, encoder and decoder start from its weights, the class heads afresh "
-                  f"({', '.join(fresh[:2])}, ...)")
-        support.load_matching(net, state, f"--tune {args.tune}", require_all=args.eval_only)
+        support.tune_weights(net, args, model.PRESETS, class_heads(cfg), cfg["num_classes"], rank)
     if ckpt is not None:
         try:
             model.load_weights(net, ckpt["model"])
         except ValueError as e:
             raise ValueError(f"--resume {args.resume}: {e}") from None
-    return criterion, net.to(args.device)
-
-
-def run(args, task):
-    """Train (or with --eval-only, evaluate) a network of `task`; returns the last epoch's metrics."""
-    rank, world = support.start_run(args)
-    support.check_output_dir(args)
-    ckpt = support.resume_checkpoint(args) if args.resume else None
-    backbone_lr_given = args.backbone_lr is not None
-    recipe = training_recipe(args, task)
-    train_dir, train_ann, val_dir, val_ann = dataset_paths(args, task)
-    val_loader = make_loader(task, val_dir, val_ann, False, args, recipe, rank, world)
-    cfg = model_config(args, task, len(val_loader.dataset.names))
-    criterion, net = initial_network(args, task, cfg, ckpt, recipe, backbone_lr_given, rank)
+    net = net.to(args.device)
     start_epoch, best, best_epoch = (ckpt["epoch"], ckpt["best"], ckpt.get("best_epoch", 0)) if ckpt else (0, -1.0, 0)
     ema = ModelEMA(net, recipe["ema_decay"], recipe["ema_warmups"])
     if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
-    # --eval-only only reads the run: its picture stays the one of the run's last epoch
-    picture = None if args.eval_only else os.path.join(args.output_dir, "predictions.png")
-    if args.eval_only:
-        return {f"coco_{k}": v for k, v in evaluate(ema.module, val_loader, task, cfg, args, rank, picture).items()}
+    scores = lambda picture: evaluate(ema.module, val_loader, postprocess, cfg, args, rank, iou_types, draw, picture)
+    if args.eval_only:  # reads the run only: its picture stays the one of the run's last epoch
+        return {f"coco_{k}": v for k, v in scores(None).items()}
 
-    train_loader = make_loader(task, train_dir, train_ann, True, args, recipe, rank, world)
-    if len(train_loader.dataset.names) != cfg["num_classes"] or train_loader.dataset.names != val_loader.dataset.names:
+    train_loader = make_loader(dataset, transforms, train_dir, train_ann, True, args, recipe, rank, world)
+    if train_loader.dataset.names != names:
         raise ValueError(f"{train_ann} and {val_ann} have different categories")
     train_net = support.distributed(net, args.device, world)
     optimizer, scaler = make_optimizer(param_groups(net, recipe["lr"], recipe["backbone_lr"], recipe["weight_decay"]),
@@ -1154,19 +930,19 @@ def run(args, task):
     schedule = lambda step, lr: flat_cosine(step, total, warmup, flat, no_aug, lr, lr * recipe["lr_gamma"])
 
     if rank == 0:
-        print(f"{task.name}: {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters), "
+        print(f"{args.task}: {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters), "
               f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation images, "
               f"{world} process(es) on {args.device}, batch {args.batch_size}, {args.epochs} epochs"
               + (f", resuming after epoch {start_epoch}" if start_epoch else ""))
     metrics, board = {}, support.TensorBoard(args.output_dir, rank)
     for epoch in range(start_epoch, min(args.epochs, args.stop_after or args.epochs)):
         t0 = time.time()
-        if task.restart_from_best and epoch == recipe["stop_epoch"] > 0:
+        if restart_from_best and epoch == recipe["stop_epoch"] > 0:
             support.restart_from_best(os.path.join(args.output_dir, "best.pth"), net, ema, optimizer, scaler, rank)
         set_epoch(train_loader, epoch, args.seed, rank)
-        losses = train_one_epoch(train_net, criterion, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
-        stats = evaluate(ema.module, val_loader, task, cfg, args, rank, picture)
-        ap = stats[task.iou_types[-1]][0]
+        losses = train_one_epoch(train_net, loss, train_loader, optimizer, scaler, ema, schedule, epoch, args, rank)
+        stats = scores(os.path.join(args.output_dir, "predictions.png"))
+        ap = stats[iou_types[-1]][0]
         metrics = {"epoch": epoch + 1, "loss": sum(losses.values()), "losses": losses,
                    **{f"coco_{k}": v for k, v in stats.items()}, "time": round(time.time() - t0, 1)}
         history.append(metrics)
@@ -1177,8 +953,8 @@ def run(args, task):
             # these three writes restores the other two (support.restore_run_files).
             state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "best_epoch": best_epoch,
-                     "log": history, "config": cfg, "names": val_loader.dataset.names,
-                     "category_ids": category_ids(val_loader.dataset),
+                     "log": history, "config": cfg, "names": names,
+                     "category_ids": [val_loader.dataset.label_to_cat[label] for label in range(len(names))],
                      "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}}
             support.save_checkpoint(state, os.path.join(args.output_dir, "last.pth"))
             if best_epoch == epoch + 1:
@@ -1190,121 +966,29 @@ def run(args, task):
     return metrics
 
 
-def make_parser(task=Task(), description=None, model_option=True):
-    """The training command line of `task`; a stage that sets the network itself (teacher.py) leaves out --model."""
-    description = description or (f"Train {task.default_model.split('_')[0].upper()} ({task.name}) on a data set in "
-                                  f"the COCO, Roboflow COCO or YOLO layout.")
-    parser = argparse.ArgumentParser(prog=task.script, description=description, formatter_class=support.HelpFormatter)
-    if model_option:
-        parser.add_argument("--model", default=task.default_model, help="preset name or a JSON config in the original's "
-                            "vocabulary")
-    else:
-        parser.set_defaults(model=None)
-    parser.add_argument("--data", help="a data set: COCO root (annotations/, train2017/, val2017/), Roboflow COCO export "
-                        "(train/ and valid/ with _annotations.coco.json), or YOLO data.yaml (or its folder)")
-    for option in ("--train-images", "--train-ann", "--val-images", "--val-ann"):
-        parser.add_argument(option, help="an image folder or COCO annotation file; default: --data's")
-    parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "
-                        "preset name; default: the --model preset's")
-    parser.add_argument("--epochs", type=int, help="default: the recipe's")
-    parser.add_argument("--batch-size", type=int, default=TRAINING["batch_size"], help="total over all processes")
-    parser.add_argument("--lr", type=float, help="default: the recipe's")
-    parser.add_argument("--backbone-lr", type=float, help="the ViT's; default: the recipe's (--lr for a random ViT)")
-    parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")
-    parser.add_argument("--output-dir", default=f"outputs/{task.name}", help="refused when it holds a run (last.pth, "
-                        "best.pth, log.jsonl), unless --resume or --overwrite")
-    parser.add_argument("--resume", help="continue a run from its last.pth (or from a checkpoint that is not older "
-                        "than --output-dir's last.pth); --epochs, --lr and --backbone-lr default to the run's and, "
-                        "given, apply from the next epoch")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --output-dir that holds a run, "
-                        "deleting its last.pth, best.pth and log.jsonl")
-    parser.add_argument("--stop-after", type=int, help="stop after this many epochs (to train in chunks with --resume)")
-    parser.add_argument("--tune", help="start from these weights (a released or own checkpoint, or a preset name for "
-                        "the released model, downloaded; unmatched tensors stay as initialised; refused when less than "
-                        "half the network's numbers fit, and with --eval-only when any tensor does not)")
-    parser.add_argument("--backbone-weights", help="a distilled ECViT in the released ecvit*.pth format; default: "
-                        "the released ECViT the model names (downloaded); 'none': random weights, trained at --lr")
-    parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 where supported, else fp16 with a gradient scaler")
-    parser.add_argument("--device", help="cpu, cuda or cuda:N; default: cuda when available, else cpu")
-    parser.add_argument("--workers", type=int, default=4, help="data loading processes per training process")
-    parser.add_argument("--seed", type=int, default=0, help="of the initial weights, shuffling and augmentation")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate the weights of --resume or --tune")
-    parser.add_argument("--demo", action="store_true", help="train a small model on a synthetic data set on the CPU")
-    return parser
-
-
-def parse_args(argv=None, task=Task(), parser=None):
-    """The checked arguments of make_parser(task) (or of `parser`, one it made and a stage extended)."""
-    parser = parser or make_parser(task)
-    args = parser.parse_args(argv)
-    for option, value, least in (("--epochs", args.epochs, 1), ("--stop-after", args.stop_after, 1),
-                                 ("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0),
-                                 ("--seed", args.seed, 0)):
-        if value is not None and value < least:
-            parser.error(f"{option} must be at least {least}, got {value}")
-    for option, value in (("--lr", args.lr), ("--backbone-lr", args.backbone_lr)):
-        if value is not None and not 0 <= value < math.inf:  # NaN too; 0 keeps the weights as they are
-            parser.error(f"{option} must be a finite number, 0 or more, got {value}")
-    if len(args.img_size) > 2 or any(s <= 0 or s % 32 for s in args.img_size):
-        parser.error(f"--img-size {' '.join(map(str, args.img_size))}: expected H [W], positive multiples of 32 (the "
-                     f"stride of the coarsest feature map)")
-    args.img_size = args.img_size * 2 if len(args.img_size) == 1 else args.img_size
-    family = task.default_model.split("_")[0]
-    if args.model in model.PRESETS and not args.model.startswith(family + "_"):
-        parser.error(f"--model {args.model} is not a {task.name} model; {task.script} trains "
-                     f"{', '.join(p for p in model.PRESETS if p.startswith(family + '_'))} (or a JSON config of one)")
-    if args.eval_only and not (args.resume or args.tune):
-        parser.error("--eval-only needs weights: --resume or --tune")
-    if args.resume and args.overwrite:
-        parser.error("--resume continues the run in --output-dir and --overwrite replaces it: give one of them")
-    return args
-
-
-def demo_config(task):
-    """A small network for the CPU demo: the task's default model (ECDet-S's layout) with the ViT and
-    encoder at a quarter of their width and depth, and the heads that task.demo_heads makes."""
-    cfg = task.criterion.preset_config(task.default_model)
+def demo_config(preset="ecdet_s", preset_config=ECCriterion.preset_config):
+    """The CPU demo's network: the preset (ECDet-S's layout) with the ViT and encoder at a quarter of their
+    width and depth, and a 64-wide, 3-layer decoder of 50 queries."""
+    cfg = preset_config(preset)
     cfg["ViTAdapter"].update(embed_dim=64, num_heads=2, depth=4, interaction_indexes=[2, 3])
     cfg["HybridEncoder"].update(in_channels=[64] * 3, hidden_dim=64, dim_feedforward=128)
-    return task.demo_heads(cfg)
+    if "ECTransformer" in cfg:
+        cfg["ECTransformer"].update(feat_channels=[64] * 3, hidden_dim=64, dim_feedforward=128, num_layers=3,
+                                    num_queries=50, num_denoising=30)
+        cfg["PostProcessor"]["num_top_queries"] = 50
+    return cfg
 
 
-def demo(args, task, cfg=None):
-    """The README's first command: a synthetic data set, a short CPU training run, COCO AP and a
-    picture of predictions, all under --output-dir. `cfg`: the network (default: demo_config(task));
-    the task's `demo` entries override DEMO."""
-    settings = {**DEMO, **task.demo}
-    support.check_output_dir(args)
-    root = os.path.join(args.output_dir, "demo_data")
-    if not os.path.exists(os.path.join(root, "annotations")):
-        task.make_synthetic(root, num_train=settings["num_train"], num_val=settings["num_val"],
-                            img_size=settings["img_size"])
-    config = os.path.join(args.output_dir, "demo_model.json")
-    args.data, args.model, args.recipe, args.device, args.workers = root, config, "demo", "cpu", 0
-    args.img_size, args.batch_size = [settings["img_size"]] * 2, settings["batch_size"]
-    # The config the run builds (model_config), so that export.py and predict.py take the file too.
-    _, _, val_dir, val_ann = dataset_paths(args, task)
-    cfg = copy.deepcopy(cfg or demo_config(task))
-    cfg["num_classes"] = len(task.dataset(val_dir, val_ann, **task.dataset_kwargs).names)
-    cfg["eval_spatial_size"] = list(args.img_size)
-    support.write_atomically(config, lambda f: f.write(json.dumps(cfg, indent=1).encode()))
-    if "lr" in settings:  # a stage's own rate, for the heads and the randomly initialised ViT alike
-        args.lr, args.backbone_lr = args.lr or settings["lr"], args.backbone_lr or settings["lr"]
-    metrics = run(args, task)
-    name = task.iou_types[-1]
-    print(f"demo: {name} AP {metrics[f'coco_{name}'][0]:.3f}, AP50 {metrics[f'coco_{name}'][1]:.3f} after "
-          f"{metrics['epoch']} epochs; predictions drawn in {os.path.join(args.output_dir, 'predictions.png')}")
-    return metrics
+def parse_args(argv=None):
+    return support.parse_training_args(support.training_parser("train_det.py", "detection", "ecdet_s"), argv,
+                                       model.PRESETS)
 
 
-# The CPU demo's data (its schedule is RECIPES["demo"]).
-DEMO = dict(num_train=256, num_val=32, img_size=160, batch_size=16)
-
-
-def main(argv=None, task=None):
-    task = task or Task()
-    args = parse_args(argv, task)
-    return support.run_script(task.script, demo if args.demo else run, args, task)
+def main(argv=None):
+    args = parse_args(argv)
+    if args.demo:  # the README's first command: synthetic shapes, a short CPU run, COCO AP and a picture
+        return support.run_script("train_det.py", support.demo, args, train, demo_config())
+    return support.run_script("train_det.py", train, args)
 
 
 if __name__ == "__main__":

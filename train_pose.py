@@ -4,9 +4,9 @@
     python train_pose.py --demo          # a short CPU run on synthetic stick figures
 
 The file reads top to bottom as the stage runs: the COCO keypoints data set, the ECPose augmentation
-recipe, a synthetic data set of stick figures, then the loss (object keypoint similarity, DETRPose
+recipe, then the loss (object keypoint similarity, DETRPose
 matching and criterion) and the training entry point. The loop (optimiser, schedule, EMA, AMP, DDP,
-checkpoints), COCO evaluation and prediction pictures are train_det's, driven by the Task below.
+checkpoints) and COCO evaluation are train_det's: `train` at the end calls it with what ECPose changes.
 
 Keypoint conventions. Coordinates are continuous like box corners: pixel i spans [i, i + 1), so a
 horizontal flip maps x -> W - x for keypoints and boxes alike and a skeleton stays inside its
@@ -20,25 +20,23 @@ flipped box (torchvision and the original flip keypoints as pixel indices, x -> 
 - Results (model.postprocess) hold `keypoints` (n, 51) = per keypoint pixel x, y in the
   original image and a score, and `labels` that already are category ids.
 """
-import dataclasses
 import functools
 import random
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision import tv_tensors
 
 import model
 import predict
 import support
 import train_det as td
-from support import KEYPOINT_NAMES, SKELETON
-from train_det import (IMAGE_KEYS, CocoDetection, ECCriterion, HungarianMatcher, Mosaic, Task, batch_index, matched,
+from support import KEYPOINT_NAMES
+from train_det import (IMAGE_KEYS, CocoDetection, ECCriterion, HungarianMatcher, Mosaic, batch_index, matched,
                        merge_instances, normalised_cxcywh)
 
 # ---------------------------------------------------------------------------------------------
@@ -289,106 +287,6 @@ class PoseTransforms:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: synthetic stick figures
-# ---------------------------------------------------------------------------------------------
-PERSON = dict(id=1, name="person", supercategory="person", keypoints=list(KEYPOINT_NAMES),
-              skeleton=[[a + 1, b + 1] for a, b in SKELETON])
-LIMBS = [(5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)]
-
-
-def _stick_figure(rng, u, pelvis):
-    """(17, 2) keypoints of a figure u pixels tall facing the camera (its left on the image's right),
-    pelvis at `pelvis`, leaning a little, arms and legs at random angles."""
-    lean = rng.normal(0, 0.15)
-    down = lambda a: np.array([np.sin(lean + a), np.cos(lean + a)])  # a: radians from down toward image right
-    up, side = -down(0), np.array([np.cos(lean), -np.sin(lean)])  # side: toward the figure's left
-    kp = np.zeros((K, 2))
-    neck = pelvis + 0.3 * u * up
-    kp[0] = head = neck + 0.12 * u * up  # the nose, at the centre of the head
-    for s, (eye, ear, shoulder, elbow, wrist, hip, knee, ankle) in ((1, range(1, K, 2)), (-1, range(2, K, 2))):
-        kp[eye], kp[ear] = head + (0.035 * s * side + 0.02 * up) * u, head + 0.075 * s * u * side
-        kp[shoulder], kp[hip] = neck + 0.11 * s * u * side, pelvis + 0.07 * s * u * side
-        arm, leg = rng.uniform(0.1, 2.8), rng.uniform(-0.1, 0.6)
-        kp[elbow] = kp[shoulder] + 0.16 * u * down(s * arm)
-        kp[wrist] = kp[elbow] + 0.14 * u * down(s * (arm + rng.uniform(-0.3, 1.8)))
-        kp[knee] = kp[hip] + 0.23 * u * down(s * leg)
-        kp[ankle] = kp[knee] + 0.23 * u * down(s * (leg + rng.uniform(-0.6, 0.2)))
-    return kp
-
-
-def _draw_figure(draw, kp, u, fill):
-    """Torso, limbs and head. PIL's pixel i covers [i, i + 1), so a point p is drawn at p - 0.5."""
-    p = [tuple(q) for q in (kp - 0.5).tolist()]
-    draw.polygon([p[5], p[6], p[12], p[11]], fill=fill)
-    for a, b in LIMBS:
-        draw.line([p[a], p[b]], fill=fill, width=max(round(0.06 * u), 1))
-    r = 0.08 * u
-    draw.ellipse([p[0][0] - r, p[0][1] - r, p[0][0] + r, p[0][1] + r], fill=fill)
-
-
-def _stick_figure_image(rng, img_size, image_id, ann_id, split_dir):
-    """Draw one image of 1, 2 or 3 figures (probability 0.2, 0.4, 0.4; a figure that finds no place
-    apart from the others in four tries is left out), save it, return its COCO image entry and
-    annotations.
-
-    Keypoints outside the image, and each ear with probability 0.3, are not labelled (v = 0, x = y =
-    0, as COCO); with probability 0.3 a rectangle hides part of the image and the keypoints under it
-    are labelled occluded (v = 1). bbox and area are those of the figure's pixels."""
-    w, h = (int(img_size * s) for s in rng.uniform(0.625, 1.0, size=2))
-    canvas = Image.fromarray(support._background(rng, w, h))
-    draw, placed, figures = ImageDraw.Draw(canvas), [], []
-    wanted = rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4])
-    for _ in range(4 * wanted):
-        if len(placed) == wanted:
-            break
-        u = rng.uniform(0.45, 0.9) * h
-        pelvis = rng.uniform([0.05 * w, 0.45 * u], [0.95 * w, h - 0.25 * u])
-        if any(abs(pelvis[0] - x) < 0.2 * (u + v) for x, v in placed):
-            continue  # too close to an earlier figure: another place, up to four tries per figure
-        placed.append((pelvis[0], u))
-        kp = _stick_figure(rng, u, pelvis)
-        mask = Image.new("1", (w, h))
-        _draw_figure(ImageDraw.Draw(mask), kp, u, 1)
-        colour = rng.integers(60, 256, size=3)
-        colour[rng.integers(3)] = 255  # one saturated channel keeps figures brighter than the background
-        _draw_figure(draw, kp, u, tuple(colour.tolist()))
-        for x, y in kp[1:3] - 0.5:  # dark eyes show which way the figure faces
-            r = max(0.015 * u, 0.6)
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(20, 20, 20))
-        v = np.where(((kp >= 0) & (kp < [w, h])).all(1), 2, 0)
-        v[[3, 4]] *= rng.random(2) >= 0.3
-        figures.append((kp, v, np.asarray(mask)))
-    if rng.random() < 0.3:
-        x1, y1 = rng.uniform(0, [w, h])
-        x2, y2 = np.array([x1, y1]) + rng.uniform(0.15, 0.3, size=2) * [w, h]
-        draw.rectangle([x1, y1, x2, y2], fill=tuple(rng.integers(0, 256, size=3).tolist()))
-        for kp, v, _ in figures:
-            v[(v == 2) & (kp[:, 0] >= x1) & (kp[:, 0] <= x2) & (kp[:, 1] >= y1) & (kp[:, 1] <= y2)] = 1
-    annotations = []
-    for kp, v, mask in figures:
-        ys, xs = np.nonzero(mask)
-        keypoints = np.concatenate([np.where(v[:, None] > 0, kp.round(2), 0), v[:, None]], 1)
-        annotations.append(dict(id=ann_id + len(annotations), image_id=image_id, category_id=1, iscrowd=0,
-                                area=float(mask.sum()), num_keypoints=int((v > 0).sum()),
-                                bbox=[float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())],
-                                keypoints=[float(x) if i % 3 < 2 else int(x) for i, x in enumerate(keypoints.ravel())]))
-    file_name = f"{image_id:012d}.jpg"
-    canvas.save(f"{split_dir}/{file_name}", quality=90)
-    return dict(id=image_id, file_name=file_name, width=w, height=h), annotations
-
-
-def make_synthetic_pose(root, num_train=200, num_val=50, img_size=128, seed=0):
-    """Write a small COCO keypoints data set of stick figures on noisy backgrounds; returns root.
-
-    support.make_synthetic_coco's layout, with annotations/person_keypoints_{train,val}2017.json:
-    images with sides in [0.625, 1] * img_size pixels and 1-3 figures each (see _stick_figure_image),
-    category 1 "person" with COCO's keypoint names and skeleton. The same seed writes the same files.
-    """
-    return support.make_synthetic_coco(root, num_train, num_val, img_size, seed, draw=_stick_figure_image,
-                                  categories=[PERSON], ann_prefix="person_keypoints")
-
-
-# ---------------------------------------------------------------------------------------------
 # Loss: object keypoint similarity, matching and the DETRPose criterion
 # ---------------------------------------------------------------------------------------------
 
@@ -531,56 +429,48 @@ def build_criterion(cfg):
 # ---------------------------------------------------------------------------------------------
 # Training: ECPose in train_det's loop, and the demo
 # ---------------------------------------------------------------------------------------------
-def scale_poses(result, scale):
-    """train_det.scale_boxes for a pose result: its keypoints' x, y too (their scores stay)."""
-    result = td.scale_boxes(result, scale)
-    result["keypoints"] = (result["keypoints"].unflatten(-1, (-1, 3)) * torch.cat([scale, scale.new_ones(1)])).flatten(-2)
-    return result
+def postprocess(outputs, orig_sizes, cfg):
+    """model.postprocess, each person's box the extent of its keypoints (as COCO's keypoint evaluation
+    takes it)."""
+    results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
+    for r in results:
+        r["boxes"] = predict.keypoint_boxes(r["keypoints"])
+    return results
 
 
-@dataclasses.dataclass
-class PoseTask(Task):
-    """What ECPose changes in train_det's loop: keypoint data, recipe and criterion, `keypoints` AP,
-    and pictures of poses, each person's box the extent of its keypoints (as COCO's keypoint
-    evaluation takes it). The original's ECPose engine does not restart from the best checkpoint."""
-    name: str = "pose"
-    script: str = "train_pose.py"
-    default_model: str = "ecpose_s"
-    ann_prefix: str = "person_keypoints"
-    iou_types: tuple = ("keypoints",)
-    recipes: dict = dataclasses.field(default_factory=lambda: POSE_RECIPES)
-    dataset: type = CocoKeypoints
-    transforms: type = PoseTransforms
-    build_criterion: object = build_criterion
-    criterion: type = DETRPoseCriterion
-    make_synthetic: object = make_synthetic_pose
-    # The demo (train_det.DEMO with these changes) trains on 1024 images of 128 x 128 pixels at most, 2
-    # figures each on average, in batches of 4: many small steps (2304 in the 9 epochs), which the
-    # keypoint queries need more than large images.
-    demo: dict = dataclasses.field(default_factory=lambda: dict(num_train=1024, img_size=128, batch_size=4))
-    draw: object = functools.partial(td.draw_predictions, score_threshold=0.3, rescale=scale_poses)
-    restart_from_best: bool = False
-
-    def postprocess(self, outputs, orig_sizes, cfg):
-        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg))
-        for r in results:
-            r["boxes"] = predict.keypoint_boxes(r["keypoints"])
-        return results
-
-    def demo_heads(self, cfg):
-        """A 64-wide, 3-layer pose decoder of 2 heads, as the demo ViT has, and 3 queries, one per
-        figure the demo's images hold at most: in a run as short as the demo, every spare query still
-        finds a figure already found and scores nearly as high as the first one."""
-        cfg["DETRTransformer"].update(hidden_dim=64, dim_feedforward=128, nhead=2, num_queries=3)
-        cfg["DETRPosePostProcessor"]["num_select"] = 3
-        return cfg
+def train(args, transforms=PoseTransforms):
+    """ECPose's stage: train_det's loop with what keypoints change, all above: the recipes, keypoint data
+    and augmentation, DETRPose's criterion and matcher, `keypoints` AP, pictures of poses from score 0.3 on.
+    The original's ECPose engine does not restart from the best checkpoint at stop_epoch."""
+    return td.train(args, recipes=POSE_RECIPES, dataset=CocoKeypoints, transforms=transforms,
+                    criterion=DETRPoseCriterion, matcher=DETRPoseHungarianMatcher, postprocess=postprocess,
+                    iou_types=("keypoints",), draw=functools.partial(predict.draw_batch, score_threshold=0.3),
+                    restart_from_best=False)
 
 
-POSE = PoseTask()
+def demo_config():
+    """The demo's network: train_det's demo ViT and encoder with a 64-wide, 3-layer pose decoder of 2 heads,
+    and 3 queries, one per figure the demo's images hold at most: in a run as short as the demo, every
+    spare query still finds a figure already found and scores nearly as high as the first one."""
+    cfg = td.demo_config("ecpose_s", DETRPoseCriterion.preset_config)
+    cfg["DETRTransformer"].update(hidden_dim=64, dim_feedforward=128, nhead=2, num_queries=3)
+    cfg["DETRPosePostProcessor"]["num_select"] = 3
+    return cfg
+
+
+def parse_args(argv=None):
+    return support.parse_training_args(support.training_parser("train_pose.py", "pose", "ecpose_s"), argv,
+                                       model.PRESETS)
 
 
 def main(argv=None):
-    return td.main(argv, PoseTask())
+    args = parse_args(argv)
+    if args.demo:
+        # 1024 images of 128 x 128 pixels at most, 2 figures each on average, in batches of 4: many small
+        # steps (2304 in the 9 epochs), which the keypoint queries need more than large images.
+        return support.run_script("train_pose.py", support.demo, args, train, demo_config(),
+                                  support.make_synthetic_pose, num_train=1024, img_size=128, batch_size=4)
+    return support.run_script("train_pose.py", train, args)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ predicts (B, Q, H/4, W/4) mask logits; points for the mask costs and losses are 
 in [0, 1], so predictions and targets of different resolutions are sampled at the same places.
 """
 import collections
-import dataclasses
 import functools
 import math
 import warnings
@@ -25,6 +24,8 @@ from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
 import model
+import predict
+import support
 import train_det
 from train_det import ECCriterion, HungarianMatcher, batch_index, matched
 
@@ -293,7 +294,7 @@ def build_criterion(cfg):
     return train_det.build_criterion(cfg, MaskHungarianMatcher, ECSegCriterion)
 
 
-# ---- Evaluation and the task ----
+# ---- Training: ECSeg in train_det's loop, and its demo ----
 
 # The training recipe per preset (the original's configs/ecseg/ecseg_*.yml; S and M share one, L and
 # X another) in train_det.RECIPES' terms, and its CPU demo's.
@@ -302,36 +303,42 @@ SEG_RECIPES = {f"ecseg_{size}": dict(zip(train_det._RECIPE, values)) for sizes, 
 SEG_RECIPES["demo"] = train_det.RECIPES["demo"]
 
 
-@dataclasses.dataclass
-class SegTask(train_det.Task):
-    """What ECSeg changes in train_det's loop: data with masks, the criterion, `segm` AP."""
-    name: str = "segmentation"
-    script: str = "train_seg.py"
-    default_model: str = "ecseg_s"
-    iou_types: tuple = ("bbox", "segm")
-    recipes: dict = dataclasses.field(default_factory=lambda: SEG_RECIPES)
-    dataset: type = CocoSegmentation
-    build_criterion: object = build_criterion
-    criterion: type = ECSegCriterion
-    # ECSeg weighs the box terms less than ECDet, and its class scores follow the box IoU (MAL):
-    # after the short CPU demo they sit near 0.3-0.5. The demo learns faster at twice ECDet's lr
-    # (24 epochs of an earlier schedule: mask AP 0.32 against 0.17 at 1e-3; `--demo` now: 0.142
-    # after the "demo" recipe's 20 epochs), and pictures show scores from 0.3 on.
-    demo: dict = dataclasses.field(default_factory=lambda: {"lr": 2e-3})
-    draw: object = functools.partial(train_det.draw_predictions, score_threshold=0.3)
-    mask_chunk: int = 50  # masks resized at once: bounds the float copy at the original image size
+def postprocess(outputs, orig_sizes, cfg, chunk=50):
+    """model.postprocess with the masks (K, h, w) bool at the original size, on the CPU (the evaluator
+    encodes them there), resized `chunk` masks at a time (bounding the float copy at full size)."""
+    results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg), resize_masks=False)
+    for r, (w, h) in zip(results, orig_sizes.tolist()):
+        r["masks"] = model.masks_at_size(r["masks"], (int(h), int(w)), chunk)
+    return results
 
-    def postprocess(self, outputs, orig_sizes, cfg):
-        """model.postprocess with the masks (K, h, w) bool at the original size, on the CPU (the
-        evaluator encodes them there), resized a chunk at a time."""
-        results = model.postprocess(outputs, orig_sizes, model.num_top_queries(cfg), resize_masks=False)
-        for r, (w, h) in zip(results, orig_sizes.tolist()):
-            r["masks"] = model.masks_at_size(r["masks"], (int(h), int(w)), self.mask_chunk)
-        return results
+
+def train(args, transforms=train_det.DetTransforms):
+    """ECSeg's stage: train_det's loop (and ECDet's augmentation) with what masks change, all above: the
+    recipes, data with masks, the criterion and matcher with mask terms, `bbox` and `segm` AP. ECSeg
+    weighs the box terms less than ECDet and its class scores follow the box IoU (MAL), so after a short
+    run they sit near 0.3-0.5: pictures show scores from 0.3 on."""
+    return train_det.train(args, recipes=SEG_RECIPES, dataset=CocoSegmentation, transforms=transforms,
+                           criterion=ECSegCriterion, matcher=MaskHungarianMatcher, postprocess=postprocess,
+                           iou_types=("bbox", "segm"), draw=functools.partial(predict.draw_batch, score_threshold=0.3))
+
+
+def demo_config():
+    """The demo's network: train_det's (ECDet-S's layout, small) with ECSeg's mask head."""
+    return train_det.demo_config("ecseg_s", ECSegCriterion.preset_config)
+
+
+def parse_args(argv=None):
+    return support.parse_training_args(support.training_parser("train_seg.py", "segmentation", "ecseg_s"), argv,
+                                       model.PRESETS)
 
 
 def main(argv=None):
-    return train_det.main(argv, SegTask())
+    args = parse_args(argv)
+    if args.demo:
+        # The demo learns faster at twice ECDet's lr (24 epochs of an earlier schedule: mask AP 0.32 against
+        # 0.17 at 1e-3; `--demo` now: 0.142 after the "demo" recipe's 20 epochs).
+        return support.run_script("train_seg.py", support.demo, args, train, demo_config(), lr=2e-3)
+    return support.run_script("train_seg.py", train, args)
 
 
 if __name__ == "__main__":

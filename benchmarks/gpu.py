@@ -129,7 +129,7 @@ def bf16(fn):
 
 def project_config(args):
     """ECDet-S's config (with its loss section); --smoke: the CPU demo's network (50 queries), 80 classes."""
-    cfg = train_det.demo_config(train_det.Task()) if args.smoke else train_det.ECCriterion.preset_config("ecdet_s")
+    cfg = train_det.demo_config() if args.smoke else train_det.ECCriterion.preset_config("ecdet_s")
     cfg["num_classes"], cfg["eval_spatial_size"] = 80, [args.size, args.size]
     return cfg
 
@@ -142,7 +142,7 @@ def train_project(args, device, amp_dtype):
     run = types.SimpleNamespace(img_size=[args.size] * 2, batch_size=args.batch, workers=args.workers, seed=SEED,
                                 device=device, device_type=device.type, amp_dtype=amp_dtype, epochs=1,
                                 clip_max_norm=recipe["clip_max_norm"], output_dir=args.data)
-    loader = train_det.make_loader(train_det.Task(), f"{args.data}/train2017",
+    loader = train_det.make_loader(train_det.CocoDetection, train_det.DetTransforms, f"{args.data}/train2017",
                                    f"{args.data}/annotations/instances_train2017.json", True, run, recipe, 0, 1)
     train_det.set_epoch(loader, 0, SEED, 0)
     net = model.build_model(cfg).to(device)

@@ -61,7 +61,7 @@ def test_device_is_read_alike_everywhere():
 
 
 def test_predict_refuses_a_used_output_dir_unless_overwrite(tmp_path, capsys):
-    cfg = dict(td.demo_config(td.Task()), eval_spatial_size=[64, 64])
+    cfg = dict(td.demo_config(), eval_spatial_size=[64, 64])
     torch.save({"model": td.model.build_model(cfg).state_dict(), "config": cfg}, tmp_path / "net.pth")
     from PIL import Image
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
@@ -81,7 +81,7 @@ def test_predict_refuses_a_used_output_dir_unless_overwrite(tmp_path, capsys):
 
 def test_export_without_weights_refuses_unless_random_weights(tmp_path, capsys):
     config = tmp_path / "net.json"
-    config.write_text(json.dumps(dict(td.demo_config(td.Task()), eval_spatial_size=[64, 64])))
+    config.write_text(json.dumps(dict(td.demo_config(), eval_spatial_size=[64, 64])))
     with pytest.raises(SystemExit) as exit_info:
         export.main(["--model", str(config), "--onnx", str(tmp_path / "net.onnx")])
     err = capsys.readouterr().err
@@ -99,7 +99,7 @@ def test_commands_run_without_pyav_and_a_video_gets_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-c", NO_AV, str(ROOT / "train_det.py"), "--help"], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode == 0 and "usage: train_det.py" in out.stdout, out.stderr
-    cfg = dict(td.demo_config(td.Task()), eval_spatial_size=[64, 64])
+    cfg = dict(td.demo_config(), eval_spatial_size=[64, 64])
     torch.save({"model": td.model.build_model(cfg).state_dict(), "config": cfg}, tmp_path / "net.pth")
     (tmp_path / "clip.mp4").write_bytes(b"not decoded: PyAV is missing")
     out = subprocess.run([sys.executable, "-c", NO_AV, str(ROOT / "predict.py"), "--weights", str(tmp_path / "net.pth"),

@@ -376,7 +376,7 @@ def test_draw_predictions(coco_root, tmp_path):
     image_ids, results = perfect_predictions(dataset(coco_root, "val2017"))
     batch = [ds[i] for i in range(3)]
     images = torch.stack([image for image, _ in batch])
-    path = td.draw_predictions(images, [t for _, t in batch], results[:3], ds.names, str(tmp_path / "pics" / "val.png"), ncols=2)
+    path = predict.draw_batch(images, [t for _, t in batch], results[:3], ds.names, str(tmp_path / "pics" / "val.png"), ncols=2)
     picture = Image.open(path)
     assert picture.size == (2 * IMG_SIZE, 2 * IMG_SIZE)
     pixels = np.asarray(picture)

@@ -358,13 +358,13 @@ def test_coco_ap_of_a_perfect_runner_is_1(shapes):
         return {"labels": np.array([[to_label[a["category_id"]] for a in anns]], np.int64),
                 "boxes": boxes.reshape(1, -1, 4), "scores": np.ones((1, len(anns)), np.float32)}
 
-    cfg = td.demo_config(td.Task())
+    cfg = td.demo_config()
     stats = export.coco_ap(perfect, cfg, [64, 64], f"{shapes}/val2017", ann)
     assert stats["bbox"][0] == pytest.approx(1.0)
 
 
 def test_benchmark_times_each_deployment_in_its_own_process_and_reports_ap(shapes, tmp_path, monkeypatch, capsys):
-    cfg = dict(td.demo_config(td.Task()), num_classes=3, eval_spatial_size=[96, 96])
+    cfg = dict(td.demo_config(), num_classes=3, eval_spatial_size=[96, 96])
     (tmp_path / "net.json").write_text(json.dumps(cfg))
     started, popen = [], subprocess.Popen
     monkeypatch.setattr(export.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1])

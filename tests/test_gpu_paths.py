@@ -62,7 +62,7 @@ def test_reference_point_cells_are_made_once_per_size_and_mode():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg = td.demo_config(td.Task())
+    cfg = td.demo_config()
     cfg["num_classes"], cfg["eval_spatial_size"] = 3, [64, 64]
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("graph") / "det.pth"

@@ -57,7 +57,7 @@ def layouts(tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
     coco = support.make_synthetic_coco(str(root / "coco"), num_train=4, num_val=2, img_size=SIZE, seed=1)
     config = root / "tiny.json"
-    config.write_text(json.dumps(td.demo_config(td.Task())))
+    config.write_text(json.dumps(td.demo_config()))
     return dict(root=root, coco=coco, config=str(config), roboflow=to_roboflow(coco, str(root / "roboflow")),
                 yolo=to_yolo(coco, str(root / "yolo")))
 
@@ -90,7 +90,7 @@ def test_yolo_boxes_match_the_coco_they_came_from(layouts):
 def test_yolo_polygons_train_ecseg(layouts, tmp_path):
     data = to_yolo(layouts["coco"], str(tmp_path / "yolo"), rows="polygons")
     config = tmp_path / "seg.json"
-    config.write_text(json.dumps(td.demo_config(ts.SegTask())))
+    config.write_text(json.dumps(ts.demo_config()))
     metrics = train(ts.main, data, str(config), tmp_path / "out")
     assert len(metrics["coco_segm"]) == 12
     _, coco = support.yolo_to_coco(f"{data}/data.yaml", "train", "polygons")
@@ -100,10 +100,10 @@ def test_yolo_polygons_train_ecseg(layouts, tmp_path):
 
 
 def test_yolo_keypoints_train_ecpose(tmp_path):
-    coco = tp.make_synthetic_pose(str(tmp_path / "coco"), num_train=2, num_val=1, img_size=SIZE, seed=1)
+    coco = support.make_synthetic_pose(str(tmp_path / "coco"), num_train=2, num_val=1, img_size=SIZE, seed=1)
     data = to_yolo(coco, str(tmp_path / "yolo"), "person_keypoints", "keypoints", names=["person"])
     config = tmp_path / "pose.json"
-    config.write_text(json.dumps(td.demo_config(tp.POSE)))
+    config.write_text(json.dumps(tp.demo_config()))
     metrics = train(tp.main, data, str(config), tmp_path / "out")
     assert len(metrics["coco_keypoints"]) == 10
     _, converted = support.yolo_to_coco(f"{data}/data.yaml", "val", "keypoints", 17)
@@ -210,7 +210,7 @@ def test_images_are_read_upright(tmp_path):
 
 def test_predict_reports_boxes_in_the_upright_frame(tmp_path):
     path = exif_image(tmp_path / "phone.jpg")
-    cfg = td.demo_config(td.Task())
+    cfg = td.demo_config()
     torch.save({"model": td.model.build_model(cfg).state_dict(), "config": cfg}, tmp_path / "net.pth")
     predict.main(["--weights", str(tmp_path / "net.pth"), "--source", str(path), "--conf", "0",
                   "--output-dir", str(tmp_path / "out")])

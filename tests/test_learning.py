@@ -98,7 +98,7 @@ def backbone_args(*extra, preset="ecdet_s"):
 def test_a_preset_starts_from_its_released_ecvit_downloaded_once(server, tmp_path, ecdet_s):
     server.files["ecvitt.pth"] = saved(ecvit("ecdet_s"), tmp_path)
     for _ in range(2):
-        assert td.load_backbone(ecdet_s, model.preset_config("ecdet_s"), backbone_args(), 0)
+        assert support.initial_backbone(ecdet_s, model.preset_config("ecdet_s"), backbone_args(), 0, model.ECVIT)
     assert all((v == 0.5).all() for v in ecdet_s.backbone.backbone.parameters())
     assert server.requests == ["ecvitt.pth"]  # the second time reads torch hub's cache
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "ecvitt.pth").is_file()
@@ -108,12 +108,13 @@ def test_a_preset_starts_from_its_released_ecvit_downloaded_once(server, tmp_pat
 
 
 def test_configs_without_a_released_vit_train_it_from_random_weights_at_the_head_rate(server, capsys):
-    small = td.demo_config(td.Task())  # a 64-wide ECViT named ecvitt: no released weights fit it
+    small = td.demo_config()  # a 64-wide ECViT named ecvitt: no released weights fit it
     assert support.released_backbone(small, model.ECVIT) is None
     skip = model.preset_config("ecdet_s")
     skip["ViTAdapter"]["skip_load_backbone"] = True
     assert support.released_backbone(skip, model.ECVIT) is None
-    assert not td.load_backbone(None, model.preset_config("ecdet_s"), backbone_args("--backbone-weights", "none"), 0)
+    args = backbone_args("--backbone-weights", "none")
+    assert not support.initial_backbone(None, model.preset_config("ecdet_s"), args, 0, model.ECVIT)
     assert server.requests == []
     assert capsys.readouterr().out == ("backbone: random initial weights (--backbone-weights none), trained at "
                                        "the head's learning rate\n")
@@ -123,7 +124,7 @@ def test_offline_fails_at_once_naming_the_url_and_the_ways_around(monkeypatch, t
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(support, "RELEASE_URL", "http://127.0.0.1:9/")  # the discard port: nothing listens
     with pytest.raises(ConnectionError) as e:
-        td.load_backbone(ecdet_s, model.preset_config("ecdet_s"), backbone_args(), 0)
+        support.initial_backbone(ecdet_s, model.preset_config("ecdet_s"), backbone_args(), 0, model.ECVIT)
     message = str(e.value)
     assert "cannot download http://127.0.0.1:9/ecvitt.pth" in message and "\n" not in message
     assert "--backbone-weights FILE" in message and "--backbone-weights none" in message
@@ -155,8 +156,8 @@ def test_a_backbone_file_of_another_ecvit_size_names_both_sizes(tmp_path, ecdet_
     torch.save(ecvit("ecdet_m"), tmp_path / "ecvittplus.pth")
     with pytest.raises(ValueError, match=r"--backbone-weights .*ecvittplus.pth holds ecvittplus \(256 wide, 12 "
                                          r"blocks\); the model needs ecvitt \(192 wide, 12 blocks\)"):
-        td.load_backbone(ecdet_s, model.preset_config("ecdet_s"),
-                         backbone_args("--backbone-weights", str(tmp_path / "ecvittplus.pth")), 0)
+        support.initial_backbone(ecdet_s, model.preset_config("ecdet_s"),
+                                 backbone_args("--backbone-weights", str(tmp_path / "ecvittplus.pth")), 0, model.ECVIT)
 
 
 def test_tune_with_a_preset_name_downloads_the_released_model(server, tmp_path):
@@ -218,7 +219,7 @@ def test_curves_png_draws_each_loss_term_and_ap_per_epoch(tmp_path, monkeypatch)
 @pytest.fixture(scope="module")
 def small_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "small.json"
-    path.write_text(json.dumps(td.demo_config(td.Task())))
+    path.write_text(json.dumps(td.demo_config()))
     return str(path)
 
 
@@ -236,9 +237,9 @@ def test_a_random_vit_trains_at_the_head_rate_and_restarts_from_the_best_epoch(t
     monkeypatch.setattr(td, "train_one_epoch", lambda net, *args: starts.append(copy.deepcopy(net.state_dict()))
                         or train(net, *args))
     out = tmp_path / "out"
-    td.run(td.parse_args(["--data", root, "--model", small_config, "--recipe", "short", "--backbone-weights", "none",
+    td.train(td.parse_args(["--data", root, "--model", small_config, "--recipe", "short", "--backbone-weights", "none",
                           "--img-size", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu",
-                          "--output-dir", str(out)]), td.Task())
+                          "--output-dir", str(out)]))
     printed = capsys.readouterr().out
     assert printed.startswith("backbone: random initial weights (--backbone-weights none), trained at the head's")
     groups = torch.load(out / "last.pth", weights_only=True)["optimizer"]["param_groups"]
@@ -266,8 +267,9 @@ def test_tune_a_released_model_on_other_classes_keeps_all_but_the_class_heads(se
     server.files["ecdet_s.pth"] = saved({"ema": {"module": ecdet_s.state_dict()}}, tmp_path)
     args = td.parse_args(["--model", "ecdet_s", "--tune", "ecdet_s", "--device", "cpu"])
     support.start_run(args)
-    cfg = td.model_config(args, td.Task(), 3)
-    _, net = td.initial_network(args, td.Task(), cfg, None, td.training_recipe(args, td.Task()), False, 0)
+    cfg = support.model_config(args, td.ECCriterion.preset_config, 3)
+    net = model.build_model(cfg)
+    support.tune_weights(net, args, model.PRESETS, td.class_heads(cfg), 3, 0)
     [line] = [line for line in capsys.readouterr().out.splitlines() if "classes there" in line]
     assert line.startswith("--tune ecdet_s: 80 classes there, 3 in this data set: the ViT, encoder and decoder start "
                            "from its weights, the class heads afresh (decoder.")

@@ -1,13 +1,11 @@
 """train_pose.py's data, evaluation and loop: COCO keypoints through the augmentations, flips that
 swap left and right, bad input, keypoint AP, and short training runs."""
 import collections
-import dataclasses
 import json
 import os
 import random
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ SIZE = 96
 
 @pytest.fixture(scope="module")
 def pose_root(tmp_path_factory):
-    return tp.make_synthetic_pose(str(tmp_path_factory.mktemp("pose")), num_train=12, num_val=6, img_size=SIZE)
+    return support.make_synthetic_pose(str(tmp_path_factory.mktemp("pose")), num_train=12, num_val=6, img_size=SIZE)
 
 
 def dataset(root, split="train2017", transforms=None, **kwargs):
@@ -55,14 +53,14 @@ def test_synthetic_figures_load_as_coco_keypoints(pose_root, tmp_path):
     # Figures face the camera: the left shoulder is on the image's right.
     xy = pixels(target["keypoints"])
     assert (xy[:, 5, 0] > xy[:, 6, 0]).all()
-    again = tp.make_synthetic_pose(str(tmp_path), num_train=12, num_val=6, img_size=SIZE)
+    again = support.make_synthetic_pose(str(tmp_path), num_train=12, num_val=6, img_size=SIZE)
     for name in ("person_keypoints_train2017.json", "person_keypoints_val2017.json"):
         assert (tmp_path / "annotations" / name).read_text() == open(f"{pose_root}/annotations/{name}").read()
 
 
 def test_demo_has_a_query_for_every_figure(pose_root):
     figures = collections.Counter(a["image_id"] for a in dataset(pose_root).coco.dataset["annotations"])
-    assert max(figures.values()) == 3 == td.demo_config(tp.POSE)["DETRTransformer"]["num_queries"]
+    assert max(figures.values()) == 3 == tp.demo_config()["DETRTransformer"]["num_queries"]
 
 
 def test_flip_swaps_left_and_right_and_agrees_with_boxes(pose_root):
@@ -213,7 +211,7 @@ def test_keypoint_evaluation_of_perfect_and_no_predictions(pose_root):
         logits[0, :len(anns), 1] = 10.0
         points = torch.rand(1, 20, 34)
         points[0, :len(anns)] = perfect_result(*anns)["keypoints"].view(-1, 17, 3)[..., :2].flatten(1) / torch.tensor([info["width"], info["height"]] * 17)
-        results = tp.POSE.postprocess({"pred_logits": logits, "pred_keypoints": points}, torch.tensor([[info["width"], info["height"]]]), {})
+        results = tp.postprocess({"pred_logits": logits, "pred_keypoints": points}, torch.tensor([[info["width"], info["height"]]]), {})
         evaluator.update([image_id], results)
         empty.update([image_id], [{"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0), "keypoints": torch.zeros(0, 51)}])
     stats = evaluator.summarize()["keypoints"]
@@ -227,8 +225,8 @@ def test_pictures_draw_each_persons_skeleton(tmp_path):
     keypoints[:, 9, 1] = 50.0  # the left wrist: the bone 7-9 (elbow to wrist) runs down x = 20 and x = 40
     result = {"labels": torch.ones(2, dtype=torch.int64), "scores": torch.tensor([0.9, 0.2]),
               "keypoints": keypoints.flatten(1), "boxes": torch.tensor([[20.0, 10.0, 20.0, 50.0], [40.0, 10.0, 40.0, 50.0]])}
-    path = tp.POSE.draw(torch.zeros(1, 3, 64, 64), [{"orig_size": torch.tensor([64, 64])}], [result], ["", "person"],
-                        str(tmp_path / "p.png"))
+    path = predict.draw_batch(torch.zeros(1, 3, 64, 64), [{"orig_size": torch.tensor([64, 64])}], [result], ["", "person"],
+                              str(tmp_path / "p.png"), score_threshold=0.3)
     picture = np.asarray(Image.open(path)).astype(int)
     assert tuple(picture[30, 20]) == support.PALETTE[0]  # the first person's elbow-wrist bone
     assert abs(picture[30, 40] - picture[30, 55]).sum() == 0  # the second scores under the threshold
@@ -240,7 +238,7 @@ def tiny_config():
     """The demo network with 20 queries. With the demo's 3, one per figure, the loss of the few steps
     below swings by a fifth from step to step (381, 409, 313, 396 ... 332) and the short run ends at
     keypoint AP50 0; with 20 the loss falls and the short run learns (numbers at TINY)."""
-    cfg = td.demo_config(tp.POSE)
+    cfg = tp.demo_config()
     cfg["eval_spatial_size"] = [SIZE, SIZE]
     cfg["DETRTransformer"]["num_queries"] = cfg["DETRPosePostProcessor"]["num_select"] = 20
     return cfg
@@ -275,17 +273,17 @@ TINY = dict(images=2, size=64, seed=1, epochs=90, batch=2, lr="1e-3", min_ap50=0
 def test_short_run_learns_keypoints_and_logs_them(tmp_path, monkeypatch):
     monkeypatch.setattr(support, "save_checkpoint", lambda state, path: None)  # tested by train_det's tests; slow here
     torch.set_num_threads(1)  # the measured path (two threads round otherwise, and end elsewhere on other CPUs)
-    root = tp.make_synthetic_pose(str(tmp_path / "data"), num_train=TINY["images"], num_val=1, img_size=TINY["size"],
+    root = support.make_synthetic_pose(str(tmp_path / "data"), num_train=TINY["images"], num_val=1, img_size=TINY["size"],
                                   seed=TINY["seed"])
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(tiny_config()))
     images, ann = f"{root}/train2017", f"{root}/annotations/person_keypoints_train2017.json"
-    args = td.parse_args(["--train-images", images, "--train-ann", ann, "--val-images", images, "--val-ann", ann,
+    args = tp.parse_args(["--train-images", images, "--train-ann", ann, "--val-images", images, "--val-ann", ann,
                           "--model", str(config), "--img-size", str(TINY["size"]), "--batch-size", str(TINY["batch"]),
                           "--epochs", str(TINY["epochs"]), "--lr", TINY["lr"], "--backbone-lr", TINY["lr"],
-                          "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path)], tp.POSE)
+                          "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path)])
     no_augmentation = lambda train, img_size, **policy: tp.PoseTransforms(False, img_size)
-    metrics = td.run(args, dataclasses.replace(tp.POSE, transforms=no_augmentation))
+    metrics = tp.train(args, transforms=no_augmentation)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == TINY["epochs"] and len(log[-1]["coco_keypoints"]) == 10
     assert log[0]["coco_keypoints"][1] == 0.0 and any(k.startswith("loss_oks_dn") for k in log[-1]["losses"])
@@ -294,24 +292,22 @@ def test_short_run_learns_keypoints_and_logs_them(tmp_path, monkeypatch):
 
 
 def test_cli_is_train_dets_with_ecpose_defaults():
-    pose, det = td.parse_args([], tp.POSE), td.parse_args([], td.Task())
+    pose, det = tp.parse_args([]), td.parse_args([])
     assert vars(pose).keys() == vars(det).keys()
     assert (pose.model, pose.output_dir) == ("ecpose_s", "outputs/pose")
 
 
 def test_demo_trains_ecpose_with_its_settings(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(td, "run", lambda args, task: seen.update(vars(args), task=task) or {"epoch": 1, "coco_keypoints": [0.0] * 10})
-    task = dataclasses.replace(tp.POSE, make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"),
-                               dataset=lambda images, ann: types.SimpleNamespace(names=["", "person"]))
-    td.demo(td.parse_args(["--demo", "--output-dir", str(tmp_path)], task), task)
+    monkeypatch.setattr(tp, "train", lambda args: seen.update(vars(args)) or {"epoch": 1, "coco_keypoints": [0.0] * 10})
+    monkeypatch.setattr(support, "make_synthetic_pose", lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
+    tp.main(["--demo", "--output-dir", str(tmp_path)])
     assert seen["recipe"] == "demo" and seen["img_size"] == [128, 128] and seen["batch_size"] == 4
-    recipe = seen["task"].recipes["demo"]
+    recipe = tp.POSE_RECIPES["demo"]
     assert recipe["mixup_prob"] == 0.0 and recipe["stop_epoch"] == 0 and seen["num_train"] == 1024
     config = json.loads((tmp_path / "demo_model.json").read_text())
     assert config["model"] == "ECPose" and config["DETRTransformer"]["num_queries"] == 3
     assert config["DETRPosePostProcessor"]["num_select"] == 3
-    assert config["num_classes"] == 2 and config["eval_spatial_size"] == [128, 128]  # what the run builds
 
 
 def test_script_runs_with_train_dets_options():

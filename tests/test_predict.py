@@ -26,10 +26,11 @@ NAMES, IDS = ["circle", "square", "triangle"], [1, 3, 7]
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def save_tiny(path, task, **meta):
-    """A seeded demo-sized network of `task` at SIZE px, saved as this project's checkpoints are."""
-    cfg = td.demo_config(task)
-    cfg["num_classes"], cfg["eval_spatial_size"] = (2 if task is tp.POSE else 3), [SIZE, SIZE]
+def save_tiny(path, stage, **meta):
+    """A seeded demo-sized network of `stage` (train_det, train_seg or train_pose) at SIZE px, saved as this
+    project's checkpoints are."""
+    cfg = stage.demo_config()
+    cfg["num_classes"], cfg["eval_spatial_size"] = (2 if stage is tp else 3), [SIZE, SIZE]
     torch.manual_seed(0)
     net = model.build_model(cfg).eval()
     torch.save({"model": net.state_dict(), "config": cfg, **meta}, path)
@@ -40,7 +41,7 @@ def save_tiny(path, task, **meta):
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     data = support.make_synthetic_coco(str(root / "coco"), num_train=1, num_val=6, img_size=SIZE, seed=2)
-    path, net, cfg = save_tiny(root / "det.pth", td.Task(), names=NAMES, category_ids=IDS)
+    path, net, cfg = save_tiny(root / "det.pth", td, names=NAMES, category_ids=IDS)
     (root / "det.json").write_text(json.dumps(cfg))
     return dict(root=root, images=os.path.join(data, "val2017"), ckpt=path, net=net, cfg=cfg,
                 config=str(root / "det.json"))
@@ -57,7 +58,6 @@ def stacked(results):
 
 
 def test_validation_transform_and_predictor_feed_the_network_alike(tiny):
-    assert td.IMAGENET_MEAN is support.IMAGENET_MEAN and td.IMAGENET_STD is support.IMAGENET_STD
     data = td.CocoDetection(tiny["images"], os.path.join(tiny["root"], "coco/annotations/instances_val2017.json"))
     image, target = data[0]
     expected, _ = td.DetTransforms(train=False, img_size=[SIZE, SIZE])(image, target)
@@ -171,10 +171,10 @@ def test_coco_ann_gives_the_ap_of_train_det_eval_only(tiny, tmp_path):
                   "--output-dir", tmp_path / "predict", "--batch-size", 4)
     written = json.loads((tmp_path / "predict" / "coco_results_bbox.json").read_text())
     assert len(written) == len(images) * model.num_top_queries(tiny["cfg"])  # every detection, whatever --conf
-    metrics = td.run(td.parse_args(["--val-images", tiny["images"], "--val-ann", str(ann), "--eval-only",
+    metrics = td.train(td.parse_args(["--val-images", tiny["images"], "--val-ann", str(ann), "--eval-only",
                                     "--tune", tiny["ckpt"], "--model", tiny["config"], "--img-size", str(SIZE),
                                     "--batch-size", "2", "--workers", "0", "--device", "cpu",
-                                    "--output-dir", str(tmp_path / "eval")]), td.Task())
+                                    "--output-dir", str(tmp_path / "eval")]))
     assert 0.05 < summary["coco"]["bbox"][0] < 0.95, summary
     np.testing.assert_allclose(summary["coco"]["bbox"], metrics["coco_bbox"], atol=1e-3)
 
@@ -228,22 +228,22 @@ def test_every_pil_mode_is_read_as_rgb(tiny, tmp_path):
     assert Image.open(tmp_path / "out" / "I16.png").mode == "RGB"
 
 
-@pytest.mark.parametrize("task", [ts.SegTask(), tp.POSE], ids=["ecseg", "ecpose"])
-def test_masks_and_keypoints_are_written_and_drawn(task, tiny, tmp_path):
-    names, ids = (["", "person"], [0, 1]) if task is tp.POSE else (NAMES, IDS)
-    ckpt, _, _ = save_tiny(tmp_path / "net.pth", task, names=names, category_ids=ids)
+@pytest.mark.parametrize("stage", [ts, tp], ids=["ecseg", "ecpose"])
+def test_masks_and_keypoints_are_written_and_drawn(stage, tiny, tmp_path):
+    names, ids = (["", "person"], [0, 1]) if stage is tp else (NAMES, IDS)
+    ckpt, _, _ = save_tiny(tmp_path / "net.pth", stage, names=names, category_ids=ids)
     images = [os.path.join(tiny["images"], name) for name in sorted(os.listdir(tiny["images"]))[:2]]
     result = predict.Predictor(ckpt, conf=0.0)(images[0])[0]
     w, h = Image.open(images[0]).size
-    if task is tp.POSE:
-        top = td.demo_config(tp.POSE)["DETRPosePostProcessor"]["num_select"]  # the network's detections per image
+    if stage is tp:
+        top = tp.demo_config()["DETRPosePostProcessor"]["num_select"]  # the network's detections per image
         assert result["keypoints"].shape == (top, 51) and torch.equal(result["boxes"], predict.keypoint_boxes(result["keypoints"]))
     else:
         assert result["masks"].shape == (50, h, w) and result["masks"].dtype == torch.bool
     cli("--weights", ckpt, "--source", images[0], "--output-dir", tmp_path / "out", "--conf", 0.0)
     detection = json.loads((tmp_path / "out" / "predictions.jsonl").read_text())["detections"][0]
     assert (detection["name"], detection["category_id"]) == (names[detection["label"]], ids[detection["label"]])
-    if task is tp.POSE:
+    if stage is tp:
         assert len(detection["keypoints"]) == 51
     else:
         assert detection["mask"]["size"] == [h, w] and isinstance(detection["mask"]["counts"], str)

@@ -34,7 +34,7 @@ def data(tmp_path_factory):
     and a checkpoint of another, narrower network."""
     root = tmp_path_factory.mktemp("robust")
     coco = support.make_synthetic_coco(str(root / "coco"), num_train=8, num_val=4, img_size=SIZE, seed=1)
-    cfg = td.demo_config(td.Task())
+    cfg = td.demo_config()
     (root / "tiny.json").write_text(json.dumps(cfg))
     other = json.loads(json.dumps(cfg))
     other["ViTAdapter"].update(embed_dim=32)
@@ -75,16 +75,18 @@ def checkpoint(path):
 
 # ---- non-finite losses ----
 
-def test_a_nan_in_the_criterion_stops_the_run_and_keeps_every_file(data, tmp_path, capsys):
+def test_a_nan_in_the_criterion_stops_the_run_and_keeps_every_file(data, tmp_path, capsys, monkeypatch):
     td.main(argv(data, tmp_path, "--epochs", "3", "--stop-after", "1"))
     before = files_of(tmp_path)
+    build = td.build_criterion
 
-    def nan_boxes(cfg):  # a network whose box predictions went NaN: the criterion must not hide it
-        criterion = td.build_criterion(cfg)
+    def nan_boxes(*how):  # a network whose box predictions went NaN: the criterion must not hide it
+        criterion = build(*how)
         return lambda outputs, targets: criterion({**outputs, "pred_boxes": outputs["pred_boxes"] * np.nan}, targets)
 
+    monkeypatch.setattr(td, "build_criterion", nan_boxes)
     resume = argv(data, tmp_path, "--epochs", "3", "--resume", str(tmp_path / "last.pth"))
-    line = error_line(capsys, lambda a: td.main(a, td.Task(build_criterion=nan_boxes)), resume)
+    line = error_line(capsys, td.main, resume)
     assert re.match(r"train_det.py: error: non-finite loss at epoch 2, step 0: loss_mal \S+, loss_bbox nan, ", line)
     assert line.endswith(f"Stopped; {tmp_path / 'last.pth'} is unchanged")
     assert files_of(tmp_path) == before
@@ -151,7 +153,7 @@ def test_a_kill_between_the_epoch_files_loses_no_epoch_line(data, tmp_path, monk
     else:
         kill_at(monkeypatch, "write_log", lambda lines, path: len(lines) == 2)
     with pytest.raises(Killed):
-        td.run(td.parse_args(argv(data, tmp_path, "--epochs", "3")), td.Task())
+        td.train(td.parse_args(argv(data, tmp_path, "--epochs", "3")))
     assert checkpoint(tmp_path / "last.pth")["epoch"] == 2
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1  # epoch 2's line is not written yet
     (tmp_path / f"{support.TMP_PREFIX}{os.getpid() + 1}.last.pth").write_bytes(b"left by a killed run")
@@ -159,7 +161,7 @@ def test_a_kill_between_the_epoch_files_loses_no_epoch_line(data, tmp_path, monk
 
     monkeypatch.undo()
     monkeypatch.setattr(td, "evaluate", fake_evaluate([0.2]))
-    td.run(td.parse_args(argv(data, tmp_path, "--epochs", "3", "--resume", str(tmp_path / "last.pth"))), td.Task())
+    td.train(td.parse_args(argv(data, tmp_path, "--epochs", "3", "--resume", str(tmp_path / "last.pth"))))
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in log] == [1, 2, 3] and [m["coco_bbox"][0] for m in log] == [0.1, 0.3, 0.2]
     best, last = checkpoint(tmp_path / "best.pth"), checkpoint(tmp_path / "last.pth")
@@ -426,7 +428,7 @@ CASES = {  # name: (main, argv from the files above, the expected line)
                                  "train_seg.py: error: --model ecdet_s is not a segmentation model"),
     "train_seg.py, a detector's config": (train_seg.main, lambda p: det(p),
                                           "train_seg.py: error: --model .*tiny.json is not a segmentation model: "),
-    "train_pose.py --batch-size 0": (lambda a: td.main(a, train_pose.POSE), lambda p: det(p, "--batch-size", "0"),
+    "train_pose.py --batch-size 0": (train_pose.main, lambda p: det(p, "--batch-size", "0"),
                                      "train_pose.py: error: --batch-size must be at least 1, got 0"),
     "teacher.py --epochs 0": (teacher.main, lambda p: ["--arch", "dinov3_vits16", *det(p, "--epochs", "0")[4:]],
                               "teacher.py: error: --epochs must be at least 1, got 0"),
@@ -751,7 +753,7 @@ def test_an_image_too_large_for_pil_is_skipped_and_counted(tmp_path, monkeypatch
 
 
 def test_weights_given_as_dicts_are_checked_too():
-    net = model.build_model(json.loads(json.dumps(td.demo_config(td.Task()))))
+    net = model.build_model(json.loads(json.dumps(td.demo_config())))
     sd = net.state_dict()
     with pytest.raises(ValueError, match="checkpoint holds non-finite weights .* e.g. backbone"):
         model.load_weights(net, {"ema": {"module": {**sd, next(iter(sd)): sd[next(iter(sd))] * np.inf}}})

@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 import warnings
 from pathlib import Path
 
@@ -316,7 +315,7 @@ def test_postprocess_resizes_masks_a_chunk_at_a_time():
                "pred_masks": torch.randn(2, 30, 16, 16, generator=g)}
     sizes = torch.tensor([[50, 37], [64, 64]])
     expected = model.postprocess(outputs, sizes, 20)
-    results = ts.SegTask(mask_chunk=7).postprocess(outputs, sizes, {"PostProcessor": {"num_top_queries": 20}})
+    results = ts.postprocess(outputs, sizes, {"PostProcessor": {"num_top_queries": 20}}, chunk=7)
     for r, e in zip(results, expected):
         assert r["masks"].dtype == torch.bool and r["masks"].device.type == "cpu"
         assert torch.equal(r["masks"], e["masks"]) and torch.equal(r["labels"], e["labels"])
@@ -329,8 +328,8 @@ def test_draw_predictions_tints_the_masks(tmp_path):
     mask = torch.zeros(1, 64, 64, dtype=torch.bool)
     mask[0, 40:, :30] = True
     res = dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.0, 0.0, 10.0, 10.0]]), scores=torch.tensor([0.9]))
-    plain = np.asarray(Image.open(td.draw_predictions(image, [target], [res], ["a", "b"], str(tmp_path / "p.png"))))
-    tinted = np.asarray(Image.open(td.draw_predictions(image, [target], [dict(res, masks=mask)], ["a", "b"],
+    plain = np.asarray(Image.open(predict.draw_batch(image, [target], [res], ["a", "b"], str(tmp_path / "p.png"))))
+    tinted = np.asarray(Image.open(predict.draw_batch(image, [target], [dict(res, masks=mask)], ["a", "b"],
                                                        str(tmp_path / "m.png")))).astype(int)
     inside = np.zeros((32, 32), dtype=bool)
     inside[20:, :15] = True  # the mask at the picture's half size
@@ -341,7 +340,7 @@ def test_draw_predictions_tints_the_masks(tmp_path):
 # ---- training ----
 
 def test_training_steps_lower_the_loss():
-    cfg = td.demo_config(ts.SegTask())
+    cfg = ts.demo_config()
     cfg.update(num_classes=3, eval_spatial_size=[SIZE, SIZE])
     cfg["ECTransformer"]["num_denoising"] = 0
     torch.manual_seed(0)
@@ -381,14 +380,14 @@ def tiny_root(tmp_path_factory):
 def test_short_run_learns_masks_and_logs_segm_next_to_bbox(tiny_root, tmp_path, monkeypatch):
     monkeypatch.setattr(support, "save_checkpoint", lambda state, path: None)  # tested by train_det's tests; slow here
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(td.demo_config(ts.SegTask())))
+    config.write_text(json.dumps(ts.demo_config()))
     images, ann = os.path.join(tiny_root, "train2017"), os.path.join(tiny_root, "annotations", "instances_train2017.json")
-    args = td.parse_args(["--train-images", images, "--train-ann", ann, "--val-images", images, "--val-ann", ann,
+    args = ts.parse_args(["--train-images", images, "--train-ann", ann, "--val-images", images, "--val-ann", ann,
                           "--model", str(config), "--img-size", str(SIZE), "--batch-size", str(TINY["batch"]),
                           "--epochs", str(TINY["epochs"]), "--lr", TINY["lr"], "--backbone-lr", TINY["lr"],
-                          "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path)], ts.SegTask())
+                          "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path)])
     no_augmentation = lambda train, img_size, **policy: td.DetTransforms(False, img_size)
-    metrics = td.run(args, ts.SegTask(transforms=no_augmentation))
+    metrics = ts.train(args, transforms=no_augmentation)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert len(log) == TINY["epochs"] and len(log[-1]["coco_segm"]) == len(log[-1]["coco_bbox"]) == 12
     assert any(k.startswith("loss_mask_dice_dn") for k in log[-1]["losses"])
@@ -397,22 +396,20 @@ def test_short_run_learns_masks_and_logs_segm_next_to_bbox(tiny_root, tmp_path, 
 
 
 def test_cli_is_train_dets_with_ecseg_defaults():
-    seg, det = td.parse_args([], ts.SegTask()), td.parse_args([], td.Task())
+    seg, det = ts.parse_args([]), td.parse_args([])
     assert vars(seg).keys() == vars(det).keys()
     assert (seg.model, seg.output_dir) == ("ecseg_s", "outputs/segmentation")
 
 
 def test_demo_trains_ecseg_with_its_settings(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(td, "run", lambda args, task: seen.update(vars(args)) or {"epoch": 1, "coco_segm": [0.0] * 12})
-    task = ts.SegTask(make_synthetic=lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"),
-                      dataset=lambda images, ann: types.SimpleNamespace(names=["a", "b", "c"]))
-    td.demo(td.parse_args(["--demo", "--output-dir", str(tmp_path)], task), task)
+    monkeypatch.setattr(ts, "train", lambda args: seen.update(vars(args)) or {"epoch": 1, "coco_segm": [0.0] * 12})
+    monkeypatch.setattr(support, "make_synthetic_coco", lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
+    ts.main(["--demo", "--output-dir", str(tmp_path)])
     assert seen["lr"] == seen["backbone_lr"] == 2e-3 and seen["recipe"] == "demo" and seen["epochs"] is None
-    assert seen["num_train"] == td.DEMO["num_train"] and seen["img_size"] == [td.DEMO["img_size"]] * 2
+    assert seen["num_train"] == 256 and seen["img_size"] == [160, 160]
     config = json.loads((tmp_path / "demo_model.json").read_text())
     assert config["model"] == "ECSeg" and config["ECTransformer"]["mask_downsample_ratio"] == 4
-    assert config["num_classes"] == 3 and config["eval_spatial_size"] == [td.DEMO["img_size"]] * 2  # what the run builds
 
 
 def test_script_runs_with_train_dets_options():

@@ -163,7 +163,7 @@ def test_teacher_stage_loads_dinov3_weights_and_writes_a_checkpoint(tmp_path, ca
 
 def test_demo_teacher_takes_another_dinov3(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(td, "demo", lambda args, task, cfg: seen.update(cfg=cfg, seed=args.seed))
+    monkeypatch.setattr(support, "demo", lambda args, train, cfg: seen.update(cfg=cfg, seed=args.seed))
     teacher.main(["--demo"])
     assert seen["cfg"]["ViTAdapter"] == {"dinov3": teacher.DEMO_DINOV3, "interaction_indexes": [4, 5], "proj_dim": 64}
     arch = {**teacher.DEMO_DINOV3, "embed_dim": 128, "depth": 4, "num_heads": 4}  # the EUPE evidence's second teacher

@@ -23,7 +23,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
     path = tmp_path_factory.mktemp("cfg") / "tiny.json"
-    path.write_text(json.dumps(td.demo_config(td.Task())))
+    path.write_text(json.dumps(td.demo_config()))
     return str(path)
 
 
@@ -73,7 +73,7 @@ def test_ema_warms_up_then_follows_slowly():
 
 
 def test_training_steps_lower_the_loss():
-    fx_cfg = td.demo_config(td.Task())
+    fx_cfg = td.demo_config()
     fx_cfg.update(num_classes=3, eval_spatial_size=[SIZE, SIZE])
     fx_cfg["ECTransformer"]["num_denoising"] = 0  # no random queries: the loss of a fixed batch must fall
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_training_steps_lower_the_loss():
 
 
 def test_run_writes_checkpoints_and_resume_repeats_the_next_epoch(data_root, tiny_config, tmp_path):
-    full = td.run(args_for(data_root, tiny_config, tmp_path / "full", "--epochs", "2"), td.Task())
+    full = td.train(args_for(data_root, tiny_config, tmp_path / "full", "--epochs", "2"))
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log] == [1, 2] and len(log[0]["coco_bbox"]) == 12
     assert (tmp_path / "full" / "predictions.png").exists() and (tmp_path / "full" / "best.pth").exists()
@@ -103,11 +103,11 @@ def test_run_writes_checkpoints_and_resume_repeats_the_next_epoch(data_root, tin
     assert ckpt["names"] == ["circle", "square", "triangle"] and ckpt["category_ids"] == [1, 3, 7]  # for predict.py
 
     # Stop after the first epoch, then resume: the second epoch must repeat exactly.
-    td.run(args_for(data_root, tiny_config, tmp_path / "cut", "--epochs", "2", "--stop-after", "1"), td.Task())
+    td.train(args_for(data_root, tiny_config, tmp_path / "cut", "--epochs", "2", "--stop-after", "1"))
     first = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
     assert first["epoch"] == 1
-    resumed = td.run(args_for(data_root, tiny_config, tmp_path / "cut", "--epochs", "2",
-                              "--resume", str(tmp_path / "cut" / "last.pth")), td.Task())
+    resumed = td.train(args_for(data_root, tiny_config, tmp_path / "cut", "--epochs", "2",
+                              "--resume", str(tmp_path / "cut" / "last.pth")))
     assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)
     again = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
     for k, v in ckpt["model"].items():
@@ -122,7 +122,7 @@ def test_run_writes_checkpoints_and_resume_repeats_the_next_epoch(data_root, tin
 def test_tensorboard_gets_the_original_tags_when_installed_and_nothing_changes_without(data_root, tiny_config,
                                                                                       tmp_path, monkeypatch):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    metrics = td.run(args_for(data_root, tiny_config, tmp_path / "with", "--epochs", "1"), td.Task())
+    metrics = td.train(args_for(data_root, tiny_config, tmp_path / "with", "--epochs", "1"))
     events = event_accumulator.EventAccumulator(str(tmp_path / "with"))
     events.Reload()
     tags = events.Tags()["scalars"]
@@ -131,7 +131,7 @@ def test_tensorboard_gets_the_original_tags_when_installed_and_nothing_changes_w
     assert ap.step == 1 and ap.value == pytest.approx(metrics["coco_bbox"][1])
     find_spec = support.importlib.util.find_spec
     monkeypatch.setattr(support.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else find_spec(name))
-    td.run(args_for(data_root, tiny_config, tmp_path / "without", "--epochs", "1"), td.Task())
+    td.train(args_for(data_root, tiny_config, tmp_path / "without", "--epochs", "1"))
     assert sorted(os.listdir(tmp_path / "without")) == [support.LOCK_NAME, "best.pth", "curves.png", "last.pth",
                                                         "log.jsonl", "predictions.png"]  # the lock: run_script lets go
 
@@ -154,10 +154,10 @@ def test_short_run_fits_a_tiny_data_set(tmp_path, monkeypatch):
     root = support.make_synthetic_coco(str(tmp_path / "coco"), num_train=16, num_val=1, img_size=SIZE, seed=3)
     monkeypatch.setitem(td.RECIPES, "fit", dict(zip(td._RECIPE, (40, 1e-3, 1e-3, 1e-4, 0.0, 0, 0))))
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(td.demo_config(td.Task())))
+    config.write_text(json.dumps(td.demo_config()))
     images, ann = f"{root}/train2017", f"{root}/annotations/instances_train2017.json"
     args = td.parse_args(["--train-images", images, "--train-ann", ann, "--val-images", images, "--val-ann", ann,
                           "--model", str(config), "--recipe", "fit", "--img-size", str(SIZE), "--batch-size", "4",
                           "--workers", "0", "--device", "cpu", "--output-dir", str(tmp_path / "out")])
-    metrics = td.run(args, td.Task())
+    metrics = td.train(args)
     assert metrics["coco_bbox"][1] > 0.2, metrics["coco_bbox"]
