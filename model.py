@@ -1533,53 +1533,8 @@ def load_weights(net, source):
     """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or
     one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
     shape must match."""
-    sd = support.checkpoint_state_dict(source if isinstance(source, dict) else support.read_checkpoint(source))
-    check_state_dict(net.state_dict(), sd)
-    support.check_state_dict(sd, "checkpoint")
-    net.load_state_dict(sd, strict=True)
+    net.load_state_dict(support.weights_for(net.state_dict(), source), strict=True)
     return net
-
-
-def check_state_dict(own, sd):
-    """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
-    against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
-    if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint holds no state dict (names to tensors) where expected, but a {type(sd).__name__}")
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"  # other entries: support's check
-              for k in own if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
-        problems = [f"{what}: {show(xs)}" for what, xs in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
-        raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
-
-
-def vit_size(sd):
-    """A ViT state dict's size in words: the ECViT preset it matches ("ecvitt (192 wide, 12 blocks)"),
-    else its width and depth; None if it is no ECViT."""
-    if "patch_embed.proj.weight" not in sd or "rope_embed.periods" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
-        return None
-    width, depth = sd["patch_embed.proj.weight"].shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    heads, ffn_ratio = width // (4 * len(sd["rope_embed.periods"])), sd["blocks.0.mlp.fc1.weight"].shape[0] / width
-    name = next((n for n, (d, h, r, _) in ECVIT.items() if (d, h, r, 12) == (width, heads, ffn_ratio, depth)), "a ViT")
-    return f"{name} ({width} wide, {depth} blocks)"
-
-
-def load_backbone(net, sd, source):
-    """Load a ViT state dict in the released ecvit*.pth format into `net`'s ViT, strictly; an ECViT
-    of another size is reported by the sizes held and needed."""
-    vit = net.backbone.backbone
-    try:
-        check_state_dict(vit.state_dict(), sd)
-    except ValueError as e:
-        held, needed = vit_size(sd), vit_size(vit.state_dict())
-        if held and held != needed:
-            raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
-        raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
-    support.check_state_dict(sd, source)
-    vit.load_state_dict(sd)
 
 
 # ---------------------------------------------------------------------------------------------

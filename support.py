@@ -424,7 +424,7 @@ def check_state_dict(sd, what):
     check_finite(sd.items(), what)
 
 
-# ---- Checkpoint files: read with weights_only, every tensor checked; released weights, in torch hub's cache ----
+# ---- Checkpoint files: read with weights_only, checked against the network; released weights, in torch hub's cache ----
 def checkpoint_state_dict(ckpt):
     """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
     if "ema" in ckpt and isinstance(ckpt["ema"], dict) and ckpt["ema"]:
@@ -452,6 +452,60 @@ def read_checkpoint(path, what="checkpoint", mmap=False):
     if not mmap:  # every tensor: weights, EMA, optimizer state
         check_finite(named_tensors(ckpt), f"{what} {path}")
     return ckpt
+
+
+def check_same_layout(own, sd):
+    """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
+    against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint holds no state dict (names to tensors) where expected, but a {type(sd).__name__}")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"  # other entries: check_state_dict
+              for k in own if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
+        problems = [f"{what}: {show(xs)}" for what, xs in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
+        raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
+
+
+def weights_for(own, source):
+    """The state dict that `source` holds for a network whose own state dict is `own`: `source` is a
+    released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or one of this
+    project's checkpoints, a path or a mapping. Strict: every name and shape must match `own`'s, and
+    every entry be a tensor of finite numbers (ValueError)."""
+    sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
+    check_same_layout(own, sd)
+    check_state_dict(sd, "checkpoint")
+    return sd
+
+
+def vit_size(sd, vits):
+    """A ViT state dict's size in words: the ECViT preset it matches ("ecvitt (192 wide, 12 blocks)"),
+    else its width and depth; None if it is no ECViT. vits: the ECViT presets, name -> (embed_dim,
+    num_heads, ffn_ratio, proj_dim) (model.ECVIT)."""
+    if "patch_embed.proj.weight" not in sd or "rope_embed.periods" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
+        return None
+    width, depth = sd["patch_embed.proj.weight"].shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads, ffn_ratio = width // (4 * len(sd["rope_embed.periods"])), sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    name = next((n for n, (d, h, r, _) in vits.items() if (d, h, r, 12) == (width, heads, ffn_ratio, depth)), "a ViT")
+    return f"{name} ({width} wide, {depth} blocks)"
+
+
+def load_vit(vit, sd, source, vits):
+    """Load a ViT state dict in the released ecvit*.pth format into the network's ViT `vit`
+    (net.backbone.backbone), strictly; an ECViT of another size is reported by the sizes held and
+    needed (`vit_size`, with the ECViT presets `vits`). source: the file or URL, for the errors."""
+    try:
+        check_same_layout(vit.state_dict(), sd)
+    except ValueError as e:
+        held, needed = vit_size(sd, vits), vit_size(vit.state_dict(), vits)
+        if held and held != needed:
+            raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
+        raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
+    check_state_dict(sd, source)
+    vit.load_state_dict(sd)
 
 
 RELEASE_URL = "https://github.com/capsule2077/edgecrafter/releases/download/edgecrafterv1/"

@@ -39,7 +39,7 @@ def check_dinov3(sd, arch, what):
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: {e}") from None
     try:
-        model.check_state_dict(expected, sd)
+        support.check_same_layout(expected, sd)
     except ValueError as e:
         same = [name for name in model.DINOV3_HUB if {k: tuple(v.shape) for k, v in model.dinov3_shapes(name).items()}
                 == {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}]
@@ -82,7 +82,7 @@ def infer_dinov3(sd):
               "layerscale_init": model.HUB_COMMON["layerscale_init"] if has("ls1.gamma") else None}
     arch = next((name for name in model.DINOV3_HUB if model.dinov3_kwargs(name) == model.dinov3_kwargs(kwargs)), kwargs)
     try:
-        model.check_state_dict(model.dinov3_shapes(arch), sd)
+        support.check_same_layout(model.dinov3_shapes(arch), sd)
     except ValueError as e:
         raise ValueError(f"{found}: {implemented}: {e}") from None
     return arch

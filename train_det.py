@@ -874,7 +874,7 @@ def load_backbone(net, cfg, args, rank, backbone_lr_given=False):
     state = support.download(url, hint) if url else support.read_checkpoint(args.backbone_weights, "--backbone-weights")
     if wait and rank == 0:
         dist.barrier()
-    model.load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}")
+    support.load_vit(net.backbone.backbone, state, url or f"--backbone-weights {args.backbone_weights}", model.ECVIT)
     if rank == 0:
         print(f"backbone: {url or args.backbone_weights}")
     return True
