@@ -408,20 +408,7 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
-DINOV3_DEFAULTS = dict(
-    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
-    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
-    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
-    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
-    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
-# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
-DINOV3_FIXED = dict(
-    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
-    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
-    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
+# DINOv3's norm layers (its norm_layer kwarg) and their LayerNorm eps.
 NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
 
 # The hub models (dinov3/hub/backbones.py): shared settings, then each model's size.
@@ -440,35 +427,13 @@ DINOV3_HUB = {
 # norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
 
 
-def dinov3_kwargs(cfg):
-    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict."""
-    if isinstance(cfg, str):
-        if cfg not in DINOV3_HUB:
-            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(DINOV3_HUB)} or a kwargs dict")
-        cfg = {**HUB_COMMON, **DINOV3_HUB[cfg]}
-    if not isinstance(cfg, dict):
-        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
-    return {**DINOV3_DEFAULTS, **cfg}
-
-
 def build_dinov3(cfg):
     """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
     "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as ViT(dinov3=True). Its state dict has
     the original's names and shapes; `get_intermediate_layers` / `forward_features` take
     (B, 3, H, W) images with H, W multiples of the patch size."""
-    kw = dinov3_kwargs(cfg)
-    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
-    if kw["norm_layer"] not in NORM_EPS:
-        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(NORM_EPS)})")
-    if kw["ffn_layer"] not in ("mlp", "swiglu"):
-        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
-    if kw["n_storage_tokens"] < 1:
-        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
-    if refused:
-        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
+    kw = support.dinov3_kwargs(cfg, DINOV3_HUB, HUB_COMMON)
+    support.check_dinov3_kwargs(kw, NORM_EPS)
     return ViT(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"], ffn_ratio=kw["ffn_ratio"],
                ffn_layer=kw["ffn_layer"], dinov3=True, patch_size=kw["patch_size"],
                n_storage_tokens=kw["n_storage_tokens"], layerscale_init=kw["layerscale_init"],
@@ -1484,39 +1449,23 @@ class ECModel(nn.Module):
 def build_vit(adapter):
     """The ViT of a ViTAdapter config section: ECViT from the original's keys, or, with a `dinov3`
     key (a hub name such as "dinov3_vitb16" or DINOv3 kwargs), the DINOv3 ViT of the teacher."""
-    keys = {"embed_dim", "num_heads", "depth", "ffn_ratio", "ffn_layer"}
-    vit = {k: v for k, v in adapter.items() if k in keys}
     if "dinov3" in adapter:
-        if vit:
-            raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {sorted(vit)}")
         vit = build_dinov3(adapter["dinov3"])
         # The feature generator reads un-normed tokens: the final norm and the mask token get no
         # gradient, and DDP would wait for theirs forever.
         vit.norm.requires_grad_(False)
         vit.mask_token.requires_grad_(False)
         return vit
-    return ViT(**vit)
+    return ViT(**{k: v for k, v in adapter.items() if k in support.ECVIT_KEYS})
 
 
 def build_model(cfg):
     """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
     vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
     num_classes and eval_spatial_size)."""
-    if isinstance(cfg, str):
-        cfg = preset_config(cfg)
-    if not isinstance(cfg, dict):
-        raise TypeError(f"build_model takes a preset name or a config dict, got {type(cfg).__name__}")
-    for key in ("num_classes", "ViTAdapter"):
-        if key not in cfg:
-            raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
-    if set(cfg) - support.CONFIG_KEYS:  # a misspelt section would silently take the defaults
-        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - support.CONFIG_KEYS)}; "
-                         f"known: {sorted(support.CONFIG_KEYS)}")
+    cfg = preset_config(cfg) if isinstance(cfg, str) else cfg
+    support.check_config(cfg)
     adapter = support.config_section(cfg, "ViTAdapter")
-    known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "embed_dim",
-             "num_heads", "depth", "ffn_ratio", "ffn_layer", "dinov3"}
-    if set(adapter) - known:
-        raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - known)}")
     vit = build_vit(adapter)
     # The original's default, [10, 11], is the last two blocks of its depth-12 ECViTs.
     last_two = [len(vit.blocks) - 2, len(vit.blocks) - 1]

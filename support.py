@@ -703,6 +703,81 @@ def make_section(cls, cfg, name, **shared):
 CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", "DETRTransformer", "PostProcessor",
                "DETRPosePostProcessor", "eval_spatial_size", "num_classes", "use_focal_loss", "ECCriterion",
                "DETRPoseCriterion"}
+# The keys of a ViTAdapter section (its RELEASED_ONLY ones aside): ECViT's size (model.ViT's kwargs), or
+# `dinov3`, a DINOv3 hub name or kwargs that name the whole ViT (model.build_vit).
+ECVIT_KEYS = ("embed_dim", "num_heads", "depth", "ffn_ratio", "ffn_layer")
+VIT_ADAPTER_KEYS = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "dinov3",
+                    *ECVIT_KEYS}
+
+
+def check_config(cfg):
+    """Refuse (TypeError, ValueError) a network config that model.build_model cannot build as the user
+    means it: not a dict, without num_classes or ViTAdapter, with an unknown top-level key (a misspelt
+    section would silently take the defaults), an unknown or unimplemented ViTAdapter key, or both a
+    DINOv3 ViT and ECViT keys."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"build_model takes a preset name or a config dict, got {type(cfg).__name__}")
+    for key in ("num_classes", "ViTAdapter"):
+        if key not in cfg:
+            raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
+    if set(cfg) - CONFIG_KEYS:
+        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - CONFIG_KEYS)}; known: {sorted(CONFIG_KEYS)}")
+    adapter = config_section(cfg, "ViTAdapter")
+    if set(adapter) - VIT_ADAPTER_KEYS:
+        raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - VIT_ADAPTER_KEYS)}")
+    check_vit_keys(adapter)
+
+
+def check_vit_keys(adapter):
+    """Refuse (ValueError) a ViTAdapter section that names DINOv3's ViT and sets ECViT keys too."""
+    ecvit = sorted(k for k in adapter if k in ECVIT_KEYS)
+    if "dinov3" in adapter and ecvit:
+        raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {ecvit}")
+
+
+# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
+DINOV3_DEFAULTS = dict(
+    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
+    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
+    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
+    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
+    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
+# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
+DINOV3_FIXED = dict(
+    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
+    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
+    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
+
+
+def dinov3_kwargs(cfg, hub, common):
+    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict. hub: the hub
+    models, name -> the kwargs of its size, which complete `common` (model.DINOV3_HUB, model.HUB_COMMON)."""
+    if isinstance(cfg, str):
+        if cfg not in hub:
+            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(hub)} or a kwargs dict")
+        cfg = {**common, **hub[cfg]}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
+    return {**DINOV3_DEFAULTS, **cfg}
+
+
+def check_dinov3_kwargs(kw, norm_layers):
+    """Refuse (ValueError, naming each) full DINOv3 kwargs that model.ViT does not implement.
+    norm_layers: the norm layers it implements (model.NORM_EPS)."""
+    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
+    if kw["norm_layer"] not in norm_layers:
+        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(norm_layers)})")
+    if kw["ffn_layer"] not in ("mlp", "swiglu"):
+        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
+    if kw["n_storage_tokens"] < 1:
+        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
+    if refused:
+        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
 
 
 # ---- Annotation files: checked whole before training or evaluation ----
