@@ -20,9 +20,7 @@ import torchvision
 import support
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: presets in the original's vocabulary
-# ---------------------------------------------------------------------------------------------
+# ---- Configuration: presets in the original's vocabulary ----
 # Sections are named after the original's classes (ViTAdapter, HybridEncoder, ECTransformer, ...)
 # and use its key names, so a config of the original code works here unchanged.
 
@@ -96,9 +94,7 @@ def preset_config(name):
 PRESETS = [f"{family}_{size}" for family in TASKS for size in SIZES]
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
+# ---- Building blocks ----
 # In place, as in the original: every activation reads a fresh intermediate that nothing else
 # keeps, and writing into it is faster on the CPU than into a new tensor.
 ACTIVATIONS = {"silu": functools.partial(nn.SiLU, inplace=True), "relu": functools.partial(nn.ReLU, inplace=True),
@@ -160,10 +156,8 @@ class MLPHead(nn.Module):
         return self.layers[-1](x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stem and ViT blocks: ECViT (EdgeCrafter, "Compact ViTs for Edge Dense Prediction via
-# Task-Specialized Distillation", 2026): convolutional stem, ViT blocks with a register token, 2-D RoPE
-# ---------------------------------------------------------------------------------------------
+# ---- Stem and ViT blocks: ECViT (EdgeCrafter, "Compact ViTs for Edge Dense Prediction via Task-Specialized
+# Distillation", 2026): convolutional stem, ViT blocks with a register token, 2-D RoPE ----
 class PatchEmbed(nn.Module):
     """Image (B, 3, H, W) -> patch grid (B, D, H/16, W/16).
 
@@ -447,9 +441,7 @@ def dinov3_shapes(cfg):
         return build_dinov3(cfg).state_dict()
 
 
-# ---------------------------------------------------------------------------------------------
-# Feature generator (EdgeCrafter, 2026; the original's ViTAdapter): ViT tokens -> a 3-level pyramid
-# ---------------------------------------------------------------------------------------------
+# ---- Feature generator (EdgeCrafter, 2026; the original's ViTAdapter): ViT tokens -> a 3-level pyramid ----
 class ViTAdapter(nn.Module):
     """EdgeCrafter's feature generator: single-scale ViT tokens -> a stride 8/16/32 pyramid.
 
@@ -478,10 +470,8 @@ class ViTAdapter(nn.Module):
         return feats[:3 - len(projected)] + projected
 
 
-# ---------------------------------------------------------------------------------------------
-# Encoder: RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection",
-# 2024): one transformer layer on stride 32 (AIFI), then CSP fusion top-down and bottom-up (CCFF)
-# ---------------------------------------------------------------------------------------------
+# ---- Encoder: RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection", 2024): one
+# transformer layer on stride 32 (AIFI), then CSP fusion top-down and bottom-up (CCFF) ----
 def sincos_pos_embed_2d(w, h, dim, temperature=10000.0):
     """Fixed 2-D sin-cos embedding (1, w*h, dim). The original flattens the grid x-major (index
     x*h + y) while features flatten y-major; the released weights were trained that way."""
@@ -637,9 +627,7 @@ class HybridEncoder(nn.Module):
         return outs
 
 
-# ---------------------------------------------------------------------------------------------
-# Query selection: anchors, RT-DETR's top-k encoder positions, DN-DETR / DINO's denoising groups
-# ---------------------------------------------------------------------------------------------
+# ---- Query selection: anchors, RT-DETR's top-k encoder positions, DN-DETR / DINO's denoising groups ----
 def inverse_sigmoid(x, eps=1e-5):
     x = x.clip(0.0, 1.0)
     return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
@@ -768,10 +756,8 @@ def denoising_queries(targets, num_classes, num_queries, class_embed, num_denois
     return class_embed(labels), inverse_sigmoid(boxes), mask, meta
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoder: D-FINE's fine-grained distribution refinement (FDR; Peng et al., "D-FINE: Redefine
-# Regression Task in DETRs as Fine-grained Distribution Refinement", 2025) over deformable attention
-# ---------------------------------------------------------------------------------------------
+# ---- Decoder: D-FINE's fine-grained distribution refinement (FDR; Peng et al., "D-FINE: Redefine Regression Task in
+# DETRs as Fine-grained Distribution Refinement", 2025) over deformable attention ----
 def weighting_function(reg_max, up, reg_scale):
     """D-FINE's weighting function, FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,),
     symmetric around W = 0, nearly uniform near zero and growing geometrically towards the ends
@@ -980,9 +966,7 @@ class TransformerDecoder(nn.Module):
                 pre_boxes, pre_logits, masks)
 
 
-# ---------------------------------------------------------------------------------------------
-# Heads: the prediction heads and the decoder's outputs (the original's ECTransformer)
-# ---------------------------------------------------------------------------------------------
+# ---- Heads: the prediction heads and the decoder's outputs (the original's ECTransformer) ----
 def per_layer(layers, teacher):
     """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`,
     each also carries the last layer's corners and logits, which teach the earlier layers (FDR's
@@ -1141,10 +1125,8 @@ class ResidualMLP(nn.Module):
         return x + y
 
 
-# ---------------------------------------------------------------------------------------------
-# ECPose: DETRPose's decoder (Janampa and Pattichis, "DETRPose: Real-time end-to-end transformer
-# model for multi-person pose estimation", 2025), a variation on the above (keypoint queries and FDR)
-# ---------------------------------------------------------------------------------------------
+# ---- ECPose: DETRPose's decoder (Janampa and Pattichis, "DETRPose: Real-time end-to-end transformer model for
+# multi-person pose estimation", 2025), a variation on the above (keypoint queries and FDR) ----
 # Each query is one person: an instance token and K = 17 keypoint tokens, (B, Q, 1 + K, C), with a
 # reference point per token (the keypoints, and their mean for the instance token). Keypoints are
 # refined with FDR's distributions, one per coordinate, around the first layer's prediction.
@@ -1404,9 +1386,7 @@ class DETRTransformer(QueryDecoder):
         return training_outputs(layers, pre, enc, dn_meta)
 
 
-# ---------------------------------------------------------------------------------------------
-# The networks, building them from a config, and loading weights
-# ---------------------------------------------------------------------------------------------
+# ---- The networks, building them from a config, and loading weights ----
 class ECModel(nn.Module):
     """ECDet, ECSeg and ECPose: backbone (ViT + feature generator) -> hybrid encoder -> decoder.
 
@@ -1486,9 +1466,7 @@ def load_weights(net, source):
     return net
 
 
-# ---------------------------------------------------------------------------------------------
-# Postprocessing: top-k (query, class) pairs -> labels, pixel boxes, scores (and masks)
-# ---------------------------------------------------------------------------------------------
+# ---- Postprocessing: top-k (query, class) pairs -> labels, pixel boxes, scores (and masks) ----
 def num_top_queries(cfg):
     """K of the original's postprocessor: ECDet and ECSeg's num_top_queries, ECPose's num_select."""
     if "DETRPosePostProcessor" in cfg:
