@@ -110,12 +110,9 @@ def activation(name):
 
 
 def fuse_conv_bn(conv, bn):
-    """Weight and bias of the single convolution equal to `bn(conv(x))` in eval mode."""
+    """Weight and bias of the single convolution equal to `bn(conv(x))` in eval mode (conv has no bias)."""
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
 class ConvNorm(nn.Module):
@@ -170,16 +167,14 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if conv_stem:
             widths = [3, dim // 8, dim // 4, dim // 2]
-            self.convs = nn.ModuleList(ConvNorm(a, b, 3, 2, act="relu") for a, b in zip(widths[:-1], widths[1:]))
+            self.convs = nn.Sequential(*[ConvNorm(a, b, 3, 2, act="relu") for a, b in zip(widths[:-1], widths[1:])])
             self.proj = nn.Conv2d(dim // 2, dim, 3, 2, 1)
         else:
-            self.convs = nn.ModuleList()
+            self.convs = nn.Sequential()
             self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
 
     def forward(self, x):
-        for conv in self.convs:
-            x = conv(x)
-        return self.proj(x)
+        return self.proj(self.convs(x))
 
 
 class RoPE2D(nn.Module):
@@ -298,8 +293,6 @@ class ViT(nn.Module):
                  patch_size=16, n_storage_tokens=0, layerscale_init=None, mask_k_bias=False, norm_eps=1e-6,
                  rope_rescale=None):
         super().__init__()
-        if ffn_layer not in ("mlp", "swiglu"):
-            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp' or 'swiglu'")
         self.embed_dim, self.num_heads, self.patch_size, self.dinov3 = embed_dim, num_heads, patch_size, dinov3
         self.patch_embed = PatchEmbed(embed_dim, conv_stem=not dinov3, patch_size=patch_size)
         if dinov3:
@@ -314,9 +307,6 @@ class ViT(nn.Module):
             Block(embed_dim, num_heads, ffn_ratio, ffn_layer, norm_eps, layerscale_init, mask_k_bias)
             for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if dinov3 else nn.Identity()
-        self.init_weights()
-
-    def init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -472,16 +462,6 @@ class ViTAdapter(nn.Module):
 
 # ---- Encoder: RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection", 2024): one
 # transformer layer on stride 32 (AIFI), then CSP fusion top-down and bottom-up (CCFF) ----
-def sincos_pos_embed_2d(w, h, dim, temperature=10000.0):
-    """Fixed 2-D sin-cos embedding (1, w*h, dim). The original flattens the grid x-major (index
-    x*h + y) while features flatten y-major; the released weights were trained that way."""
-    gx, gy = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
-                            indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    ox, oy = gx.flatten()[:, None] @ omega[None], gy.flatten()[:, None] @ omega[None]
-    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)[None]
-
-
 class TransformerEncoderLayer(nn.Module):
     """Post-norm transformer layer; the position embedding is added to queries and keys only."""
 
@@ -497,17 +477,6 @@ class TransformerEncoderLayer(nn.Module):
         q = x + pos
         x = self.norm1(x + self.dropout(self.self_attn(q, q, x, need_weights=False)[0]))
         return self.norm2(x + self.dropout(self.linear2(self.dropout(self.act(self.linear1(x))))))
-
-
-class TransformerEncoder(nn.Module):
-    def __init__(self, layer, num_layers):
-        super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-
-    def forward(self, x, pos):
-        for layer in self.layers:
-            x = layer(x, pos)
-        return x
 
 
 class RepVGG(nn.Module):
@@ -592,7 +561,9 @@ class HybridEncoder(nn.Module):
         super().__init__()
         self.hidden_dim, self.use_encoder_idx, self.pe_temperature = hidden_dim, list(use_encoder_idx), pe_temperature
         layer = TransformerEncoderLayer(hidden_dim, nhead, dim_feedforward, dropout, act)
-        self.encoder = nn.ModuleList(TransformerEncoder(layer, num_encoder_layers) for _ in self.use_encoder_idx)
+        # AIFI: a stack of layers per level in use_encoder_idx, named as the original's TransformerEncoder's.
+        stack = lambda: nn.ModuleList(copy.deepcopy(layer) for _ in range(num_encoder_layers))
+        self.encoder = nn.ModuleList(nn.ModuleDict({"layers": stack()}) for _ in self.use_encoder_idx)
         c4, n = round(expansion * hidden_dim // 2), round(3 * depth_mult)
         fuse = RepNCSPELAN4(hidden_dim, hidden_dim, 2 * hidden_dim, c4, n, act)
         self.lateral_convs = nn.ModuleList(ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(2))
@@ -602,16 +573,26 @@ class HybridEncoder(nn.Module):
         self._pos = {}
 
     def pos_embed(self, h, w, device):
+        """Fixed 2-D sin-cos embedding (1, w*h, hidden_dim), made once per size. The original flattens the
+        grid x-major (index x*h + y) while features flatten y-major; the released weights were trained that way."""
         key = (h, w, device)
         if key not in self._pos:
-            self._pos[key] = sincos_pos_embed_2d(w, h, self.hidden_dim, self.pe_temperature).to(device)
+            gx, gy = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
+                                    indexing="ij")
+            quarter = self.hidden_dim // 4
+            omega = 1.0 / self.pe_temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+            ox, oy = gx.flatten()[:, None] @ omega[None], gy.flatten()[:, None] @ omega[None]
+            self._pos[key] = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)[None].to(device)
         return self._pos[key]
 
     def forward(self, feats):
         feats = list(feats)
         for encoder, idx in zip(self.encoder, self.use_encoder_idx):
             B, C, h, w = feats[idx].shape
-            tokens = encoder(feats[idx].flatten(2).transpose(1, 2), self.pos_embed(h, w, feats[idx].device))
+            pos = self.pos_embed(h, w, feats[idx].device)
+            tokens = feats[idx].flatten(2).transpose(1, 2)
+            for layer in encoder["layers"]:
+                tokens = layer(tokens, pos)
             feats[idx] = tokens.transpose(1, 2).reshape(B, C, h, w)
         # Top-down: lateral conv on the coarser map, upsample x2, add the finer map, fuse.
         top = feats[2]
@@ -684,19 +665,18 @@ def top_k(logits, k):
     return lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def select_queries(memory, anchors, valid, score_head, box_head, num_queries):
-    """ECDet's query selection, RT-DETR's top-k (RT-DETR makes it uncertainty-minimal by an IoU-aware
-    loss; MAL plays that part here): the Q encoder positions with the highest class scores become the queries,
-    the memory there their content, their anchor box moved by `box_head` their reference. memory (B, L, C),
-    anchors (1, L, 4) inverse sigmoid, valid (1, L, 1) -> content (B, Q, C) and inverse-sigmoid boxes
-    (B, Q, 4), detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_boxes` (B, Q, 4)."""
-    # Positions with out-of-range anchors are zeroed for the selection only; the decoder attends to
-    # the unmasked memory.
+def select_queries(memory, anchors, valid, heads, num_queries):
+    """ECDet's query selection, RT-DETR's top-k (RT-DETR makes it uncertainty-minimal by an IoU-aware loss; MAL plays
+    that part here): the Q encoder positions with the highest class scores (enc_score_head) become the queries, the
+    memory there their content, their anchor box moved by enc_bbox_head their reference. memory (B, L, C), anchors
+    (1, L, 4) inverse sigmoid, valid (1, L, 1); heads: the ECTransformer -> content (B, Q, C) and inverse-sigmoid
+    boxes (B, Q, 4), detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_boxes` (B, Q, 4)."""
+    # Positions with out-of-range anchors are zeroed for the selection only; the decoder attends to the unmasked memory.
     selectable = valid.to(memory.dtype) * memory
-    logits = score_head(selectable)
+    logits = heads.enc_score_head(selectable)
     gather = top_k(logits, num_queries)
     content = gather(selectable)
-    boxes = box_head(content) + gather(anchors.expand(memory.shape[0], -1, -1))
+    boxes = heads.enc_bbox_head(content) + gather(anchors.expand(memory.shape[0], -1, -1))
     return content.detach(), boxes.detach(), {"pred_logits": gather(logits), "pred_boxes": boxes.sigmoid()}
 
 
@@ -780,24 +760,9 @@ def distance2bbox(points, distance, reg_scale):
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
 
 
-def deformable_attention(values, locations, weights, num_points):
-    """Multi-scale deformable attention core (Zhu et al., "Deformable DETR: Deformable Transformers
-    for End-to-End Object Detection", 2021).
-
-    values: per level (B*heads, c, h_l, w_l); locations: (B, Lq, heads, sum(num_points), 2) in
-    [0, 1] image coordinates; weights: (B, Lq, heads, sum(num_points)) -> (B, Lq, heads*c).
-    """
-    B, Lq, heads, P, _ = locations.shape
-    grids = (2 * locations - 1).permute(0, 2, 1, 3, 4).flatten(0, 1).split(num_points, dim=-2)
-    # grid_sample runs 2-3x faster on the CPU from a contiguous grid; the copies are small.
-    sampled = torch.cat([F.grid_sample(v, g.contiguous(), mode="bilinear", padding_mode="zeros", align_corners=False)
-                         for v, g in zip(values, grids)], -1)  # (B*heads, c, Lq, P)
-    weights = weights.permute(0, 2, 1, 3).reshape(B * heads, 1, Lq, P)
-    return (sampled * weights).sum(-1).reshape(B, -1, Lq).transpose(1, 2)
-
-
 class MSDeformableAttention(nn.Module):
-    """Deformable DETR's cross-attention with `num_points[l]` sampling points per head on level l
+    """Deformable DETR's multi-scale cross-attention (Zhu et al., "Deformable DETR: Deformable Transformers
+    for End-to-End Object Detection", 2021) with `num_points[l]` sampling points per head on level l
     (a count per level, as RT-DETRv2 has it).
 
     With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so
@@ -828,7 +793,9 @@ class MSDeformableAttention(nn.Module):
 
     def forward(self, query, ref, values, shapes):
         """query (B, Lq, C); ref (B, Lq, 1, 4) boxes cx, cy, w, h or, without box_reference, (B, Lq, 1, 2)
-        points x, y, both in [0, 1]; values from `split_values`."""
+        points x, y, both in [0, 1]; values from `split_values`, per level (B*heads, c, h_l, w_l) -> (B, Lq, heads*c):
+        each head's values sampled bilinearly at its P = sum(num_points) locations (B, Lq, heads, P, 2), in [0, 1]
+        image coordinates, and summed with the softmax weights (B, Lq, heads, P)."""
         B, Lq, _ = query.shape
         total = sum(self.num_points)
         offsets = self.sampling_offsets(query).reshape(B, Lq, self.num_heads, total, 2)
@@ -845,7 +812,12 @@ class MSDeformableAttention(nn.Module):
                 self.cells[key] = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
                                                dtype=query.dtype, device=query.device)
             locations = ref[:, :, None] + offsets / self.cells[key]
-        return deformable_attention(values, locations, weights, self.num_points)
+        grids = (2 * locations - 1).permute(0, 2, 1, 3, 4).flatten(0, 1).split(self.num_points, dim=-2)
+        # grid_sample runs 2-3x faster on the CPU from a contiguous grid; the copies are small.
+        sampled = [F.grid_sample(v, g.contiguous(), mode="bilinear", padding_mode="zeros", align_corners=False)
+                   for v, g in zip(values, grids)]  # per level (B*heads, c, Lq, num_points[l])
+        weights = weights.permute(0, 2, 1, 3).reshape(B * self.num_heads, 1, Lq, total)
+        return (torch.cat(sampled, -1) * weights).sum(-1).reshape(B, -1, Lq).transpose(1, 2)
 
 
 def split_values(memory, shapes, num_heads):
@@ -885,8 +857,7 @@ class LQE(nn.Module):
         nn.init.zeros_(self.reg_conf.layers[-1].bias)
 
     def forward(self, scores, corners):
-        B, L, _ = corners.shape
-        return self.quality(scores, corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1))
+        return self.quality(scores, corners.unflatten(-1, (4, self.reg_max + 1)).softmax(-1))
 
     def quality(self, scores, values):
         """scores (B, L, K) plus the score of values (B, L, groups, N): each group's top k and their mean."""
@@ -901,21 +872,18 @@ class TransformerDecoderLayer(nn.Module):
     def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn = MSDeformableAttention(dim, nhead, num_points)
-        self.dropout2 = nn.Dropout(dropout)
         self.gateway = Gate(dim)
         self.linear1, self.linear2 = nn.Linear(dim, dim_feedforward), nn.Linear(dim_feedforward, dim)
-        self.act = activation(act)
-        self.dropout3, self.dropout4 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.act, self.drop = activation(act), nn.Dropout(dropout)  # one stateless dropout for every place
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x, ref_boxes, values, shapes, attn_mask, pos):
         q = x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(q, q, x, attn_mask=attn_mask, need_weights=False)[0]))
-        x = self.gateway(x, self.dropout2(self.cross_attn(x + pos, ref_boxes, values, shapes)))
-        x = x + self.dropout4(self.linear2(self.dropout3(self.act(self.linear1(x)))))
+        x = self.norm1(x + self.drop(self.self_attn(q, q, x, attn_mask=attn_mask, need_weights=False)[0]))
+        x = self.gateway(x, self.drop(self.cross_attn(x + pos, ref_boxes, values, shapes)))
+        x = x + self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
         return self.norm2(x.clamp(-65504, 65504))  # stay inside the fp16 range
 
 
@@ -935,33 +903,34 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, x, ref_unact, memory, shapes, heads, attn_mask=None, spatial=None):
         """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory
-        (B, L, C). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
+        (B, L, C); heads: the ECTransformer, which holds the prediction heads (as in the released
+        checkpoints). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
         layers in training, layer eval_idx at inference), the first layer's (pre) boxes and logits,
         and per-layer masks (or None)."""
         values = split_values(memory, shapes, self.num_heads)
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
         ref = ref_unact.sigmoid()
-        pos = heads["query_pos_head"](ref).clamp(-10, 10)
+        pos = heads.query_pos_head(ref).clamp(-10, 10)
         out_boxes, out_logits, out_corners, out_refs, out_hidden = [], [], [], [], []
         x_detach = corners_sum = 0
         for i, layer in enumerate(self.layers[:self.eval_idx + 1] if not self.training else self.layers):
             x = layer(x, ref.unsqueeze(2), values, shapes, attn_mask, pos)
             if i == 0:
                 # The first layer regresses a plain box from the reference; FDR refines it afterwards.
-                pre_boxes = torch.sigmoid(heads["pre_bbox_head"](x) + inverse_sigmoid(ref))
-                pre_logits = heads["dec_score_head"][0](x)
+                pre_boxes = torch.sigmoid(heads.pre_bbox_head(x) + inverse_sigmoid(ref))
+                pre_logits = heads.dec_score_head[0](x)
                 ref_initial = pre_boxes.detach()
-            corners = heads["dec_bbox_head"][i](x + x_detach) + corners_sum
+            corners = heads.dec_bbox_head[i](x + x_detach) + corners_sum
             offsets = corners.unflatten(-1, (4, -1)).softmax(-1) @ project  # (B, Q, 4)
             boxes = distance2bbox(ref_initial, offsets, self.reg_scale)
             if self.training or i == self.eval_idx:
-                out_logits.append(self.lqe_layers[i](heads["dec_score_head"][i](x), corners))
+                out_logits.append(self.lqe_layers[i](heads.dec_score_head[i](x), corners))
                 out_boxes.append(boxes)
                 out_corners.append(corners)
                 out_refs.append(ref_initial)
                 out_hidden.append(x)
             corners_sum, ref, x_detach = corners, boxes.detach(), x.detach()
-        masks = self.segmentation_head(spatial, out_hidden) if spatial is not None else None
+        masks = self.segmentation_head(spatial, out_hidden) if hasattr(self, "segmentation_head") else None
         return (torch.stack(out_boxes), torch.stack(out_logits), torch.stack(out_corners), torch.stack(out_refs),
                 pre_boxes, pre_logits, masks)
 
@@ -1035,10 +1004,9 @@ class ECTransformer(QueryDecoder):
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(layer.weight)
 
-    def forward(self, feats, targets=None, spatial=None):
+    def forward(self, feats, targets=None):
         memory, shapes, anchors, valid = self.memory_and_anchors(feats)
-        content, ref_unact, enc = select_queries(memory, anchors, valid, self.enc_score_head, self.enc_bbox_head,
-                                                 self.num_queries)
+        content, ref_unact, enc = select_queries(memory, anchors, valid, self, self.num_queries)
         dn_meta = attn_mask = None
         if self.training and self.num_denoising > 0:
             if targets is None:
@@ -1048,10 +1016,8 @@ class ECTransformer(QueryDecoder):
                 self.label_noise_ratio, self.box_noise_scale)
             content, ref_unact = torch.cat([dn_content, content], 1), torch.cat([dn_ref, ref_unact], 1)
 
-        heads = {"query_pos_head": self.query_pos_head, "pre_bbox_head": self.pre_bbox_head,
-                 "dec_score_head": self.dec_score_head, "dec_bbox_head": self.dec_bbox_head}
         boxes, logits, corners, refs, pre_boxes, pre_logits, masks = self.decoder(
-            content, ref_unact, memory, shapes, heads, attn_mask, spatial)
+            content, ref_unact, memory, shapes, self, attn_mask, feats[0])
         if not self.training:
             out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
             return out if masks is None else {**out, "pred_masks": masks[-1]}
@@ -1116,13 +1082,10 @@ class ResidualMLP(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList([nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)])
+        self.layers = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x):
-        y = self.norm_in(x)
-        for layer in self.layers:
-            y = layer(y)
-        return x + y
+        return x + self.layers(self.norm_in(x))
 
 
 # ---- ECPose: DETRPose's decoder (Janampa and Pattichis, "DETRPose: Real-time end-to-end transformer model for
@@ -1144,21 +1107,16 @@ def sine_embed(points, dim_t):
     return torch.cat([embed(points[..., 1:2]), embed(points[..., 0:1])], -1)
 
 
-def keypoint_features(feat, keypoints):
-    """The stride-8 feature vectors (B, Q, K, C) at keypoints (B, Q, K, 2) in [0, 1] (bilinear)."""
-    return F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
-                         align_corners=False).permute(0, 2, 3, 1)
-
-
 def select_keypoint_queries(memory, anchors, valid, heads, num_queries):
     """ECPose's query selection: the Q encoder positions with the highest class scores regress K keypoints
     from their anchor point; the keypoints and their mean are the reference points of the query's tokens.
-    memory (B, L, C), anchors (1, L, 2) inverse sigmoid, valid (1, L, 1) -> reference points (B, Q, 1 + K, 2)
-    in [0, 1], detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_keypoints` (B, Q, 2K)."""
-    selectable = heads["enc_output_norm"](heads["enc_output"](memory.masked_fill(~valid, 0.0)))
-    logits = heads["enc_out_class_embed"](selectable)
+    memory (B, L, C), anchors (1, L, 2) inverse sigmoid, valid (1, L, 1), heads: the DETRTransformer (its enc_*
+    heads) -> reference points (B, Q, 1 + K, 2) in [0, 1], detached, and the encoder outputs `pred_logits`
+    (B, Q, classes), `pred_keypoints` (B, Q, 2K)."""
+    selectable = heads.enc_output_norm(heads.enc_output(memory.masked_fill(~valid, 0.0)))
+    logits = heads.enc_out_class_embed(selectable)
     gather = top_k(logits, num_queries)
-    delta = heads["enc_pose_embed"](gather(selectable)).unflatten(-1, (-1, 2))
+    delta = heads.enc_pose_embed(gather(selectable)).unflatten(-1, (-1, 2))
     keypoints = torch.sigmoid(delta + gather(anchors.expand(memory.shape[0], -1, -1))[:, :, None])  # (B, Q, K, 2)
     ref = torch.cat([keypoints.mean(2, keepdim=True), keypoints], 2).detach()
     return ref, {"pred_logits": gather(logits), "pred_keypoints": keypoints.flatten(-2)}
@@ -1276,7 +1234,8 @@ class PoseTransformerDecoder(nn.Module):
 
     def forward(self, x, ref, memory, shapes, feat, heads, project, reg_scale, attn_mask=None):
         """x (B, Q, 1 + K, C) query tokens; ref (B, Q, 1 + K, 2) reference points in [0, 1]; memory
-        (B, L, C); feat (B, C, H/8, W/8) for the quality estimate. Returns per-layer stacks of
+        (B, L, C); feat (B, C, H/8, W/8) for the quality estimate; heads: the DETRTransformer, which holds
+        the prediction heads. Returns per-layer stacks of
         keypoints (B, Q, K, 2) and logits (all layers in training, the last at inference), and the
         first layer's (pre) keypoints and logits (logits None at inference)."""
         values = split_values(memory, shapes, self.num_heads)
@@ -1292,16 +1251,18 @@ class PoseTransformerDecoder(nn.Module):
             x = layer(x, pos, ref, values, shapes, attn_mask)
             tokens, instance = x[:, :, 1:], x[:, :, 0]
             if i == 0:
-                pre_keypoints = torch.sigmoid(heads["pre_pose_embed"](tokens) + inverse_sigmoid(ref[:, :, 1:], 1e-3))
+                pre_keypoints = torch.sigmoid(heads.pre_pose_embed(tokens) + inverse_sigmoid(ref[:, :, 1:], 1e-3))
                 if self.training:
-                    pre_logits = heads["class_embed"][0](instance)
+                    pre_logits = heads.class_embed[0](instance)
                 initial = pre_keypoints.detach()
-            corners = heads["pose_embed"][i](tokens + x_detach) + corners_sum
+            corners = heads.pose_embed[i](tokens + x_detach) + corners_sum
             offsets = corners.unflatten(-1, (2, -1)).softmax(-1) @ project  # (B, Q, K, 2)
             keypoints = initial + offsets / reg_scale.abs()
             if self.training or i == len(self.layers) - 1:
-                scores = heads["class_embed"][i](instance)
-                out_logits.append(heads["lqe_embed"][i].quality(scores, keypoint_features(feat, keypoints)))
+                # The quality estimate reads the stride-8 features (B, Q, K, C) at the keypoints (bilinear).
+                sampled = F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False).permute(0, 2, 3, 1)
+                out_logits.append(heads.lqe_embed[i].quality(heads.class_embed[i](instance), sampled))
                 out_keypoints.append(keypoints)
             corners_sum = corners
             ref = torch.cat([keypoints.mean(2, keepdim=True), keypoints], 2).detach()
@@ -1360,9 +1321,7 @@ class DETRTransformer(QueryDecoder):
         memory, shapes, anchors, valid = self.memory_and_anchors(feats)
         B, _, C = memory.shape
         Q, K = self.num_queries, self.num_body_points
-        heads = {"enc_output": self.enc_output, "enc_output_norm": self.enc_output_norm,
-                 "enc_out_class_embed": self.enc_out_class_embed, "enc_pose_embed": self.enc_pose_embed}
-        ref, enc = select_keypoint_queries(memory, anchors, valid, heads, Q)
+        ref, enc = select_keypoint_queries(memory, anchors, valid, self, Q)
         # Query content is learned: per query (tgt_embed) plus per keypoint, not taken from the encoder.
         keypoint_tokens = self.keypoint_embedding.weight + self.tgt_embed.weight[:, None]  # (Q, K, C)
         x = torch.cat([self.instance_embedding.weight.expand(B, Q, 1, C), keypoint_tokens.expand(B, -1, -1, -1)], 2)
@@ -1374,11 +1333,9 @@ class DETRTransformer(QueryDecoder):
                 targets, Q, self.label_enc, self.pose_enc, image_size)
             x, ref = torch.cat([dn_x, x], 1), torch.cat([dn_ref, ref], 1)
 
-        heads = {"pre_pose_embed": self.pre_pose_embed, "pose_embed": self.pose_embed,
-                 "class_embed": self.class_embed, "lqe_embed": self.lqe_embed}
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
         keypoints, logits, pre_keypoints, pre_logits = self.decoder(
-            x, ref, memory, shapes, feats[0], heads, project, self.reg_scale, attn_mask)
+            x, ref, memory, shapes, feats[0], self, project, self.reg_scale, attn_mask)
         if not self.training:
             return {"pred_logits": logits[-1], "pred_keypoints": keypoints[-1].flatten(-2)}
         layers = {"pred_logits": logits, "pred_keypoints": keypoints.flatten(-2)}
@@ -1399,15 +1356,13 @@ class ECModel(nn.Module):
     def __init__(self, backbone, encoder, decoder):
         super().__init__()
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
-        self.has_masks = hasattr(decoder.decoder, "segmentation_head")
 
     memory_format = torch.contiguous_format  # deploy() switches the convolutions to channels-last
 
     def forward(self, images, targets=None):
         support.check_images(images)
         images = images.contiguous(memory_format=self.memory_format)
-        feats = self.encoder(self.backbone(images))
-        return self.decoder(feats, targets, feats[0]) if self.has_masks else self.decoder(feats, targets)
+        return self.decoder(self.encoder(self.backbone(images)), targets)
 
     def deploy(self):
         """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged, the decoder
@@ -1450,11 +1405,10 @@ def build_model(cfg):
     # The original's default, [10, 11], is the last two blocks of its depth-12 ECViTs.
     last_two = [len(vit.blocks) - 2, len(vit.blocks) - 1]
     backbone = ViTAdapter(vit, adapter.get("interaction_indexes", last_two), adapter.get("proj_dim"))
-    size = cfg.get("eval_spatial_size")
     encoder = support.make_section(HybridEncoder, cfg, "HybridEncoder")
     decoder_cls = DETRTransformer if "DETRTransformer" in cfg else ECTransformer
     decoder = support.make_section(decoder_cls, cfg, decoder_cls.__name__, num_classes=cfg["num_classes"],
-                                   eval_spatial_size=size)
+                                   eval_spatial_size=cfg.get("eval_spatial_size"))
     return ECModel(backbone, encoder, decoder)
 
 

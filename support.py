@@ -706,6 +706,7 @@ CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", 
 # The keys of a ViTAdapter section (its RELEASED_ONLY ones aside): ECViT's size (model.ViT's kwargs), or
 # `dinov3`, a DINOv3 hub name or kwargs that name the whole ViT (model.build_vit).
 ECVIT_KEYS = ("embed_dim", "num_heads", "depth", "ffn_ratio", "ffn_layer")
+FFN_LAYERS = ("mlp", "swiglu")  # model.ViT's: GeluFFN, SwiGLU
 VIT_ADAPTER_KEYS = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "dinov3",
                     *ECVIT_KEYS}
 
@@ -729,10 +730,13 @@ def check_config(cfg):
 
 
 def check_vit_keys(adapter):
-    """Refuse (ValueError) a ViTAdapter section that names DINOv3's ViT and sets ECViT keys too."""
+    """Refuse (ValueError) a ViTAdapter section that names DINOv3's ViT and sets ECViT keys too, or an FFN that
+    model.ViT does not have."""
     ecvit = sorted(k for k in adapter if k in ECVIT_KEYS)
     if "dinov3" in adapter and ecvit:
         raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {ecvit}")
+    if adapter.get("ffn_layer", "mlp") not in FFN_LAYERS:
+        raise ValueError(f"ViTAdapter: unknown ffn_layer {adapter['ffn_layer']!r}; expected 'mlp' or 'swiglu'")
 
 
 # DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
@@ -772,7 +776,7 @@ def check_dinov3_kwargs(kw, norm_layers):
     refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
     if kw["norm_layer"] not in norm_layers:
         refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(norm_layers)})")
-    if kw["ffn_layer"] not in ("mlp", "swiglu"):
+    if kw["ffn_layer"] not in FFN_LAYERS:
         refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
     if kw["n_storage_tokens"] < 1:
         refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
