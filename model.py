@@ -54,9 +54,8 @@ TASKS = {"ecdet": ("detection", "ECDet", ""), "ecseg": ("segmentation", "ECSeg",
 def preset_config(name):
     """The network and postprocessor configuration of a released model, e.g. "ecdet_s", in the original's
     vocabulary; the loss section comes from its training file (`ECCriterion.preset_config`)."""
+    support.check_name(name, PRESETS, "preset")
     family, _, size = name.partition("_")
-    if family not in TASKS or size not in SIZES:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     task, model, prefix = TASKS[family]
     vit, hidden, enc_ffn, dec_ffn, expansion, depth_mult = SIZES[size]
     dim, heads, ffn_ratio, proj_dim = ECVIT[vit]
@@ -104,8 +103,7 @@ ACTIVATIONS = {"silu": functools.partial(nn.SiLU, inplace=True), "relu": functoo
 def activation(name):
     if name is None:
         return nn.Identity()
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    support.check_name(name, ACTIVATIONS, "activation")
     return ACTIVATIONS[name]()
 
 
@@ -189,8 +187,6 @@ class RoPE2D(nn.Module):
 
     def __init__(self, head_dim, base=100.0, rescale=None):
         super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
         self.register_buffer("periods", base ** (2 * torch.arange(head_dim // 4) / (head_dim // 2)))
         self.rescale = rescale  # DINOv3 trains with a random coordinate scale in [1/r, r]
 
@@ -1009,8 +1005,7 @@ class ECTransformer(QueryDecoder):
         content, ref_unact, enc = select_queries(memory, anchors, valid, self, self.num_queries)
         dn_meta = attn_mask = None
         if self.training and self.num_denoising > 0:
-            if targets is None:
-                raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
+            support.check_targets(targets)
             dn_content, dn_ref, attn_mask, dn_meta = denoising_queries(
                 targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
                 self.label_noise_ratio, self.box_noise_scale)
@@ -1289,7 +1284,7 @@ class DETRTransformer(QueryDecoder):
                  eval_spatial_size=None):
         super().__init__(reg_scale, eval_spatial_size, 0.01, boxes=False)
         K, C = len(support.KEYPOINT_NAMES), hidden_dim
-        self.num_queries, self.num_body_points, self.reg_max = num_queries, K, reg_max
+        self.num_queries, self.reg_max = num_queries, reg_max
         layer = PoseDecoderLayer(C, nhead, dim_feedforward, dropout, activation, [4] * 3)
         self.decoder = PoseTransformerDecoder(layer, num_decoder_layers, C)
         self.keypoint_embedding = nn.Embedding(K, C)
@@ -1320,7 +1315,7 @@ class DETRTransformer(QueryDecoder):
     def forward(self, feats, targets=None):
         memory, shapes, anchors, valid = self.memory_and_anchors(feats)
         B, _, C = memory.shape
-        Q, K = self.num_queries, self.num_body_points
+        Q = self.num_queries
         ref, enc = select_keypoint_queries(memory, anchors, valid, self, Q)
         # Query content is learned: per query (tgt_embed) plus per keypoint, not taken from the encoder.
         keypoint_tokens = self.keypoint_embedding.weight + self.tgt_embed.weight[:, None]  # (Q, K, C)
@@ -1328,9 +1323,8 @@ class DETRTransformer(QueryDecoder):
 
         dn_meta = attn_mask = None
         if self.training and targets is not None and any(len(t["labels"]) for t in targets):
-            image_size = [8 * s for s in shapes[0]]
             dn_x, dn_ref, attn_mask, dn_meta = keypoint_denoising_queries(
-                targets, Q, self.label_enc, self.pose_enc, image_size)
+                targets, Q, self.label_enc, self.pose_enc, [8 * s for s in shapes[0]])
             x, ref = torch.cat([dn_x, x], 1), torch.cat([dn_ref, ref], 1)
 
         project = weighting_function(self.reg_max, self.up, self.reg_scale)

@@ -531,8 +531,7 @@ def released_backbone(cfg, vits):
 def released_checkpoint(name, presets):
     """The released model `name` ("ecdet_s" ... "ecpose_x"), downloaded once into torch hub's cache:
     the checkpoint as torch.load returns it (weights under ["ema"]["module"] or ["model"])."""
-    if name not in presets:
-        raise ValueError(f"unknown released model {name!r}; expected one of {', '.join(presets)}")
+    check_name(name, presets, "released model")
     return download(f"{RELEASE_URL}{name}.pth", f"download it elsewhere and pass the file instead of {name!r}")
 
 
@@ -626,6 +625,18 @@ def default_classes(num_classes, pose=False):
 
 
 # ---- Configs and inputs: checked against what the released models implement ----
+def check_name(name, names, what):
+    """Refuse (ValueError) a `what` ("preset", "activation", ...) that is not one of `names`, naming them."""
+    if name not in names:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(names)}")
+
+
+def check_targets(targets):
+    """Refuse (ValueError) a training step with denoising queries but without the targets they are made from."""
+    if targets is None:
+        raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
+
+
 def check_images(images):
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -730,13 +741,17 @@ def check_config(cfg):
 
 
 def check_vit_keys(adapter):
-    """Refuse (ValueError) a ViTAdapter section that names DINOv3's ViT and sets ECViT keys too, or an FFN that
-    model.ViT does not have."""
+    """Refuse (ValueError) a ViTAdapter section that names DINOv3's ViT and sets ECViT keys too, or an ECViT that
+    model.ViT cannot build: an unknown FFN, or heads whose width 2-D RoPE cannot split in four (model.ViT's
+    defaults: 192 wide, 3 heads)."""
     ecvit = sorted(k for k in adapter if k in ECVIT_KEYS)
     if "dinov3" in adapter and ecvit:
         raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {ecvit}")
     if adapter.get("ffn_layer", "mlp") not in FFN_LAYERS:
         raise ValueError(f"ViTAdapter: unknown ffn_layer {adapter['ffn_layer']!r}; expected 'mlp' or 'swiglu'")
+    head_dim = adapter.get("embed_dim", 192) // adapter.get("num_heads", 3)
+    if head_dim % 4:
+        raise ValueError(f"ViTAdapter: 2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
 
 
 # DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
@@ -780,6 +795,9 @@ def check_dinov3_kwargs(kw, norm_layers):
         refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
     if kw["n_storage_tokens"] < 1:
         refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
+    if kw["embed_dim"] // kw["num_heads"] % 4:
+        refused.append(f"embed_dim / num_heads = {kw['embed_dim'] // kw['num_heads']} (implemented: a multiple of 4, "
+                       f"as 2-D RoPE needs)")
     if refused:
         raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
 
