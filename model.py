@@ -1,10 +1,9 @@
-"""EdgeCrafter's networks, in the order data flows through Figure 3 of the paper: ECViT (and DINOv3's
-ViT, the teacher's), the multi-scale feature generator, the hybrid encoder, query selection, the
-decoder with fine-grained distribution refinement (FDR) and its heads (ECSeg's mask head too), and
-ECPose's decoder as a variation on it; then building them from a config and loading weights. Their
-parameter names equal the original implementation's, so the released checkpoints load with
-`load_weights` and compute the same numbers. Each part names the paper that defines it; where the
-code departs from a paper's math to reproduce the released checkpoints, a comment says so ("the
+"""EdgeCrafter's networks, in the order data flows through Figure 3 of the paper: ECViT (and DINOv3's ViT, the
+teacher's), the multi-scale feature generator, the hybrid encoder, query selection, the decoder with fine-grained
+distribution refinement (FDR) and its heads (ECSeg's mask head too), and ECPose's decoder as a variation on it; then
+building them from a config and loading weights. Their parameter names equal the original implementation's, so the
+released checkpoints load with `load_weights` and compute the same numbers. Each part names the paper that defines
+it; where the code departs from a paper's math to reproduce the released checkpoints, a comment says so ("the
 released models were trained so"). Parameters, GFLOPs and CPU latency of a preset:
 `python export.py --model ecdet_s --flops` and `--benchmark`.
 """
@@ -31,8 +30,7 @@ ECVIT = {
     "ecvits": (384, 6, 4, 256),
     "ecvitsplus": (384, 6, 6, 256),
 }
-# Model sizes: backbone, encoder/decoder width, encoder and decoder FFN widths, CSP expansion and
-# depth multiplier.
+# Model sizes: backbone, encoder/decoder width, encoder and decoder FFN widths, CSP expansion and depth multiplier.
 SIZES = {
     "s": ("ecvitt", 192, 512, 512, 0.34, 0.67),
     "m": ("ecvittplus", 256, 512, 1024, 0.75, 0.67),
@@ -196,8 +194,7 @@ class RoPE2D(nn.Module):
         coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0  # (hw, 2)
         if self.training and self.rescale is not None:
             coords = coords * torch.empty(1, **dd).uniform_(-math.log(self.rescale), math.log(self.rescale)).exp()
-        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
-        angles = angles.flatten(1, 2)  # (hw, D_h / 2)
+        angles = (2 * math.pi * coords[:, :, None] / self.periods[None, None, :]).flatten(1, 2)  # (hw, D_h / 2)
         sin = angles.sin()
         zeros = angles.new_zeros(prefix, 2 * angles.shape[1])
         return torch.cat([zeros, torch.cat([-sin, sin], 1)]), torch.cat([zeros + 1, angles.cos().repeat(1, 2)])
@@ -235,8 +232,7 @@ class Attention(nn.Module):
     def forward(self, x, rope):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        sin, cos = rope
-        qk = apply_rope(qkv[:2], sin, cos)  # queries and keys rotate together
+        qk = apply_rope(qkv[:2], *rope)  # queries and keys rotate together: rope is (sin, cos)
         if attention_dtype(x.device.type) == torch.float32:
             with torch.autocast(x.device.type, enabled=False):
                 x = F.scaled_dot_product_attention(qk[0].float(), qk[1].float(), qkv[2].float())
@@ -516,9 +512,8 @@ class CSPRep(nn.Module):
 
 
 class RepNCSPELAN4(nn.Module):
-    """GELAN fusion block (YOLOv9, Wang et al., 2024), as D-FINE's encoder has it: 1x1 conv to c3
-    channels split in halves y0, y1; y2 = cv2(y1), y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2,
-    y3) to c2 channels."""
+    """GELAN fusion block (YOLOv9, Wang et al., 2024), as D-FINE's encoder has it: 1x1 conv to c3 channels split in
+    halves y0, y1; y2 = cv2(y1), y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2, y3) to c2 channels."""
 
     def __init__(self, c1, c2, c3, c4, num_blocks, act):
         super().__init__()
@@ -677,13 +672,12 @@ def select_queries(memory, anchors, valid, heads, num_queries):
 
 
 def denoising_groups(counts, num_denoising, num_queries, device):
-    """The layout of the denoising queries, boxes and keypoints alike (DN-DETR, Li et al., "DN-DETR:
-    Accelerate DETR Training by Introducing Query DeNoising", 2022; DINO's contrastive groups, Zhang et
-    al., "DINO: DETR with Improved DeNoising Anchor Boxes", 2023): each of
-    max(num_denoising // G, 1) groups holds a positive and a negative copy of every image's G = max(counts)
-    target slots, N = 2 * G * groups queries before the Q matching ones. Returns the number of groups, the
-    self-attention mask (N + Q, N + Q), True = blocked (the matching queries must not see the answers; each
-    group sees itself and the matching queries), and the meta data the criterion pairs positives by."""
+    """The layout of the denoising queries, boxes and keypoints alike (DN-DETR, Li et al., "DN-DETR: Accelerate DETR
+    Training by Introducing Query DeNoising", 2022; DINO's contrastive groups, Zhang et al., "DINO: DETR with Improved
+    DeNoising Anchor Boxes", 2023): each of max(num_denoising // G, 1) groups holds a positive and a negative copy of
+    every image's G = max(counts) target slots, N = 2 * G * groups queries before the Q matching ones. Returns the
+    number of groups, the self-attention mask (N + Q, N + Q), True = blocked (the matching queries must not see the
+    answers; each group sees itself and the matching queries), and the meta data the criterion pairs positives by."""
     G = max(counts)
     groups = max(num_denoising // G, 1) if G else 0
     N = 2 * G * groups
@@ -735,9 +729,8 @@ def denoising_queries(targets, num_classes, num_queries, class_embed, num_denois
 # ---- Decoder: D-FINE's fine-grained distribution refinement (FDR; Peng et al., "D-FINE: Redefine Regression Task in
 # DETRs as Fine-grained Distribution Refinement", 2025) over deformable attention ----
 def weighting_function(reg_max, up, reg_scale):
-    """D-FINE's weighting function, FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,),
-    symmetric around W = 0, nearly uniform near zero and growing geometrically towards the ends
-    +-2*up*reg_scale."""
+    """D-FINE's weighting function, FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,), symmetric around
+    W = 0, nearly uniform near zero and growing geometrically towards the ends +-2*up*reg_scale."""
     bound = up.abs() * reg_scale.abs()  # (1,)
     step = (bound + 1) ** (2 / (reg_max - 2))
     right = [step ** i - 1 for i in range(1, reg_max // 2)]
@@ -757,14 +750,13 @@ def distance2bbox(points, distance, reg_scale):
 
 
 class MSDeformableAttention(nn.Module):
-    """Deformable DETR's multi-scale cross-attention (Zhu et al., "Deformable DETR: Deformable Transformers
-    for End-to-End Object Detection", 2021) with `num_points[l]` sampling points per head on level l
-    (a count per level, as RT-DETRv2 has it).
+    """Deformable DETR's multi-scale cross-attention (Zhu et al., "Deformable DETR: Deformable Transformers for
+    End-to-End Object Detection", 2021) with `num_points[l]` sampling points per head on level l (a count per level, as
+    RT-DETRv2 has it).
 
-    With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so
-    points spread inside the box; with reference points (ECPose, `box_reference=False`), offsets
-    count cells of each level's feature map. There are no value or output projections (the encoder
-    output is sampled directly).
+    With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so points spread inside
+    the box; with reference points (ECPose, `box_reference=False`), offsets count cells of each level's feature map.
+    There are no value or output projections (the encoder output is sampled directly).
     """
 
     def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5, box_reference=True):
@@ -840,10 +832,9 @@ class Gate(nn.Module):
 
 
 class LQE(nn.Module):
-    """D-FINE's localization-quality estimator (after GFLv2's distribution-guided quality predictor,
-    Li et al., 2021): adds to the class logits a score predicted from the top-k
-    probabilities (and their mean) of each edge's distribution. ECPose's reads `groups` = 17
-    keypoints' sampled features instead (`quality`)."""
+    """D-FINE's localization-quality estimator (after GFLv2's distribution-guided quality predictor, Li et al., 2021):
+    adds to the class logits a score predicted from the top-k probabilities (and their mean) of each edge's
+    distribution. ECPose's reads `groups` = 17 keypoints' sampled features instead (`quality`)."""
 
     def __init__(self, k, hidden, num_layers, reg_max, act, groups=4):
         super().__init__()
@@ -862,8 +853,7 @@ class LQE(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Self-attention among queries, deformable cross-attention to the encoder (fused by a gate),
-    FFN; post-norm."""
+    """Self-attention among queries, deformable cross-attention to the encoder (fused by a gate), FFN; post-norm."""
 
     def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
         super().__init__()
@@ -898,11 +888,10 @@ class TransformerDecoder(nn.Module):
             self.segmentation_head = mask_head
 
     def forward(self, x, ref_unact, memory, shapes, heads, attn_mask=None, spatial=None):
-        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory
-        (B, L, C); heads: the ECTransformer, which holds the prediction heads (as in the released
-        checkpoints). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
-        layers in training, layer eval_idx at inference), the first layer's (pre) boxes and logits,
-        and per-layer masks (or None)."""
+        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory (B, L, C); heads: the
+        ECTransformer, which holds the prediction heads (as in the released checkpoints). Returns per-layer stacks of
+        boxes, logits, corner logits and reference boxes (all layers in training, layer eval_idx at inference), the
+        first layer's (pre) boxes and logits, and per-layer masks (or None)."""
         values = split_values(memory, shapes, self.num_heads)
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
         ref = ref_unact.sigmoid()
@@ -933,20 +922,18 @@ class TransformerDecoder(nn.Module):
 
 # ---- Heads: the prediction heads and the decoder's outputs (the original's ECTransformer) ----
 def per_layer(layers, teacher):
-    """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`,
-    each also carries the last layer's corners and logits, which teach the earlier layers (FDR's
-    decoupled distillation focal loss)."""
+    """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`, each also carries
+    the last layer's corners and logits, which teach the earlier layers (FDR's decoupled distillation focal loss)."""
     last = {"teacher_corners": layers["pred_corners"][-1], "teacher_logits": layers["pred_logits"][-1]} \
         if teacher else {}
     return [{**{k: v[i] for k, v in layers.items()}, **last} for i in range(len(layers["pred_logits"]))]
 
 
 def training_outputs(layers, pre, enc, dn_meta, teacher=False):
-    """The criterion's inputs, in the original's names: the last layer's outputs, `aux_outputs` (the
-    earlier layers), `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected
-    encoder queries) and, with denoising queries, `dn_outputs`, `dn_pre_outputs` and `dn_meta`.
-    layers: per-layer stacks (layers, B, N + Q, ...); pre: (B, N + Q, ...), the N denoising queries
-    first; enc: the encoder outputs (B, Q, ...)."""
+    """The criterion's inputs, in the original's names: the last layer's outputs, `aux_outputs` (the earlier layers),
+    `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected encoder queries) and, with denoising
+    queries, `dn_outputs`, `dn_pre_outputs` and `dn_meta`. layers: per-layer stacks (layers, B, N + Q, ...); pre:
+    (B, N + Q, ...), the N denoising queries first; enc: the encoder outputs (B, Q, ...)."""
     if dn_meta is not None:  # each output's part j along dim: the denoising queries' (0) or the matching ones' (1)
         part = lambda outs, dim, j: {k: None if v is None else v.split(dn_meta["dn_num_split"], dim)[j]
                                      for k, v in outs.items()}
@@ -1010,7 +997,6 @@ class ECTransformer(QueryDecoder):
                 targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
                 self.label_noise_ratio, self.box_noise_scale)
             content, ref_unact = torch.cat([dn_content, content], 1), torch.cat([dn_ref, ref_unact], 1)
-
         boxes, logits, corners, refs, pre_boxes, pre_logits, masks = self.decoder(
             content, ref_unact, memory, shapes, self, attn_mask, feats[0])
         if not self.training:
@@ -1177,13 +1163,11 @@ def keypoint_denoising_queries(targets, num_queries, label_enc, pose_enc, image_
 
 
 class PoseDecoderLayer(nn.Module):
-    """Attention within each person (among its 1 + K tokens), across persons (per token type, with
-    the denoising mask), deformable cross-attention from each token's reference point (fused by a
-    gate), FFN; post-norm.
+    """Attention within each person (among its 1 + K tokens), across persons (per token type, with the denoising mask),
+    deformable cross-attention from each token's reference point (fused by a gate), FFN; post-norm.
 
-    The keypoint position embedding is added to the keypoint tokens before the within-person
-    attention and again before the cross-attention. The original adds it in place, so the residual
-    paths carry it too; so do they here.
+    The keypoint position embedding is added to the keypoint tokens before the within-person attention and again before
+    the cross-attention. The original adds it in place, so the residual paths carry it too; so do they here.
     """
 
     def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
@@ -1214,10 +1198,9 @@ class PoseDecoderLayer(nn.Module):
 
 
 class PoseTransformerDecoder(nn.Module):
-    """The decoder layers with keypoint FDR: the first layer regresses keypoints from the reference
-    points (pre_pose_embed); every layer then predicts, per keypoint coordinate, logits over
-    reg_max + 1 bins, summed over the layers; integrated against W(n) and divided by reg_scale,
-    they move the first layer's keypoints."""
+    """The decoder layers with keypoint FDR: the first layer regresses keypoints from the reference points
+    (pre_pose_embed); every layer then predicts, per keypoint coordinate, logits over reg_max + 1 bins, summed over the
+    layers; integrated against W(n) and divided by reg_scale, they move the first layer's keypoints."""
 
     def __init__(self, layer, num_layers, hidden_dim):
         super().__init__()
@@ -1227,16 +1210,15 @@ class PoseTransformerDecoder(nn.Module):
         dim_t = torch.arange(hidden_dim // 2, dtype=torch.float32)
         self.register_buffer("dim_t", 10000 ** (2 * (dim_t // 2) / (hidden_dim // 2)))
 
-    def forward(self, x, ref, memory, shapes, feat, heads, project, reg_scale, attn_mask=None):
-        """x (B, Q, 1 + K, C) query tokens; ref (B, Q, 1 + K, 2) reference points in [0, 1]; memory
-        (B, L, C); feat (B, C, H/8, W/8) for the quality estimate; heads: the DETRTransformer, which holds
-        the prediction heads. Returns per-layer stacks of
-        keypoints (B, Q, K, 2) and logits (all layers in training, the last at inference), and the
-        first layer's (pre) keypoints and logits (logits None at inference)."""
+    def forward(self, x, ref, memory, shapes, feat, heads, attn_mask=None):
+        """x (B, Q, 1 + K, C) query tokens; ref (B, Q, 1 + K, 2) reference points in [0, 1]; memory (B, L, C); feat
+        (B, C, H/8, W/8) for the quality estimate; heads: the DETRTransformer, holding the prediction heads and FDR's
+        up, reg_scale, reg_max. Returns per-layer stacks of keypoints (B, Q, K, 2) and logits (all layers in training,
+        the last at inference), and the first layer's (pre) keypoints and logits (logits None at inference)."""
         values = split_values(memory, shapes, self.num_heads)
+        project = weighting_function(heads.reg_max, heads.up, heads.reg_scale)
         out_keypoints, out_logits = [], []
         x_detach = corners_sum = 0
-        pre_logits = None
         for i, layer in enumerate(self.layers):
             pos = self.half_pose_ref_point_head(sine_embed(ref[:, :, 1:], self.dim_t))
             if i > 0:
@@ -1247,12 +1229,11 @@ class PoseTransformerDecoder(nn.Module):
             tokens, instance = x[:, :, 1:], x[:, :, 0]
             if i == 0:
                 pre_keypoints = torch.sigmoid(heads.pre_pose_embed(tokens) + inverse_sigmoid(ref[:, :, 1:], 1e-3))
-                if self.training:
-                    pre_logits = heads.class_embed[0](instance)
+                pre_logits = heads.class_embed[0](instance) if self.training else None
                 initial = pre_keypoints.detach()
             corners = heads.pose_embed[i](tokens + x_detach) + corners_sum
             offsets = corners.unflatten(-1, (2, -1)).softmax(-1) @ project  # (B, Q, K, 2)
-            keypoints = initial + offsets / reg_scale.abs()
+            keypoints = initial + offsets / heads.reg_scale.abs()
             if self.training or i == len(self.layers) - 1:
                 # The quality estimate reads the stride-8 features (B, Q, K, C) at the keypoints (bilinear).
                 sampled = F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
@@ -1267,16 +1248,15 @@ class PoseTransformerDecoder(nn.Module):
 class DETRTransformer(QueryDecoder):
     """ECPose's decoder (DETRPose): two-stage query selection, then the keypoint FDR decoder.
 
-    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
-    `pred_logits` (B, Q, num_classes) and `pred_keypoints` (B, Q, 2K) normalised x, y pairs. In
-    training also `aux_outputs` (earlier layers), `pre_outputs` (the first layer's regression),
-    `enc_aux_outputs` (the selected encoder queries), and with targets the denoising outputs
-    `dn_outputs`, `dn_pre_outputs`, `dn_meta` (the original calls these aux_outputs,
-    aux_pre_outputs, aux_interm_outputs, dn_aux_outputs, dn_aux_pre_outputs).
+    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference: `pred_logits`
+    (B, Q, num_classes) and `pred_keypoints` (B, Q, 2K) normalised x, y pairs. In training also `aux_outputs`
+    (earlier layers), `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected encoder queries),
+    and with targets the denoising outputs `dn_outputs`, `dn_pre_outputs`, `dn_meta` (the original calls these
+    aux_outputs, aux_pre_outputs, aux_interm_outputs, dn_aux_outputs, dn_aux_pre_outputs).
 
-    The denoising constants are fixed in the original: 20 groups' worth of objects, half the label
-    noise ratio of 0.5 as flips to a random one of 80 classes (label_enc has 81 entries). So are the
-    17 keypoints and the 4 sampling points per head and level (support.RELEASED_ONLY).
+    The denoising constants are fixed in the original: 20 groups' worth of objects, half the label noise ratio of 0.5 as
+    flips to a random one of 80 classes (label_enc has 81 entries). So are the 17 keypoints and the 4 sampling points
+    per head and level (support.RELEASED_ONLY).
     """
 
     def __init__(self, num_classes=2, hidden_dim=256, nhead=8, num_queries=300, num_decoder_layers=6,
@@ -1326,10 +1306,7 @@ class DETRTransformer(QueryDecoder):
             dn_x, dn_ref, attn_mask, dn_meta = keypoint_denoising_queries(
                 targets, Q, self.label_enc, self.pose_enc, [8 * s for s in shapes[0]])
             x, ref = torch.cat([dn_x, x], 1), torch.cat([dn_ref, ref], 1)
-
-        project = weighting_function(self.reg_max, self.up, self.reg_scale)
-        keypoints, logits, pre_keypoints, pre_logits = self.decoder(
-            x, ref, memory, shapes, feats[0], self, project, self.reg_scale, attn_mask)
+        keypoints, logits, pre_keypoints, pre_logits = self.decoder(x, ref, memory, shapes, feats[0], self, attn_mask)
         if not self.training:
             return {"pred_logits": logits[-1], "pred_keypoints": keypoints[-1].flatten(-2)}
         layers = {"pred_logits": logits, "pred_keypoints": keypoints.flatten(-2)}
@@ -1359,10 +1336,9 @@ class ECModel(nn.Module):
         return self.decoder(self.encoder(self.backbone(images)), targets)
 
     def deploy(self):
-        """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged, the decoder
-        layers after `eval_idx` dropped, and images and convolution weights in channels-last layout
-        (oneDNN's own, 5-8 % faster on the CPU here; the ViT's tokens are already laid out so); outputs
-        are unchanged up to float rounding."""
+        """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged, the decoder layers after
+        `eval_idx` dropped, and images and convolution weights in channels-last layout (oneDNN's own, 5-8 % faster on
+        the CPU here; the ViT's tokens are already laid out so); outputs are unchanged up to float rounding."""
         self.eval()
         for m in list(self.modules()):
             if isinstance(m, (ConvNorm, RepVGG)):
@@ -1389,9 +1365,8 @@ def build_vit(adapter):
 
 
 def build_model(cfg):
-    """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
-    vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
-    num_classes and eval_spatial_size)."""
+    """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's vocabulary (sections
+    ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus num_classes and eval_spatial_size)."""
     cfg = preset_config(cfg) if isinstance(cfg, str) else cfg
     support.check_config(cfg)
     adapter = support.config_section(cfg, "ViTAdapter")
@@ -1407,9 +1382,8 @@ def build_model(cfg):
 
 
 def load_weights(net, source):
-    """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or
-    one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
-    shape must match."""
+    """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or one of this project's
+    checkpoints (a path or a mapping) into `net`, strictly: every name and shape must match."""
     net.load_state_dict(support.weights_for(net.state_dict(), source), strict=True)
     return net
 
@@ -1455,10 +1429,9 @@ def masks_at_size(logits, size, chunk=50):
 
 
 def select_top(outputs, orig_sizes, num_top_queries=300):
-    """The batched core of `postprocess`, free of per-image Python loops so that it also runs inside
-    an exported graph: `labels` (B, K), `scores` (B, K), and whichever the outputs carry of `boxes`
-    (B, K, 4) pixel x1, y1, x2, y2, `masks` (B, K, H/4, W/4) mask logits and `keypoints` (B, K, 17, 2)
-    pixel x, y. orig_sizes: (B, 2) as (w, h)."""
+    """The batched core of `postprocess`, free of per-image Python loops so that it also runs inside an exported graph:
+    `labels` (B, K), `scores` (B, K), and whichever the outputs carry of `boxes` (B, K, 4) pixel x1, y1, x2, y2, `masks`
+    (B, K, H/4, W/4) mask logits and `keypoints` (B, K, 17, 2) pixel x, y. orig_sizes: (B, 2) as (w, h)."""
     logits = outputs["pred_logits"]
     B, Q, num_classes = logits.shape
     scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, Q * num_classes), dim=-1)
