@@ -149,6 +149,7 @@ def patch_tokens(vit, images, layers):
 def from_adapter(adapter, what):
     """(ViT, the blocks its feature generator reads) of a ViTAdapter config section."""
     try:
+        support.check_vit_keys(adapter)
         vit = model.build_vit(adapter)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: {e}") from None

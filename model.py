@@ -1,10 +1,9 @@
-"""EdgeCrafter's networks, in the order data flows through Figure 3 of the paper: ECViT (and DINOv3's
-ViT, the teacher's), the multi-scale feature generator, the hybrid encoder, query selection, the
-decoder with fine-grained distribution refinement (FDR) and its heads (ECSeg's mask head too), and
-ECPose's decoder as a variation on it; then building them from a config and loading weights. Their
-parameter names equal the original implementation's, so the released checkpoints load with
-`load_weights` and compute the same numbers. Each part names the paper that defines it; where the
-code departs from a paper's math to reproduce the released checkpoints, a comment says so ("the
+"""EdgeCrafter's networks, in the order data flows through Figure 3 of the paper: ECViT (and DINOv3's ViT, the
+teacher's), the multi-scale feature generator, the hybrid encoder, query selection, the decoder with fine-grained
+distribution refinement (FDR) and its heads (ECSeg's mask head too), and ECPose's decoder as a variation on it; then
+building them from a config and loading weights. Their parameter names equal the original implementation's, so the
+released checkpoints load with `load_weights` and compute the same numbers. Each part names the paper that defines
+it; where the code departs from a paper's math to reproduce the released checkpoints, a comment says so ("the
 released models were trained so"). Parameters, GFLOPs and CPU latency of a preset:
 `python export.py --model ecdet_s --flops` and `--benchmark`.
 """
@@ -20,9 +19,7 @@ import torchvision
 import support
 
 
-# ---------------------------------------------------------------------------------------------
-# Configuration: presets in the original's vocabulary
-# ---------------------------------------------------------------------------------------------
+# ---- Configuration: presets in the original's vocabulary ----
 # Sections are named after the original's classes (ViTAdapter, HybridEncoder, ECTransformer, ...)
 # and use its key names, so a config of the original code works here unchanged.
 
@@ -33,8 +30,7 @@ ECVIT = {
     "ecvits": (384, 6, 4, 256),
     "ecvitsplus": (384, 6, 6, 256),
 }
-# Model sizes: backbone, encoder/decoder width, encoder and decoder FFN widths, CSP expansion and
-# depth multiplier.
+# Model sizes: backbone, encoder/decoder width, encoder and decoder FFN widths, CSP expansion and depth multiplier.
 SIZES = {
     "s": ("ecvitt", 192, 512, 512, 0.34, 0.67),
     "m": ("ecvittplus", 256, 512, 1024, 0.75, 0.67),
@@ -56,9 +52,8 @@ TASKS = {"ecdet": ("detection", "ECDet", ""), "ecseg": ("segmentation", "ECSeg",
 def preset_config(name):
     """The network and postprocessor configuration of a released model, e.g. "ecdet_s", in the original's
     vocabulary; the loss section comes from its training file (`ECCriterion.preset_config`)."""
+    support.check_name(name, PRESETS, "preset")
     family, _, size = name.partition("_")
-    if family not in TASKS or size not in SIZES:
-        raise ValueError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     task, model, prefix = TASKS[family]
     vit, hidden, enc_ffn, dec_ffn, expansion, depth_mult = SIZES[size]
     dim, heads, ffn_ratio, proj_dim = ECVIT[vit]
@@ -96,9 +91,7 @@ def preset_config(name):
 PRESETS = [f"{family}_{size}" for family in TASKS for size in SIZES]
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks
-# ---------------------------------------------------------------------------------------------
+# ---- Building blocks ----
 # In place, as in the original: every activation reads a fresh intermediate that nothing else
 # keeps, and writing into it is faster on the CPU than into a new tensor.
 ACTIVATIONS = {"silu": functools.partial(nn.SiLU, inplace=True), "relu": functools.partial(nn.ReLU, inplace=True),
@@ -108,18 +101,14 @@ ACTIVATIONS = {"silu": functools.partial(nn.SiLU, inplace=True), "relu": functoo
 def activation(name):
     if name is None:
         return nn.Identity()
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    support.check_name(name, ACTIVATIONS, "activation")
     return ACTIVATIONS[name]()
 
 
 def fuse_conv_bn(conv, bn):
-    """Weight and bias of the single convolution equal to `bn(conv(x))` in eval mode."""
+    """Weight and bias of the single convolution equal to `bn(conv(x))` in eval mode (conv has no bias)."""
     scale = bn.weight / (bn.running_var + bn.eps).sqrt()
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
 
 class ConvNorm(nn.Module):
@@ -160,10 +149,8 @@ class MLPHead(nn.Module):
         return self.layers[-1](x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stem and ViT blocks: ECViT (EdgeCrafter, "Compact ViTs for Edge Dense Prediction via
-# Task-Specialized Distillation", 2026): convolutional stem, ViT blocks with a register token, 2-D RoPE
-# ---------------------------------------------------------------------------------------------
+# ---- Stem and ViT blocks: ECViT (EdgeCrafter, "Compact ViTs for Edge Dense Prediction via Task-Specialized
+# Distillation", 2026): convolutional stem, ViT blocks with a register token, 2-D RoPE ----
 class PatchEmbed(nn.Module):
     """Image (B, 3, H, W) -> patch grid (B, D, H/16, W/16).
 
@@ -176,16 +163,14 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if conv_stem:
             widths = [3, dim // 8, dim // 4, dim // 2]
-            self.convs = nn.ModuleList(ConvNorm(a, b, 3, 2, act="relu") for a, b in zip(widths[:-1], widths[1:]))
+            self.convs = nn.Sequential(*[ConvNorm(a, b, 3, 2, act="relu") for a, b in zip(widths[:-1], widths[1:])])
             self.proj = nn.Conv2d(dim // 2, dim, 3, 2, 1)
         else:
-            self.convs = nn.ModuleList()
+            self.convs = nn.Sequential()
             self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
 
     def forward(self, x):
-        for conv in self.convs:
-            x = conv(x)
-        return self.proj(x)
+        return self.proj(self.convs(x))
 
 
 class RoPE2D(nn.Module):
@@ -200,8 +185,6 @@ class RoPE2D(nn.Module):
 
     def __init__(self, head_dim, base=100.0, rescale=None):
         super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
         self.register_buffer("periods", base ** (2 * torch.arange(head_dim // 4) / (head_dim // 2)))
         self.rescale = rescale  # DINOv3 trains with a random coordinate scale in [1/r, r]
 
@@ -211,8 +194,7 @@ class RoPE2D(nn.Module):
         coords = 2.0 * torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).flatten(0, 1) - 1.0  # (hw, 2)
         if self.training and self.rescale is not None:
             coords = coords * torch.empty(1, **dd).uniform_(-math.log(self.rescale), math.log(self.rescale)).exp()
-        angles = 2 * math.pi * coords[:, :, None] / self.periods[None, None, :]
-        angles = angles.flatten(1, 2)  # (hw, D_h / 2)
+        angles = (2 * math.pi * coords[:, :, None] / self.periods[None, None, :]).flatten(1, 2)  # (hw, D_h / 2)
         sin = angles.sin()
         zeros = angles.new_zeros(prefix, 2 * angles.shape[1])
         return torch.cat([zeros, torch.cat([-sin, sin], 1)]), torch.cat([zeros + 1, angles.cos().repeat(1, 2)])
@@ -250,8 +232,7 @@ class Attention(nn.Module):
     def forward(self, x, rope):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        sin, cos = rope
-        qk = apply_rope(qkv[:2], sin, cos)  # queries and keys rotate together
+        qk = apply_rope(qkv[:2], *rope)  # queries and keys rotate together: rope is (sin, cos)
         if attention_dtype(x.device.type) == torch.float32:
             with torch.autocast(x.device.type, enabled=False):
                 x = F.scaled_dot_product_attention(qk[0].float(), qk[1].float(), qkv[2].float())
@@ -304,8 +285,6 @@ class ViT(nn.Module):
                  patch_size=16, n_storage_tokens=0, layerscale_init=None, mask_k_bias=False, norm_eps=1e-6,
                  rope_rescale=None):
         super().__init__()
-        if ffn_layer not in ("mlp", "swiglu"):
-            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; expected 'mlp' or 'swiglu'")
         self.embed_dim, self.num_heads, self.patch_size, self.dinov3 = embed_dim, num_heads, patch_size, dinov3
         self.patch_embed = PatchEmbed(embed_dim, conv_stem=not dinov3, patch_size=patch_size)
         if dinov3:
@@ -320,9 +299,6 @@ class ViT(nn.Module):
             Block(embed_dim, num_heads, ffn_ratio, ffn_layer, norm_eps, layerscale_init, mask_k_bias)
             for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if dinov3 else nn.Identity()
-        self.init_weights()
-
-    def init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -408,20 +384,7 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
-# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
-DINOV3_DEFAULTS = dict(
-    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
-    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
-    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
-    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
-    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
-# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
-DINOV3_FIXED = dict(
-    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
-    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
-    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
-    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
+# DINOv3's norm layers (its norm_layer kwarg) and their LayerNorm eps.
 NORM_EPS = {"layernorm": 1e-6, "layernormbf16": 1e-5}
 
 # The hub models (dinov3/hub/backbones.py): shared settings, then each model's size.
@@ -440,35 +403,13 @@ DINOV3_HUB = {
 # norms, none of which model.ViT implements; infer_dinov3 names what it finds in such a file.
 
 
-def dinov3_kwargs(cfg):
-    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict."""
-    if isinstance(cfg, str):
-        if cfg not in DINOV3_HUB:
-            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(DINOV3_HUB)} or a kwargs dict")
-        cfg = {**HUB_COMMON, **DINOV3_HUB[cfg]}
-    if not isinstance(cfg, dict):
-        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
-    return {**DINOV3_DEFAULTS, **cfg}
-
-
 def build_dinov3(cfg):
     """DINOv3's ViT from a hub name ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16",
     "dinov3_vitl16", "dinov3_vith16plus") or DinoVisionTransformer kwargs, as ViT(dinov3=True). Its state dict has
     the original's names and shapes; `get_intermediate_layers` / `forward_features` take
     (B, 3, H, W) images with H, W multiples of the patch size."""
-    kw = dinov3_kwargs(cfg)
-    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
-    if kw["norm_layer"] not in NORM_EPS:
-        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(NORM_EPS)})")
-    if kw["ffn_layer"] not in ("mlp", "swiglu"):
-        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
-    if kw["n_storage_tokens"] < 1:
-        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
-    if refused:
-        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
+    kw = support.dinov3_kwargs(cfg, DINOV3_HUB, HUB_COMMON)
+    support.check_dinov3_kwargs(kw, NORM_EPS)
     return ViT(embed_dim=kw["embed_dim"], depth=kw["depth"], num_heads=kw["num_heads"], ffn_ratio=kw["ffn_ratio"],
                ffn_layer=kw["ffn_layer"], dinov3=True, patch_size=kw["patch_size"],
                n_storage_tokens=kw["n_storage_tokens"], layerscale_init=kw["layerscale_init"],
@@ -482,9 +423,7 @@ def dinov3_shapes(cfg):
         return build_dinov3(cfg).state_dict()
 
 
-# ---------------------------------------------------------------------------------------------
-# Feature generator (EdgeCrafter, 2026; the original's ViTAdapter): ViT tokens -> a 3-level pyramid
-# ---------------------------------------------------------------------------------------------
+# ---- Feature generator (EdgeCrafter, 2026; the original's ViTAdapter): ViT tokens -> a 3-level pyramid ----
 class ViTAdapter(nn.Module):
     """EdgeCrafter's feature generator: single-scale ViT tokens -> a stride 8/16/32 pyramid.
 
@@ -513,20 +452,8 @@ class ViTAdapter(nn.Module):
         return feats[:3 - len(projected)] + projected
 
 
-# ---------------------------------------------------------------------------------------------
-# Encoder: RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection",
-# 2024): one transformer layer on stride 32 (AIFI), then CSP fusion top-down and bottom-up (CCFF)
-# ---------------------------------------------------------------------------------------------
-def sincos_pos_embed_2d(w, h, dim, temperature=10000.0):
-    """Fixed 2-D sin-cos embedding (1, w*h, dim). The original flattens the grid x-major (index
-    x*h + y) while features flatten y-major; the released weights were trained that way."""
-    gx, gy = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
-                            indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
-    ox, oy = gx.flatten()[:, None] @ omega[None], gy.flatten()[:, None] @ omega[None]
-    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)[None]
-
-
+# ---- Encoder: RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection", 2024): one
+# transformer layer on stride 32 (AIFI), then CSP fusion top-down and bottom-up (CCFF) ----
 class TransformerEncoderLayer(nn.Module):
     """Post-norm transformer layer; the position embedding is added to queries and keys only."""
 
@@ -542,17 +469,6 @@ class TransformerEncoderLayer(nn.Module):
         q = x + pos
         x = self.norm1(x + self.dropout(self.self_attn(q, q, x, need_weights=False)[0]))
         return self.norm2(x + self.dropout(self.linear2(self.dropout(self.act(self.linear1(x))))))
-
-
-class TransformerEncoder(nn.Module):
-    def __init__(self, layer, num_layers):
-        super().__init__()
-        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
-
-    def forward(self, x, pos):
-        for layer in self.layers:
-            x = layer(x, pos)
-        return x
 
 
 class RepVGG(nn.Module):
@@ -596,9 +512,8 @@ class CSPRep(nn.Module):
 
 
 class RepNCSPELAN4(nn.Module):
-    """GELAN fusion block (YOLOv9, Wang et al., 2024), as D-FINE's encoder has it: 1x1 conv to c3
-    channels split in halves y0, y1; y2 = cv2(y1), y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2,
-    y3) to c2 channels."""
+    """GELAN fusion block (YOLOv9, Wang et al., 2024), as D-FINE's encoder has it: 1x1 conv to c3 channels split in
+    halves y0, y1; y2 = cv2(y1), y3 = cv3(y2); a 1x1 conv maps concat(y0, y1, y2, y3) to c2 channels."""
 
     def __init__(self, c1, c2, c3, c4, num_blocks, act):
         super().__init__()
@@ -637,7 +552,9 @@ class HybridEncoder(nn.Module):
         super().__init__()
         self.hidden_dim, self.use_encoder_idx, self.pe_temperature = hidden_dim, list(use_encoder_idx), pe_temperature
         layer = TransformerEncoderLayer(hidden_dim, nhead, dim_feedforward, dropout, act)
-        self.encoder = nn.ModuleList(TransformerEncoder(layer, num_encoder_layers) for _ in self.use_encoder_idx)
+        # AIFI: a stack of layers per level in use_encoder_idx, named as the original's TransformerEncoder's.
+        stack = lambda: nn.ModuleList(copy.deepcopy(layer) for _ in range(num_encoder_layers))
+        self.encoder = nn.ModuleList(nn.ModuleDict({"layers": stack()}) for _ in self.use_encoder_idx)
         c4, n = round(expansion * hidden_dim // 2), round(3 * depth_mult)
         fuse = RepNCSPELAN4(hidden_dim, hidden_dim, 2 * hidden_dim, c4, n, act)
         self.lateral_convs = nn.ModuleList(ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(2))
@@ -647,16 +564,26 @@ class HybridEncoder(nn.Module):
         self._pos = {}
 
     def pos_embed(self, h, w, device):
+        """Fixed 2-D sin-cos embedding (1, w*h, hidden_dim), made once per size. The original flattens the
+        grid x-major (index x*h + y) while features flatten y-major; the released weights were trained that way."""
         key = (h, w, device)
         if key not in self._pos:
-            self._pos[key] = sincos_pos_embed_2d(w, h, self.hidden_dim, self.pe_temperature).to(device)
+            gx, gy = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
+                                    indexing="ij")
+            quarter = self.hidden_dim // 4
+            omega = 1.0 / self.pe_temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+            ox, oy = gx.flatten()[:, None] @ omega[None], gy.flatten()[:, None] @ omega[None]
+            self._pos[key] = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)[None].to(device)
         return self._pos[key]
 
     def forward(self, feats):
         feats = list(feats)
         for encoder, idx in zip(self.encoder, self.use_encoder_idx):
             B, C, h, w = feats[idx].shape
-            tokens = encoder(feats[idx].flatten(2).transpose(1, 2), self.pos_embed(h, w, feats[idx].device))
+            pos = self.pos_embed(h, w, feats[idx].device)
+            tokens = feats[idx].flatten(2).transpose(1, 2)
+            for layer in encoder["layers"]:
+                tokens = layer(tokens, pos)
             feats[idx] = tokens.transpose(1, 2).reshape(B, C, h, w)
         # Top-down: lateral conv on the coarser map, upsample x2, add the finer map, fuse.
         top = feats[2]
@@ -672,9 +599,7 @@ class HybridEncoder(nn.Module):
         return outs
 
 
-# ---------------------------------------------------------------------------------------------
-# Query selection: anchors, RT-DETR's top-k encoder positions, DN-DETR / DINO's denoising groups
-# ---------------------------------------------------------------------------------------------
+# ---- Query selection: anchors, RT-DETR's top-k encoder positions, DN-DETR / DINO's denoising groups ----
 def inverse_sigmoid(x, eps=1e-5):
     x = x.clip(0.0, 1.0)
     return torch.log(x.clip(min=eps) / (1 - x).clip(min=eps))
@@ -731,30 +656,28 @@ def top_k(logits, k):
     return lambda t: t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def select_queries(memory, anchors, valid, score_head, box_head, num_queries):
-    """ECDet's query selection, RT-DETR's top-k (RT-DETR makes it uncertainty-minimal by an IoU-aware
-    loss; MAL plays that part here): the Q encoder positions with the highest class scores become the queries,
-    the memory there their content, their anchor box moved by `box_head` their reference. memory (B, L, C),
-    anchors (1, L, 4) inverse sigmoid, valid (1, L, 1) -> content (B, Q, C) and inverse-sigmoid boxes
-    (B, Q, 4), detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_boxes` (B, Q, 4)."""
-    # Positions with out-of-range anchors are zeroed for the selection only; the decoder attends to
-    # the unmasked memory.
+def select_queries(memory, anchors, valid, heads, num_queries):
+    """ECDet's query selection, RT-DETR's top-k (RT-DETR makes it uncertainty-minimal by an IoU-aware loss; MAL plays
+    that part here): the Q encoder positions with the highest class scores (enc_score_head) become the queries, the
+    memory there their content, their anchor box moved by enc_bbox_head their reference. memory (B, L, C), anchors
+    (1, L, 4) inverse sigmoid, valid (1, L, 1); heads: the ECTransformer -> content (B, Q, C) and inverse-sigmoid
+    boxes (B, Q, 4), detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_boxes` (B, Q, 4)."""
+    # Positions with out-of-range anchors are zeroed for the selection only; the decoder attends to the unmasked memory.
     selectable = valid.to(memory.dtype) * memory
-    logits = score_head(selectable)
+    logits = heads.enc_score_head(selectable)
     gather = top_k(logits, num_queries)
     content = gather(selectable)
-    boxes = box_head(content) + gather(anchors.expand(memory.shape[0], -1, -1))
+    boxes = heads.enc_bbox_head(content) + gather(anchors.expand(memory.shape[0], -1, -1))
     return content.detach(), boxes.detach(), {"pred_logits": gather(logits), "pred_boxes": boxes.sigmoid()}
 
 
 def denoising_groups(counts, num_denoising, num_queries, device):
-    """The layout of the denoising queries, boxes and keypoints alike (DN-DETR, Li et al., "DN-DETR:
-    Accelerate DETR Training by Introducing Query DeNoising", 2022; DINO's contrastive groups, Zhang et
-    al., "DINO: DETR with Improved DeNoising Anchor Boxes", 2023): each of
-    max(num_denoising // G, 1) groups holds a positive and a negative copy of every image's G = max(counts)
-    target slots, N = 2 * G * groups queries before the Q matching ones. Returns the number of groups, the
-    self-attention mask (N + Q, N + Q), True = blocked (the matching queries must not see the answers; each
-    group sees itself and the matching queries), and the meta data the criterion pairs positives by."""
+    """The layout of the denoising queries, boxes and keypoints alike (DN-DETR, Li et al., "DN-DETR: Accelerate DETR
+    Training by Introducing Query DeNoising", 2022; DINO's contrastive groups, Zhang et al., "DINO: DETR with Improved
+    DeNoising Anchor Boxes", 2023): each of max(num_denoising // G, 1) groups holds a positive and a negative copy of
+    every image's G = max(counts) target slots, N = 2 * G * groups queries before the Q matching ones. Returns the
+    number of groups, the self-attention mask (N + Q, N + Q), True = blocked (the matching queries must not see the
+    answers; each group sees itself and the matching queries), and the meta data the criterion pairs positives by."""
     G = max(counts)
     groups = max(num_denoising // G, 1) if G else 0
     N = 2 * G * groups
@@ -803,14 +726,11 @@ def denoising_queries(targets, num_classes, num_queries, class_embed, num_denois
     return class_embed(labels), inverse_sigmoid(boxes), mask, meta
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoder: D-FINE's fine-grained distribution refinement (FDR; Peng et al., "D-FINE: Redefine
-# Regression Task in DETRs as Fine-grained Distribution Refinement", 2025) over deformable attention
-# ---------------------------------------------------------------------------------------------
+# ---- Decoder: D-FINE's fine-grained distribution refinement (FDR; Peng et al., "D-FINE: Redefine Regression Task in
+# DETRs as Fine-grained Distribution Refinement", 2025) over deformable attention ----
 def weighting_function(reg_max, up, reg_scale):
-    """D-FINE's weighting function, FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,),
-    symmetric around W = 0, nearly uniform near zero and growing geometrically towards the ends
-    +-2*up*reg_scale."""
+    """D-FINE's weighting function, FDR's non-uniform bin values W(n), n = 0..reg_max: (reg_max + 1,), symmetric around
+    W = 0, nearly uniform near zero and growing geometrically towards the ends +-2*up*reg_scale."""
     bound = up.abs() * reg_scale.abs()  # (1,)
     step = (bound + 1) ** (2 / (reg_max - 2))
     right = [step ** i - 1 for i in range(1, reg_max // 2)]
@@ -829,30 +749,14 @@ def distance2bbox(points, distance, reg_scale):
     return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], -1)
 
 
-def deformable_attention(values, locations, weights, num_points):
-    """Multi-scale deformable attention core (Zhu et al., "Deformable DETR: Deformable Transformers
-    for End-to-End Object Detection", 2021).
-
-    values: per level (B*heads, c, h_l, w_l); locations: (B, Lq, heads, sum(num_points), 2) in
-    [0, 1] image coordinates; weights: (B, Lq, heads, sum(num_points)) -> (B, Lq, heads*c).
-    """
-    B, Lq, heads, P, _ = locations.shape
-    grids = (2 * locations - 1).permute(0, 2, 1, 3, 4).flatten(0, 1).split(num_points, dim=-2)
-    # grid_sample runs 2-3x faster on the CPU from a contiguous grid; the copies are small.
-    sampled = torch.cat([F.grid_sample(v, g.contiguous(), mode="bilinear", padding_mode="zeros", align_corners=False)
-                         for v, g in zip(values, grids)], -1)  # (B*heads, c, Lq, P)
-    weights = weights.permute(0, 2, 1, 3).reshape(B * heads, 1, Lq, P)
-    return (sampled * weights).sum(-1).reshape(B, -1, Lq).transpose(1, 2)
-
-
 class MSDeformableAttention(nn.Module):
-    """Deformable DETR's cross-attention with `num_points[l]` sampling points per head on level l
-    (a count per level, as RT-DETRv2 has it).
+    """Deformable DETR's multi-scale cross-attention (Zhu et al., "Deformable DETR: Deformable Transformers for
+    End-to-End Object Detection", 2021) with `num_points[l]` sampling points per head on level l (a count per level, as
+    RT-DETRv2 has it).
 
-    With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so
-    points spread inside the box; with reference points (ECPose, `box_reference=False`), offsets
-    count cells of each level's feature map. There are no value or output projections (the encoder
-    output is sampled directly).
+    With reference boxes (ECDet, ECSeg), offsets are scaled by the box size (and 1/num_points) so points spread inside
+    the box; with reference points (ECPose, `box_reference=False`), offsets count cells of each level's feature map.
+    There are no value or output projections (the encoder output is sampled directly).
     """
 
     def __init__(self, dim=256, num_heads=8, num_points=(3, 6, 3), offset_scale=0.5, box_reference=True):
@@ -877,7 +781,9 @@ class MSDeformableAttention(nn.Module):
 
     def forward(self, query, ref, values, shapes):
         """query (B, Lq, C); ref (B, Lq, 1, 4) boxes cx, cy, w, h or, without box_reference, (B, Lq, 1, 2)
-        points x, y, both in [0, 1]; values from `split_values`."""
+        points x, y, both in [0, 1]; values from `split_values`, per level (B*heads, c, h_l, w_l) -> (B, Lq, heads*c):
+        each head's values sampled bilinearly at its P = sum(num_points) locations (B, Lq, heads, P, 2), in [0, 1]
+        image coordinates, and summed with the softmax weights (B, Lq, heads, P)."""
         B, Lq, _ = query.shape
         total = sum(self.num_points)
         offsets = self.sampling_offsets(query).reshape(B, Lq, self.num_heads, total, 2)
@@ -894,7 +800,12 @@ class MSDeformableAttention(nn.Module):
                 self.cells[key] = torch.tensor([[w, h] for (h, w), n in zip(shapes, self.num_points) for _ in range(n)],
                                                dtype=query.dtype, device=query.device)
             locations = ref[:, :, None] + offsets / self.cells[key]
-        return deformable_attention(values, locations, weights, self.num_points)
+        grids = (2 * locations - 1).permute(0, 2, 1, 3, 4).flatten(0, 1).split(self.num_points, dim=-2)
+        # grid_sample runs 2-3x faster on the CPU from a contiguous grid; the copies are small.
+        sampled = [F.grid_sample(v, g.contiguous(), mode="bilinear", padding_mode="zeros", align_corners=False)
+                   for v, g in zip(values, grids)]  # per level (B*heads, c, Lq, num_points[l])
+        weights = weights.permute(0, 2, 1, 3).reshape(B * self.num_heads, 1, Lq, total)
+        return (torch.cat(sampled, -1) * weights).sum(-1).reshape(B, -1, Lq).transpose(1, 2)
 
 
 def split_values(memory, shapes, num_heads):
@@ -921,10 +832,9 @@ class Gate(nn.Module):
 
 
 class LQE(nn.Module):
-    """D-FINE's localization-quality estimator (after GFLv2's distribution-guided quality predictor,
-    Li et al., 2021): adds to the class logits a score predicted from the top-k
-    probabilities (and their mean) of each edge's distribution. ECPose's reads `groups` = 17
-    keypoints' sampled features instead (`quality`)."""
+    """D-FINE's localization-quality estimator (after GFLv2's distribution-guided quality predictor, Li et al., 2021):
+    adds to the class logits a score predicted from the top-k probabilities (and their mean) of each edge's
+    distribution. ECPose's reads `groups` = 17 keypoints' sampled features instead (`quality`)."""
 
     def __init__(self, k, hidden, num_layers, reg_max, act, groups=4):
         super().__init__()
@@ -934,8 +844,7 @@ class LQE(nn.Module):
         nn.init.zeros_(self.reg_conf.layers[-1].bias)
 
     def forward(self, scores, corners):
-        B, L, _ = corners.shape
-        return self.quality(scores, corners.reshape(B, L, 4, self.reg_max + 1).softmax(-1))
+        return self.quality(scores, corners.unflatten(-1, (4, self.reg_max + 1)).softmax(-1))
 
     def quality(self, scores, values):
         """scores (B, L, K) plus the score of values (B, L, groups, N): each group's top k and their mean."""
@@ -944,27 +853,23 @@ class LQE(nn.Module):
 
 
 class TransformerDecoderLayer(nn.Module):
-    """Self-attention among queries, deformable cross-attention to the encoder (fused by a gate),
-    FFN; post-norm."""
+    """Self-attention among queries, deformable cross-attention to the encoder (fused by a gate), FFN; post-norm."""
 
     def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout, batch_first=True)
-        self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.cross_attn = MSDeformableAttention(dim, nhead, num_points)
-        self.dropout2 = nn.Dropout(dropout)
         self.gateway = Gate(dim)
         self.linear1, self.linear2 = nn.Linear(dim, dim_feedforward), nn.Linear(dim_feedforward, dim)
-        self.act = activation(act)
-        self.dropout3, self.dropout4 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.act, self.drop = activation(act), nn.Dropout(dropout)  # one stateless dropout for every place
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x, ref_boxes, values, shapes, attn_mask, pos):
         q = x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(q, q, x, attn_mask=attn_mask, need_weights=False)[0]))
-        x = self.gateway(x, self.dropout2(self.cross_attn(x + pos, ref_boxes, values, shapes)))
-        x = x + self.dropout4(self.linear2(self.dropout3(self.act(self.linear1(x)))))
+        x = self.norm1(x + self.drop(self.self_attn(q, q, x, attn_mask=attn_mask, need_weights=False)[0]))
+        x = self.gateway(x, self.drop(self.cross_attn(x + pos, ref_boxes, values, shapes)))
+        x = x + self.drop(self.linear2(self.drop(self.act(self.linear1(x)))))
         return self.norm2(x.clamp(-65504, 65504))  # stay inside the fp16 range
 
 
@@ -983,56 +888,52 @@ class TransformerDecoder(nn.Module):
             self.segmentation_head = mask_head
 
     def forward(self, x, ref_unact, memory, shapes, heads, attn_mask=None, spatial=None):
-        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory
-        (B, L, C). Returns per-layer stacks of boxes, logits, corner logits and reference boxes (all
-        layers in training, layer eval_idx at inference), the first layer's (pre) boxes and logits,
-        and per-layer masks (or None)."""
+        """x (B, Q, C) query content; ref_unact (B, Q, 4) inverse-sigmoid reference boxes; memory (B, L, C); heads: the
+        ECTransformer, which holds the prediction heads (as in the released checkpoints). Returns per-layer stacks of
+        boxes, logits, corner logits and reference boxes (all layers in training, layer eval_idx at inference), the
+        first layer's (pre) boxes and logits, and per-layer masks (or None)."""
         values = split_values(memory, shapes, self.num_heads)
         project = weighting_function(self.reg_max, self.up, self.reg_scale)
         ref = ref_unact.sigmoid()
-        pos = heads["query_pos_head"](ref).clamp(-10, 10)
+        pos = heads.query_pos_head(ref).clamp(-10, 10)
         out_boxes, out_logits, out_corners, out_refs, out_hidden = [], [], [], [], []
         x_detach = corners_sum = 0
         for i, layer in enumerate(self.layers[:self.eval_idx + 1] if not self.training else self.layers):
             x = layer(x, ref.unsqueeze(2), values, shapes, attn_mask, pos)
             if i == 0:
                 # The first layer regresses a plain box from the reference; FDR refines it afterwards.
-                pre_boxes = torch.sigmoid(heads["pre_bbox_head"](x) + inverse_sigmoid(ref))
-                pre_logits = heads["dec_score_head"][0](x)
+                pre_boxes = torch.sigmoid(heads.pre_bbox_head(x) + inverse_sigmoid(ref))
+                pre_logits = heads.dec_score_head[0](x)
                 ref_initial = pre_boxes.detach()
-            corners = heads["dec_bbox_head"][i](x + x_detach) + corners_sum
+            corners = heads.dec_bbox_head[i](x + x_detach) + corners_sum
             offsets = corners.unflatten(-1, (4, -1)).softmax(-1) @ project  # (B, Q, 4)
             boxes = distance2bbox(ref_initial, offsets, self.reg_scale)
             if self.training or i == self.eval_idx:
-                out_logits.append(self.lqe_layers[i](heads["dec_score_head"][i](x), corners))
+                out_logits.append(self.lqe_layers[i](heads.dec_score_head[i](x), corners))
                 out_boxes.append(boxes)
                 out_corners.append(corners)
                 out_refs.append(ref_initial)
                 out_hidden.append(x)
             corners_sum, ref, x_detach = corners, boxes.detach(), x.detach()
-        masks = self.segmentation_head(spatial, out_hidden) if spatial is not None else None
+        masks = self.segmentation_head(spatial, out_hidden) if hasattr(self, "segmentation_head") else None
         return (torch.stack(out_boxes), torch.stack(out_logits), torch.stack(out_corners), torch.stack(out_refs),
                 pre_boxes, pre_logits, masks)
 
 
-# ---------------------------------------------------------------------------------------------
-# Heads: the prediction heads and the decoder's outputs (the original's ECTransformer)
-# ---------------------------------------------------------------------------------------------
+# ---- Heads: the prediction heads and the decoder's outputs (the original's ECTransformer) ----
 def per_layer(layers, teacher):
-    """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`,
-    each also carries the last layer's corners and logits, which teach the earlier layers (FDR's
-    decoupled distillation focal loss)."""
+    """Stacked per-layer outputs {name: (layers, ...)} -> a list of per-layer dicts; with `teacher`, each also carries
+    the last layer's corners and logits, which teach the earlier layers (FDR's decoupled distillation focal loss)."""
     last = {"teacher_corners": layers["pred_corners"][-1], "teacher_logits": layers["pred_logits"][-1]} \
         if teacher else {}
     return [{**{k: v[i] for k, v in layers.items()}, **last} for i in range(len(layers["pred_logits"]))]
 
 
 def training_outputs(layers, pre, enc, dn_meta, teacher=False):
-    """The criterion's inputs, in the original's names: the last layer's outputs, `aux_outputs` (the
-    earlier layers), `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected
-    encoder queries) and, with denoising queries, `dn_outputs`, `dn_pre_outputs` and `dn_meta`.
-    layers: per-layer stacks (layers, B, N + Q, ...); pre: (B, N + Q, ...), the N denoising queries
-    first; enc: the encoder outputs (B, Q, ...)."""
+    """The criterion's inputs, in the original's names: the last layer's outputs, `aux_outputs` (the earlier layers),
+    `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected encoder queries) and, with denoising
+    queries, `dn_outputs`, `dn_pre_outputs` and `dn_meta`. layers: per-layer stacks (layers, B, N + Q, ...); pre:
+    (B, N + Q, ...), the N denoising queries first; enc: the encoder outputs (B, Q, ...)."""
     if dn_meta is not None:  # each output's part j along dim: the denoising queries' (0) or the matching ones' (1)
         part = lambda outs, dim, j: {k: None if v is None else v.split(dn_meta["dn_num_split"], dim)[j]
                                      for k, v in outs.items()}
@@ -1086,23 +987,18 @@ class ECTransformer(QueryDecoder):
         for layer in self.query_pos_head.layers:
             nn.init.xavier_uniform_(layer.weight)
 
-    def forward(self, feats, targets=None, spatial=None):
+    def forward(self, feats, targets=None):
         memory, shapes, anchors, valid = self.memory_and_anchors(feats)
-        content, ref_unact, enc = select_queries(memory, anchors, valid, self.enc_score_head, self.enc_bbox_head,
-                                                 self.num_queries)
+        content, ref_unact, enc = select_queries(memory, anchors, valid, self, self.num_queries)
         dn_meta = attn_mask = None
         if self.training and self.num_denoising > 0:
-            if targets is None:
-                raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
+            support.check_targets(targets)
             dn_content, dn_ref, attn_mask, dn_meta = denoising_queries(
                 targets, self.num_classes, self.num_queries, self.denoising_class_embed, self.num_denoising,
                 self.label_noise_ratio, self.box_noise_scale)
             content, ref_unact = torch.cat([dn_content, content], 1), torch.cat([dn_ref, ref_unact], 1)
-
-        heads = {"query_pos_head": self.query_pos_head, "pre_bbox_head": self.pre_bbox_head,
-                 "dec_score_head": self.dec_score_head, "dec_bbox_head": self.dec_bbox_head}
         boxes, logits, corners, refs, pre_boxes, pre_logits, masks = self.decoder(
-            content, ref_unact, memory, shapes, heads, attn_mask, spatial)
+            content, ref_unact, memory, shapes, self, attn_mask, feats[0])
         if not self.training:
             out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
             return out if masks is None else {**out, "pred_masks": masks[-1]}
@@ -1167,19 +1063,14 @@ class ResidualMLP(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.norm_in = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList([nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)])
+        self.layers = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x):
-        y = self.norm_in(x)
-        for layer in self.layers:
-            y = layer(y)
-        return x + y
+        return x + self.layers(self.norm_in(x))
 
 
-# ---------------------------------------------------------------------------------------------
-# ECPose: DETRPose's decoder (Janampa and Pattichis, "DETRPose: Real-time end-to-end transformer
-# model for multi-person pose estimation", 2025), a variation on the above (keypoint queries and FDR)
-# ---------------------------------------------------------------------------------------------
+# ---- ECPose: DETRPose's decoder (Janampa and Pattichis, "DETRPose: Real-time end-to-end transformer model for
+# multi-person pose estimation", 2025), a variation on the above (keypoint queries and FDR) ----
 # Each query is one person: an instance token and K = 17 keypoint tokens, (B, Q, 1 + K, C), with a
 # reference point per token (the keypoints, and their mean for the instance token). Keypoints are
 # refined with FDR's distributions, one per coordinate, around the first layer's prediction.
@@ -1197,21 +1088,16 @@ def sine_embed(points, dim_t):
     return torch.cat([embed(points[..., 1:2]), embed(points[..., 0:1])], -1)
 
 
-def keypoint_features(feat, keypoints):
-    """The stride-8 feature vectors (B, Q, K, C) at keypoints (B, Q, K, 2) in [0, 1] (bilinear)."""
-    return F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
-                         align_corners=False).permute(0, 2, 3, 1)
-
-
 def select_keypoint_queries(memory, anchors, valid, heads, num_queries):
     """ECPose's query selection: the Q encoder positions with the highest class scores regress K keypoints
     from their anchor point; the keypoints and their mean are the reference points of the query's tokens.
-    memory (B, L, C), anchors (1, L, 2) inverse sigmoid, valid (1, L, 1) -> reference points (B, Q, 1 + K, 2)
-    in [0, 1], detached, and the encoder outputs `pred_logits` (B, Q, classes), `pred_keypoints` (B, Q, 2K)."""
-    selectable = heads["enc_output_norm"](heads["enc_output"](memory.masked_fill(~valid, 0.0)))
-    logits = heads["enc_out_class_embed"](selectable)
+    memory (B, L, C), anchors (1, L, 2) inverse sigmoid, valid (1, L, 1), heads: the DETRTransformer (its enc_*
+    heads) -> reference points (B, Q, 1 + K, 2) in [0, 1], detached, and the encoder outputs `pred_logits`
+    (B, Q, classes), `pred_keypoints` (B, Q, 2K)."""
+    selectable = heads.enc_output_norm(heads.enc_output(memory.masked_fill(~valid, 0.0)))
+    logits = heads.enc_out_class_embed(selectable)
     gather = top_k(logits, num_queries)
-    delta = heads["enc_pose_embed"](gather(selectable)).unflatten(-1, (-1, 2))
+    delta = heads.enc_pose_embed(gather(selectable)).unflatten(-1, (-1, 2))
     keypoints = torch.sigmoid(delta + gather(anchors.expand(memory.shape[0], -1, -1))[:, :, None])  # (B, Q, K, 2)
     ref = torch.cat([keypoints.mean(2, keepdim=True), keypoints], 2).detach()
     return ref, {"pred_logits": gather(logits), "pred_keypoints": keypoints.flatten(-2)}
@@ -1277,13 +1163,11 @@ def keypoint_denoising_queries(targets, num_queries, label_enc, pose_enc, image_
 
 
 class PoseDecoderLayer(nn.Module):
-    """Attention within each person (among its 1 + K tokens), across persons (per token type, with
-    the denoising mask), deformable cross-attention from each token's reference point (fused by a
-    gate), FFN; post-norm.
+    """Attention within each person (among its 1 + K tokens), across persons (per token type, with the denoising mask),
+    deformable cross-attention from each token's reference point (fused by a gate), FFN; post-norm.
 
-    The keypoint position embedding is added to the keypoint tokens before the within-person
-    attention and again before the cross-attention. The original adds it in place, so the residual
-    paths carry it too; so do they here.
+    The keypoint position embedding is added to the keypoint tokens before the within-person attention and again before
+    the cross-attention. The original adds it in place, so the residual paths carry it too; so do they here.
     """
 
     def __init__(self, dim, nhead, dim_feedforward, dropout, act, num_points):
@@ -1314,10 +1198,9 @@ class PoseDecoderLayer(nn.Module):
 
 
 class PoseTransformerDecoder(nn.Module):
-    """The decoder layers with keypoint FDR: the first layer regresses keypoints from the reference
-    points (pre_pose_embed); every layer then predicts, per keypoint coordinate, logits over
-    reg_max + 1 bins, summed over the layers; integrated against W(n) and divided by reg_scale,
-    they move the first layer's keypoints."""
+    """The decoder layers with keypoint FDR: the first layer regresses keypoints from the reference points
+    (pre_pose_embed); every layer then predicts, per keypoint coordinate, logits over reg_max + 1 bins, summed over the
+    layers; integrated against W(n) and divided by reg_scale, they move the first layer's keypoints."""
 
     def __init__(self, layer, num_layers, hidden_dim):
         super().__init__()
@@ -1327,15 +1210,15 @@ class PoseTransformerDecoder(nn.Module):
         dim_t = torch.arange(hidden_dim // 2, dtype=torch.float32)
         self.register_buffer("dim_t", 10000 ** (2 * (dim_t // 2) / (hidden_dim // 2)))
 
-    def forward(self, x, ref, memory, shapes, feat, heads, project, reg_scale, attn_mask=None):
-        """x (B, Q, 1 + K, C) query tokens; ref (B, Q, 1 + K, 2) reference points in [0, 1]; memory
-        (B, L, C); feat (B, C, H/8, W/8) for the quality estimate. Returns per-layer stacks of
-        keypoints (B, Q, K, 2) and logits (all layers in training, the last at inference), and the
-        first layer's (pre) keypoints and logits (logits None at inference)."""
+    def forward(self, x, ref, memory, shapes, feat, heads, attn_mask=None):
+        """x (B, Q, 1 + K, C) query tokens; ref (B, Q, 1 + K, 2) reference points in [0, 1]; memory (B, L, C); feat
+        (B, C, H/8, W/8) for the quality estimate; heads: the DETRTransformer, holding the prediction heads and FDR's
+        up, reg_scale, reg_max. Returns per-layer stacks of keypoints (B, Q, K, 2) and logits (all layers in training,
+        the last at inference), and the first layer's (pre) keypoints and logits (logits None at inference)."""
         values = split_values(memory, shapes, self.num_heads)
+        project = weighting_function(heads.reg_max, heads.up, heads.reg_scale)
         out_keypoints, out_logits = [], []
         x_detach = corners_sum = 0
-        pre_logits = None
         for i, layer in enumerate(self.layers):
             pos = self.half_pose_ref_point_head(sine_embed(ref[:, :, 1:], self.dim_t))
             if i > 0:
@@ -1345,16 +1228,17 @@ class PoseTransformerDecoder(nn.Module):
             x = layer(x, pos, ref, values, shapes, attn_mask)
             tokens, instance = x[:, :, 1:], x[:, :, 0]
             if i == 0:
-                pre_keypoints = torch.sigmoid(heads["pre_pose_embed"](tokens) + inverse_sigmoid(ref[:, :, 1:], 1e-3))
-                if self.training:
-                    pre_logits = heads["class_embed"][0](instance)
+                pre_keypoints = torch.sigmoid(heads.pre_pose_embed(tokens) + inverse_sigmoid(ref[:, :, 1:], 1e-3))
+                pre_logits = heads.class_embed[0](instance) if self.training else None
                 initial = pre_keypoints.detach()
-            corners = heads["pose_embed"][i](tokens + x_detach) + corners_sum
+            corners = heads.pose_embed[i](tokens + x_detach) + corners_sum
             offsets = corners.unflatten(-1, (2, -1)).softmax(-1) @ project  # (B, Q, K, 2)
-            keypoints = initial + offsets / reg_scale.abs()
+            keypoints = initial + offsets / heads.reg_scale.abs()
             if self.training or i == len(self.layers) - 1:
-                scores = heads["class_embed"][i](instance)
-                out_logits.append(heads["lqe_embed"][i].quality(scores, keypoint_features(feat, keypoints)))
+                # The quality estimate reads the stride-8 features (B, Q, K, C) at the keypoints (bilinear).
+                sampled = F.grid_sample(feat, 2 * keypoints - 1, mode="bilinear", padding_mode="zeros",
+                                        align_corners=False).permute(0, 2, 3, 1)
+                out_logits.append(heads.lqe_embed[i].quality(heads.class_embed[i](instance), sampled))
                 out_keypoints.append(keypoints)
             corners_sum = corners
             ref = torch.cat([keypoints.mean(2, keepdim=True), keypoints], 2).detach()
@@ -1364,16 +1248,15 @@ class PoseTransformerDecoder(nn.Module):
 class DETRTransformer(QueryDecoder):
     """ECPose's decoder (DETRPose): two-stage query selection, then the keypoint FDR decoder.
 
-    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference:
-    `pred_logits` (B, Q, num_classes) and `pred_keypoints` (B, Q, 2K) normalised x, y pairs. In
-    training also `aux_outputs` (earlier layers), `pre_outputs` (the first layer's regression),
-    `enc_aux_outputs` (the selected encoder queries), and with targets the denoising outputs
-    `dn_outputs`, `dn_pre_outputs`, `dn_meta` (the original calls these aux_outputs,
-    aux_pre_outputs, aux_interm_outputs, dn_aux_outputs, dn_aux_pre_outputs).
+    Input: the encoder pyramid [(B, C, H/s, W/s) for s in 8, 16, 32]. Output at inference: `pred_logits`
+    (B, Q, num_classes) and `pred_keypoints` (B, Q, 2K) normalised x, y pairs. In training also `aux_outputs`
+    (earlier layers), `pre_outputs` (the first layer's regression), `enc_aux_outputs` (the selected encoder queries),
+    and with targets the denoising outputs `dn_outputs`, `dn_pre_outputs`, `dn_meta` (the original calls these
+    aux_outputs, aux_pre_outputs, aux_interm_outputs, dn_aux_outputs, dn_aux_pre_outputs).
 
-    The denoising constants are fixed in the original: 20 groups' worth of objects, half the label
-    noise ratio of 0.5 as flips to a random one of 80 classes (label_enc has 81 entries). So are the
-    17 keypoints and the 4 sampling points per head and level (support.RELEASED_ONLY).
+    The denoising constants are fixed in the original: 20 groups' worth of objects, half the label noise ratio of 0.5 as
+    flips to a random one of 80 classes (label_enc has 81 entries). So are the 17 keypoints and the 4 sampling points
+    per head and level (support.RELEASED_ONLY).
     """
 
     def __init__(self, num_classes=2, hidden_dim=256, nhead=8, num_queries=300, num_decoder_layers=6,
@@ -1381,7 +1264,7 @@ class DETRTransformer(QueryDecoder):
                  eval_spatial_size=None):
         super().__init__(reg_scale, eval_spatial_size, 0.01, boxes=False)
         K, C = len(support.KEYPOINT_NAMES), hidden_dim
-        self.num_queries, self.num_body_points, self.reg_max = num_queries, K, reg_max
+        self.num_queries, self.reg_max = num_queries, reg_max
         layer = PoseDecoderLayer(C, nhead, dim_feedforward, dropout, activation, [4] * 3)
         self.decoder = PoseTransformerDecoder(layer, num_decoder_layers, C)
         self.keypoint_embedding = nn.Embedding(K, C)
@@ -1412,26 +1295,18 @@ class DETRTransformer(QueryDecoder):
     def forward(self, feats, targets=None):
         memory, shapes, anchors, valid = self.memory_and_anchors(feats)
         B, _, C = memory.shape
-        Q, K = self.num_queries, self.num_body_points
-        heads = {"enc_output": self.enc_output, "enc_output_norm": self.enc_output_norm,
-                 "enc_out_class_embed": self.enc_out_class_embed, "enc_pose_embed": self.enc_pose_embed}
-        ref, enc = select_keypoint_queries(memory, anchors, valid, heads, Q)
+        Q = self.num_queries
+        ref, enc = select_keypoint_queries(memory, anchors, valid, self, Q)
         # Query content is learned: per query (tgt_embed) plus per keypoint, not taken from the encoder.
         keypoint_tokens = self.keypoint_embedding.weight + self.tgt_embed.weight[:, None]  # (Q, K, C)
         x = torch.cat([self.instance_embedding.weight.expand(B, Q, 1, C), keypoint_tokens.expand(B, -1, -1, -1)], 2)
 
         dn_meta = attn_mask = None
         if self.training and targets is not None and any(len(t["labels"]) for t in targets):
-            image_size = [8 * s for s in shapes[0]]
             dn_x, dn_ref, attn_mask, dn_meta = keypoint_denoising_queries(
-                targets, Q, self.label_enc, self.pose_enc, image_size)
+                targets, Q, self.label_enc, self.pose_enc, [8 * s for s in shapes[0]])
             x, ref = torch.cat([dn_x, x], 1), torch.cat([dn_ref, ref], 1)
-
-        heads = {"pre_pose_embed": self.pre_pose_embed, "pose_embed": self.pose_embed,
-                 "class_embed": self.class_embed, "lqe_embed": self.lqe_embed}
-        project = weighting_function(self.reg_max, self.up, self.reg_scale)
-        keypoints, logits, pre_keypoints, pre_logits = self.decoder(
-            x, ref, memory, shapes, feats[0], heads, project, self.reg_scale, attn_mask)
+        keypoints, logits, pre_keypoints, pre_logits = self.decoder(x, ref, memory, shapes, feats[0], self, attn_mask)
         if not self.training:
             return {"pred_logits": logits[-1], "pred_keypoints": keypoints[-1].flatten(-2)}
         layers = {"pred_logits": logits, "pred_keypoints": keypoints.flatten(-2)}
@@ -1439,9 +1314,7 @@ class DETRTransformer(QueryDecoder):
         return training_outputs(layers, pre, enc, dn_meta)
 
 
-# ---------------------------------------------------------------------------------------------
-# The networks, building them from a config, and loading weights
-# ---------------------------------------------------------------------------------------------
+# ---- The networks, building them from a config, and loading weights ----
 class ECModel(nn.Module):
     """ECDet, ECSeg and ECPose: backbone (ViT + feature generator) -> hybrid encoder -> decoder.
 
@@ -1454,21 +1327,18 @@ class ECModel(nn.Module):
     def __init__(self, backbone, encoder, decoder):
         super().__init__()
         self.backbone, self.encoder, self.decoder = backbone, encoder, decoder
-        self.has_masks = hasattr(decoder.decoder, "segmentation_head")
 
     memory_format = torch.contiguous_format  # deploy() switches the convolutions to channels-last
 
     def forward(self, images, targets=None):
         support.check_images(images)
         images = images.contiguous(memory_format=self.memory_format)
-        feats = self.encoder(self.backbone(images))
-        return self.decoder(feats, targets, feats[0]) if self.has_masks else self.decoder(feats, targets)
+        return self.decoder(self.encoder(self.backbone(images)), targets)
 
     def deploy(self):
-        """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged, the decoder
-        layers after `eval_idx` dropped, and images and convolution weights in channels-last layout
-        (oneDNN's own, 5-8 % faster on the CPU here; the ViT's tokens are already laid out so); outputs
-        are unchanged up to float rounding."""
+        """Eval mode with BatchNorms folded into convolutions, RepVGG branches merged, the decoder layers after
+        `eval_idx` dropped, and images and convolution weights in channels-last layout (oneDNN's own, 5-8 % faster on
+        the CPU here; the ViT's tokens are already laid out so); outputs are unchanged up to float rounding."""
         self.eval()
         for m in list(self.modules()):
             if isinstance(m, (ConvNorm, RepVGG)):
@@ -1484,107 +1354,41 @@ class ECModel(nn.Module):
 def build_vit(adapter):
     """The ViT of a ViTAdapter config section: ECViT from the original's keys, or, with a `dinov3`
     key (a hub name such as "dinov3_vitb16" or DINOv3 kwargs), the DINOv3 ViT of the teacher."""
-    keys = {"embed_dim", "num_heads", "depth", "ffn_ratio", "ffn_layer"}
-    vit = {k: v for k, v in adapter.items() if k in keys}
     if "dinov3" in adapter:
-        if vit:
-            raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {sorted(vit)}")
         vit = build_dinov3(adapter["dinov3"])
         # The feature generator reads un-normed tokens: the final norm and the mask token get no
         # gradient, and DDP would wait for theirs forever.
         vit.norm.requires_grad_(False)
         vit.mask_token.requires_grad_(False)
         return vit
-    return ViT(**vit)
+    return ViT(**{k: v for k, v in adapter.items() if k in support.ECVIT_KEYS})
 
 
 def build_model(cfg):
-    """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's
-    vocabulary (sections ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus
-    num_classes and eval_spatial_size)."""
-    if isinstance(cfg, str):
-        cfg = preset_config(cfg)
-    if not isinstance(cfg, dict):
-        raise TypeError(f"build_model takes a preset name or a config dict, got {type(cfg).__name__}")
-    for key in ("num_classes", "ViTAdapter"):
-        if key not in cfg:
-            raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
-    if set(cfg) - support.CONFIG_KEYS:  # a misspelt section would silently take the defaults
-        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - support.CONFIG_KEYS)}; "
-                         f"known: {sorted(support.CONFIG_KEYS)}")
+    """A network from a preset name ("ecdet_s" ... "ecpose_x") or a config dict in the original's vocabulary (sections
+    ViTAdapter, HybridEncoder, ECTransformer or (ECPose) DETRTransformer, plus num_classes and eval_spatial_size)."""
+    cfg = preset_config(cfg) if isinstance(cfg, str) else cfg
+    support.check_config(cfg)
     adapter = support.config_section(cfg, "ViTAdapter")
-    known = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "embed_dim",
-             "num_heads", "depth", "ffn_ratio", "ffn_layer", "dinov3"}
-    if set(adapter) - known:
-        raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - known)}")
     vit = build_vit(adapter)
     # The original's default, [10, 11], is the last two blocks of its depth-12 ECViTs.
     last_two = [len(vit.blocks) - 2, len(vit.blocks) - 1]
     backbone = ViTAdapter(vit, adapter.get("interaction_indexes", last_two), adapter.get("proj_dim"))
-    size = cfg.get("eval_spatial_size")
     encoder = support.make_section(HybridEncoder, cfg, "HybridEncoder")
     decoder_cls = DETRTransformer if "DETRTransformer" in cfg else ECTransformer
     decoder = support.make_section(decoder_cls, cfg, decoder_cls.__name__, num_classes=cfg["num_classes"],
-                                   eval_spatial_size=size)
+                                   eval_spatial_size=cfg.get("eval_spatial_size"))
     return ECModel(backbone, encoder, decoder)
 
 
 def load_weights(net, source):
-    """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or
-    one of this project's checkpoints (a path or a mapping) into `net`, strictly: every name and
-    shape must match."""
-    sd = support.checkpoint_state_dict(source if isinstance(source, dict) else support.read_checkpoint(source))
-    check_state_dict(net.state_dict(), sd)
-    support.check_state_dict(sd, "checkpoint")
-    net.load_state_dict(sd, strict=True)
+    """Load a released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or one of this project's
+    checkpoints (a path or a mapping) into `net`, strictly: every name and shape must match."""
+    net.load_state_dict(support.weights_for(net.state_dict(), source), strict=True)
     return net
 
 
-def check_state_dict(own, sd):
-    """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
-    against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
-    if not isinstance(sd, dict):
-        raise ValueError(f"checkpoint holds no state dict (names to tensors) where expected, but a {type(sd).__name__}")
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"  # other entries: support's check
-              for k in own if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
-        problems = [f"{what}: {show(xs)}" for what, xs in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
-        raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
-
-
-def vit_size(sd):
-    """A ViT state dict's size in words: the ECViT preset it matches ("ecvitt (192 wide, 12 blocks)"),
-    else its width and depth; None if it is no ECViT."""
-    if "patch_embed.proj.weight" not in sd or "rope_embed.periods" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
-        return None
-    width, depth = sd["patch_embed.proj.weight"].shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    heads, ffn_ratio = width // (4 * len(sd["rope_embed.periods"])), sd["blocks.0.mlp.fc1.weight"].shape[0] / width
-    name = next((n for n, (d, h, r, _) in ECVIT.items() if (d, h, r, 12) == (width, heads, ffn_ratio, depth)), "a ViT")
-    return f"{name} ({width} wide, {depth} blocks)"
-
-
-def load_backbone(net, sd, source):
-    """Load a ViT state dict in the released ecvit*.pth format into `net`'s ViT, strictly; an ECViT
-    of another size is reported by the sizes held and needed."""
-    vit = net.backbone.backbone
-    try:
-        check_state_dict(vit.state_dict(), sd)
-    except ValueError as e:
-        held, needed = vit_size(sd), vit_size(vit.state_dict())
-        if held and held != needed:
-            raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
-        raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
-    support.check_state_dict(sd, source)
-    vit.load_state_dict(sd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Postprocessing: top-k (query, class) pairs -> labels, pixel boxes, scores (and masks)
-# ---------------------------------------------------------------------------------------------
+# ---- Postprocessing: top-k (query, class) pairs -> labels, pixel boxes, scores (and masks) ----
 def num_top_queries(cfg):
     """K of the original's postprocessor: ECDet and ECSeg's num_top_queries, ECPose's num_select."""
     if "DETRPosePostProcessor" in cfg:
@@ -1625,10 +1429,9 @@ def masks_at_size(logits, size, chunk=50):
 
 
 def select_top(outputs, orig_sizes, num_top_queries=300):
-    """The batched core of `postprocess`, free of per-image Python loops so that it also runs inside
-    an exported graph: `labels` (B, K), `scores` (B, K), and whichever the outputs carry of `boxes`
-    (B, K, 4) pixel x1, y1, x2, y2, `masks` (B, K, H/4, W/4) mask logits and `keypoints` (B, K, 17, 2)
-    pixel x, y. orig_sizes: (B, 2) as (w, h)."""
+    """The batched core of `postprocess`, free of per-image Python loops so that it also runs inside an exported graph:
+    `labels` (B, K), `scores` (B, K), and whichever the outputs carry of `boxes` (B, K, 4) pixel x1, y1, x2, y2, `masks`
+    (B, K, H/4, W/4) mask logits and `keypoints` (B, K, 17, 2) pixel x, y. orig_sizes: (B, 2) as (w, h)."""
     logits = outputs["pred_logits"]
     B, Q, num_classes = logits.shape
     scores, index = logits.sigmoid().flatten(1).topk(min(num_top_queries, Q * num_classes), dim=-1)

@@ -425,7 +425,7 @@ def check_state_dict(sd, what):
     check_finite(sd.items(), what)
 
 
-# ---- Checkpoint files: read with weights_only, every tensor checked; released weights, in torch hub's cache ----
+# ---- Checkpoint files: read with weights_only, checked against the network; released weights, in torch hub's cache ----
 def checkpoint_state_dict(ckpt):
     """The network's state dict inside a checkpoint: EMA weights when present, else the model's."""
     if "ema" in ckpt and isinstance(ckpt["ema"], dict) and ckpt["ema"]:
@@ -455,6 +455,60 @@ def read_checkpoint(path, what="checkpoint", mmap=False):
     return ckpt
 
 
+def check_same_layout(own, sd):
+    """Raise a ValueError naming the missing, unexpected and wrongly shaped entries of state dict `sd`
+    against `own` (a state dict; meta tensors will do, only names and shapes are compared)."""
+    if not isinstance(sd, dict):
+        raise ValueError(f"checkpoint holds no state dict (names to tensors) where expected, but a {type(sd).__name__}")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"  # other entries: check_state_dict
+              for k in own if k in sd and torch.is_tensor(sd[k]) and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        show = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
+        problems = [f"{what}: {show(xs)}" for what, xs in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if xs]
+        raise ValueError("checkpoint does not match the model; " + "; ".join(problems))
+
+
+def weights_for(own, source):
+    """The state dict that `source` holds for a network whose own state dict is `own`: `source` is a
+    released checkpoint ({"ema": {"module": sd}} or {"model": sd}), a bare state dict or one of this
+    project's checkpoints, a path or a mapping. Strict: every name and shape must match `own`'s, and
+    every entry be a tensor of finite numbers (ValueError)."""
+    sd = checkpoint_state_dict(source if isinstance(source, dict) else read_checkpoint(source))
+    check_same_layout(own, sd)
+    check_state_dict(sd, "checkpoint")
+    return sd
+
+
+def vit_size(sd, vits):
+    """A ViT state dict's size in words: the ECViT preset it matches ("ecvitt (192 wide, 12 blocks)"),
+    else its width and depth; None if it is no ECViT. vits: the ECViT presets, name -> (embed_dim,
+    num_heads, ffn_ratio, proj_dim) (model.ECVIT)."""
+    if "patch_embed.proj.weight" not in sd or "rope_embed.periods" not in sd or "blocks.0.mlp.fc1.weight" not in sd:
+        return None
+    width, depth = sd["patch_embed.proj.weight"].shape[0], len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    heads, ffn_ratio = width // (4 * len(sd["rope_embed.periods"])), sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+    name = next((n for n, (d, h, r, _) in vits.items() if (d, h, r, 12) == (width, heads, ffn_ratio, depth)), "a ViT")
+    return f"{name} ({width} wide, {depth} blocks)"
+
+
+def load_vit(vit, sd, source, vits):
+    """Load a ViT state dict in the released ecvit*.pth format into the network's ViT `vit`
+    (net.backbone.backbone), strictly; an ECViT of another size is reported by the sizes held and
+    needed (`vit_size`, with the ECViT presets `vits`). source: the file or URL, for the errors."""
+    try:
+        check_same_layout(vit.state_dict(), sd)
+    except ValueError as e:
+        held, needed = vit_size(sd, vits), vit_size(vit.state_dict(), vits)
+        if held and held != needed:
+            raise ValueError(f"{source} holds {held}; the model needs {needed}") from None
+        raise ValueError(f"{source} does not fit this model's ViT: {e}") from None
+    check_state_dict(sd, source)
+    vit.load_state_dict(sd)
+
+
 RELEASE_URL = "https://github.com/capsule2077/edgecrafter/releases/download/edgecrafterv1/"
 
 
@@ -478,8 +532,7 @@ def released_backbone(cfg, vits):
 def released_checkpoint(name, presets):
     """The released model `name` ("ecdet_s" ... "ecpose_x"), downloaded once into torch hub's cache:
     the checkpoint as torch.load returns it (weights under ["ema"]["module"] or ["model"])."""
-    if name not in presets:
-        raise ValueError(f"unknown released model {name!r}; expected one of {', '.join(presets)}")
+    check_name(name, presets, "released model")
     return download(f"{RELEASE_URL}{name}.pth", f"download it elsewhere and pass the file instead of {name!r}")
 
 
@@ -573,6 +626,18 @@ def default_classes(num_classes, pose=False):
 
 
 # ---- Configs and inputs: checked against what the released models implement ----
+def check_name(name, names, what):
+    """Refuse (ValueError) a `what` ("preset", "activation", ...) that is not one of `names`, naming them."""
+    if name not in names:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(names)}")
+
+
+def check_targets(targets):
+    """Refuse (ValueError) a training step with denoising queries but without the targets they are made from."""
+    if targets is None:
+        raise ValueError("training with denoising queries needs the targets: call model(images, targets)")
+
+
 def check_images(images):
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -650,6 +715,92 @@ def make_section(cls, cfg, name, **shared):
 CONFIG_KEYS = {"task", "model", "ViTAdapter", "HybridEncoder", "ECTransformer", "DETRTransformer", "PostProcessor",
                "DETRPosePostProcessor", "eval_spatial_size", "num_classes", "use_focal_loss", "ECCriterion",
                "DETRPoseCriterion"}
+# The keys of a ViTAdapter section (its RELEASED_ONLY ones aside): ECViT's size (model.ViT's kwargs), or
+# `dinov3`, a DINOv3 hub name or kwargs that name the whole ViT (model.build_vit).
+ECVIT_KEYS = ("embed_dim", "num_heads", "depth", "ffn_ratio", "ffn_layer")
+FFN_LAYERS = ("mlp", "swiglu")  # model.ViT's: GeluFFN, SwiGLU
+VIT_ADAPTER_KEYS = {"name", "weights_path", "skip_load_backbone", "interaction_indexes", "proj_dim", "dinov3",
+                    *ECVIT_KEYS}
+
+
+def check_config(cfg):
+    """Refuse (TypeError, ValueError) a network config that model.build_model cannot build as the user
+    means it: not a dict, without num_classes or ViTAdapter, with an unknown top-level key (a misspelt
+    section would silently take the defaults), an unknown or unimplemented ViTAdapter key, or both a
+    DINOv3 ViT and ECViT keys."""
+    if not isinstance(cfg, dict):
+        raise TypeError(f"build_model takes a preset name or a config dict, got {type(cfg).__name__}")
+    for key in ("num_classes", "ViTAdapter"):
+        if key not in cfg:
+            raise ValueError(f"config is missing {key!r} (see model.preset_config('ecdet_s') for a complete one)")
+    if set(cfg) - CONFIG_KEYS:
+        raise ValueError(f"config: unknown top-level keys {sorted(set(cfg) - CONFIG_KEYS)}; known: {sorted(CONFIG_KEYS)}")
+    adapter = config_section(cfg, "ViTAdapter")
+    if set(adapter) - VIT_ADAPTER_KEYS:
+        raise ValueError(f"config section 'ViTAdapter': unknown keys {sorted(set(adapter) - VIT_ADAPTER_KEYS)}")
+    check_vit_keys(adapter)
+
+
+def check_vit_keys(adapter):
+    """Refuse (ValueError) a ViTAdapter section that names DINOv3's ViT and sets ECViT keys too, or an ECViT that
+    model.ViT cannot build: an unknown FFN, or heads whose width 2-D RoPE cannot split in four (model.ViT's
+    defaults: 192 wide, 3 heads)."""
+    ecvit = sorted(k for k in adapter if k in ECVIT_KEYS)
+    if "dinov3" in adapter and ecvit:
+        raise ValueError(f"ViTAdapter: 'dinov3' names the whole ViT; drop the ECViT keys {ecvit}")
+    if adapter.get("ffn_layer", "mlp") not in FFN_LAYERS:
+        raise ValueError(f"ViTAdapter: unknown ffn_layer {adapter['ffn_layer']!r}; expected 'mlp' or 'swiglu'")
+    head_dim = adapter.get("embed_dim", 192) // adapter.get("num_heads", 3)
+    if head_dim % 4:
+        raise ValueError(f"ViTAdapter: 2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+
+
+# DinoVisionTransformer's keyword arguments and their defaults (dinov3/models/vision_transformer.py).
+DINOV3_DEFAULTS = dict(
+    img_size=224, patch_size=16, in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None,
+    pos_embed_rope_max_period=None, pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None,
+    pos_embed_rope_jitter_coords=None, pos_embed_rope_rescale_coords=None, pos_embed_rope_dtype="bf16",
+    embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, layerscale_init=None,
+    norm_layer="layernorm", ffn_layer="mlp", ffn_bias=True, proj_bias=True, n_storage_tokens=0, mask_k_bias=False,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False, device=None)
+# The settings model.ViT implements; any other value of these kwargs is refused, not approximated.
+DINOV3_FIXED = dict(
+    in_chans=3, pos_embed_rope_base=100.0, pos_embed_rope_min_period=None, pos_embed_rope_max_period=None,
+    pos_embed_rope_normalize_coords="separate", pos_embed_rope_shift_coords=None, pos_embed_rope_jitter_coords=None,
+    pos_embed_rope_dtype="fp32", qkv_bias=True, drop_path_rate=0.0, ffn_bias=True, proj_bias=True,
+    untie_cls_and_patch_norms=False, untie_global_and_local_cls_norm=False)
+
+
+def dinov3_kwargs(cfg, hub, common):
+    """The full DinoVisionTransformer kwargs of a hub name or of a (partial) kwargs dict. hub: the hub
+    models, name -> the kwargs of its size, which complete `common` (model.DINOV3_HUB, model.HUB_COMMON)."""
+    if isinstance(cfg, str):
+        if cfg not in hub:
+            raise ValueError(f"unknown DINOv3 model {cfg!r}; expected one of {', '.join(hub)} or a kwargs dict")
+        cfg = {**common, **hub[cfg]}
+    if not isinstance(cfg, dict):
+        raise TypeError(f"a DINOv3 config is a hub name or a kwargs dict, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DINOV3_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown DINOv3 kwargs {unknown}; DinoVisionTransformer takes {sorted(DINOV3_DEFAULTS)}")
+    return {**DINOV3_DEFAULTS, **cfg}
+
+
+def check_dinov3_kwargs(kw, norm_layers):
+    """Refuse (ValueError, naming each) full DINOv3 kwargs that model.ViT does not implement.
+    norm_layers: the norm layers it implements (model.NORM_EPS)."""
+    refused = [f"{k}={kw[k]!r} (implemented: {v!r})" for k, v in DINOV3_FIXED.items() if kw[k] != v]
+    if kw["norm_layer"] not in norm_layers:
+        refused.append(f"norm_layer={kw['norm_layer']!r} (implemented: {sorted(norm_layers)})")
+    if kw["ffn_layer"] not in FFN_LAYERS:
+        refused.append(f"ffn_layer={kw['ffn_layer']!r} (implemented: 'mlp', 'swiglu')")
+    if kw["n_storage_tokens"] < 1:
+        refused.append("n_storage_tokens=0 (implemented: 1 or more, as in every hub model)")
+    if kw["embed_dim"] // kw["num_heads"] % 4:
+        refused.append(f"embed_dim / num_heads = {kw['embed_dim'] // kw['num_heads']} (implemented: a multiple of 4, "
+                       f"as 2-D RoPE needs)")
+    if refused:
+        raise ValueError("DINOv3 settings that model.ViT does not implement: " + "; ".join(refused))
 
 
 # ---- Annotation files: checked whole before training or evaluation ----
@@ -1480,7 +1631,7 @@ def initial_backbone(net, cfg, args, rank, vits, backbone_lr_given=False):
     state = download(url, hint) if url else read_checkpoint(args.backbone_weights, "--backbone-weights")
     if wait and rank == 0:
         dist.barrier()
-    load_backbone(net, state, url or f"--backbone-weights {args.backbone_weights}", vits)
+    load_vit(net.backbone.backbone, state, url or f"--backbone-weights {args.backbone_weights}", vits)
     if rank == 0:
         print(f"backbone: {url or args.backbone_weights}")
     return True
@@ -1660,8 +1811,3 @@ def draw_log(log_file, path):
             ap[f"{key[5:]} AP"] = [entry.get(key, [None])[0] for entry in log]
             ap[f"{key[5:]} AP50"] = [entry.get(key, [None, None])[1] for entry in log]
     return draw_curves([("loss", terms), ("COCO AP", ap)], path)
-
-
-def load_backbone(net, sd, source, vits):  # TEMPORARY shim until model21 merges
-    import model
-    model.load_backbone(net, sd, source)

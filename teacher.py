@@ -39,7 +39,7 @@ def check_dinov3(sd, arch, what):
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what}: {e}") from None
     try:
-        model.check_state_dict(expected, sd)
+        support.check_same_layout(expected, sd)
     except ValueError as e:
         same = [name for name in model.DINOV3_HUB if {k: tuple(v.shape) for k, v in model.dinov3_shapes(name).items()}
                 == {k: tuple(v.shape) for k, v in sd.items() if torch.is_tensor(v)}]
@@ -80,9 +80,9 @@ def infer_dinov3(sd):
               "n_storage_tokens": storage, "ffn_layer": ffn, "ffn_ratio": int(ratio) if ratio == int(ratio) else ratio,
               "mask_k_bias": has("attn.qkv.bias_mask"),
               "layerscale_init": model.HUB_COMMON["layerscale_init"] if has("ls1.gamma") else None}
-    arch = next((name for name in model.DINOV3_HUB if model.dinov3_kwargs(name) == model.dinov3_kwargs(kwargs)), kwargs)
+    arch = next((name for name, size in model.DINOV3_HUB.items() if {**model.HUB_COMMON, **size} == kwargs), kwargs)
     try:
-        model.check_state_dict(model.dinov3_shapes(arch), sd)
+        support.check_same_layout(model.dinov3_shapes(arch), sd)
     except ValueError as e:
         raise ValueError(f"{found}: {implemented}: {e}") from None
     return arch
@@ -120,7 +120,7 @@ def teacher_config(arch, base="ecdet_x", proj_dim=256):
     released head (256 wide, the width of ECDet-L and -X), and proj_dim 256 projects all three
     levels to it, as in ECDet-L/X. The feature generator reads the last two blocks.
     """
-    depth = model.dinov3_kwargs(arch)["depth"]
+    depth = support.dinov3_kwargs(arch, model.DINOV3_HUB, model.HUB_COMMON)["depth"]
     cfg = train_det.ECCriterion.preset_config(base)
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": proj_dim}
     cfg["HybridEncoder"]["in_channels"] = [proj_dim] * 3
@@ -136,7 +136,7 @@ def demo_teacher_config(arch=DEMO_DINOV3):
     """The demo's teacher ECDet: train_det's demo heads on DINOv3 `arch` (kwargs or hub name), whose
     last two blocks the feature generator reads."""
     cfg = train_det.demo_config()
-    width, depth = cfg["HybridEncoder"]["in_channels"][0], model.dinov3_kwargs(arch)["depth"]
+    width, depth = cfg["HybridEncoder"]["in_channels"][0], support.dinov3_kwargs(arch, model.DINOV3_HUB, model.HUB_COMMON)["depth"]
     cfg["ViTAdapter"] = {"dinov3": arch, "interaction_indexes": [depth - 2, depth - 1], "proj_dim": width}
     return cfg
 
