@@ -1,8 +1,9 @@
 """What every stage needs but the paper does not, in sections: files written whole and only inside
 the run folder, one run per folder, checkpoints, logs and resume; weights checked before use, released
 ones downloaded; the networks' input conventions and COCO's classes; configs and annotation files
-checked whole; data sets in the layouts people have them, synthetic demo data; process groups and
-devices; the command line, optional packages, TensorBoard and drawing.
+checked whole; data sets in the layouts people have them, synthetic demo data (shapes, stick figures);
+process groups and devices; the command line and a training stage's set-up (its data, recipe, config,
+initial weights, the demo); optional packages, TensorBoard and drawing.
 
 Library functions raise ordinary exceptions (ValueError, OSError) with a message that names the
 argument or file; each script's main() turns them into one line `SCRIPT: error: ...` and exit
