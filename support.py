@@ -1674,7 +1674,7 @@ def demo(args, train, cfg, make_data=None, num_train=256, num_val=32, img_size=1
     if os.path.exists(last):  # the config as the run built it (its classes, its size): export.py and predict.py take it
         built = read_checkpoint(last)["config"]
         write_atomically(config, lambda f: f.write(json.dumps(built, indent=1).encode()))
-    kind = [k for k in metrics if k.startswith("coco_")][-1]
+    kind = [k for k, v in metrics.items() if k.startswith("coco_") and isinstance(v, list)][-1]  # not *_per_class
     print(f"demo: {kind[5:]} AP {metrics[kind][0]:.3f}, AP50 {metrics[kind][1]:.3f} after {metrics['epoch']} epochs; "
           f"predictions drawn in {os.path.join(args.output_dir, 'predictions.png')}")
     return metrics

@@ -297,11 +297,13 @@ def test_cli_is_train_dets_with_ecpose_defaults():
     assert (pose.model, pose.output_dir) == ("ecpose_s", "outputs/pose")
 
 
-def test_demo_trains_ecpose_with_its_settings(tmp_path, monkeypatch):
+def test_demo_trains_ecpose_with_its_settings(tmp_path, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(tp, "train", lambda args: seen.update(vars(args)) or {"epoch": 1, "coco_keypoints": [0.0] * 10})
+    metrics = {"epoch": 1, "coco_keypoints": [0.25] * 10, "coco_keypoints_per_class": {"x": [0.25, 0.5]}}  # as train_det.train's
+    monkeypatch.setattr(tp, "train", lambda args: seen.update(vars(args)) or metrics)
     monkeypatch.setattr(support, "make_synthetic_pose", lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
     tp.main(["--demo", "--output-dir", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("demo: keypoints AP 0.250, AP50 0.250 after 1 epochs")
     assert seen["recipe"] == "demo" and seen["img_size"] == [128, 128] and seen["batch_size"] == 4
     recipe = tp.POSE_RECIPES["demo"]
     assert recipe["mixup_prob"] == 0.0 and recipe["stop_epoch"] == 0 and seen["num_train"] == 1024

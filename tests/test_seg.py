@@ -401,11 +401,13 @@ def test_cli_is_train_dets_with_ecseg_defaults():
     assert (seg.model, seg.output_dir) == ("ecseg_s", "outputs/segmentation")
 
 
-def test_demo_trains_ecseg_with_its_settings(tmp_path, monkeypatch):
+def test_demo_trains_ecseg_with_its_settings(tmp_path, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(ts, "train", lambda args: seen.update(vars(args)) or {"epoch": 1, "coco_segm": [0.0] * 12})
+    metrics = {"epoch": 1, "coco_segm": [0.25] * 12, "coco_segm_per_class": {"x": [0.25, 0.5]}}  # as train_det.train's
+    monkeypatch.setattr(ts, "train", lambda args: seen.update(vars(args)) or metrics)
     monkeypatch.setattr(support, "make_synthetic_coco", lambda root, **sizes: seen.update(sizes) or os.makedirs(f"{root}/annotations"))
     ts.main(["--demo", "--output-dir", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("demo: segm AP 0.250, AP50 0.250 after 1 epochs")
     assert seen["lr"] == seen["backbone_lr"] == 2e-3 and seen["recipe"] == "demo" and seen["epochs"] is None
     assert seen["num_train"] == 256 and seen["img_size"] == [160, 160]
     config = json.loads((tmp_path / "demo_model.json").read_text())
