@@ -336,7 +336,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.demo:
         # The demo learns faster at twice ECDet's lr (24 epochs of an earlier schedule: mask AP 0.32 against
-        # 0.17 at 1e-3; `--demo` now: 0.142 after the "demo" recipe's 20 epochs).
+        # 0.17 at 1e-3); its numbers now: docs/results.md.
         return support.run_script("train_seg.py", support.demo, args, train, demo_config(), lr=2e-3)
     return support.run_script("train_seg.py", train, args)
 
