@@ -1484,9 +1484,10 @@ def cpu_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 # ---- A training stage's set-up: its command line, data, recipe, config, initial weights; the demo ----
-def training_parser(script, name, default_model, description=None, model_option=True):
-    """The command line every training stage shares (train_det.py, train_seg.py, train_pose.py, teacher.py);
-    a stage that sets the network itself (teacher.py) leaves out --model."""
+def training_parser(script, name, default_model, batch_size, description=None, model_option=True):
+    """The command line every training stage shares (train_det.py, train_seg.py, train_pose.py, teacher.py),
+    --batch-size defaulting to `batch_size` (the recipe's total); a stage that sets the network itself
+    (teacher.py) leaves out --model."""
     description = description or (f"Train {default_model.split('_')[0].upper()} ({name}) on a data set in the COCO, "
                                   f"Roboflow COCO or YOLO layout.")
     parser = argparse.ArgumentParser(prog=script, description=description, formatter_class=HelpFormatter)
@@ -1503,7 +1504,7 @@ def training_parser(script, name, default_model, description=None, model_option=
     parser.add_argument("--recipe", help="training recipe (epochs, learning rates, augmentation schedule) by "
                         "preset name; default: the --model preset's")
     parser.add_argument("--epochs", type=int, help="default: the recipe's")
-    parser.add_argument("--batch-size", type=int, default=32, help="total over all processes")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="total over all processes")
     parser.add_argument("--lr", type=float, help="default: the recipe's")
     parser.add_argument("--backbone-lr", type=float, help="the ViT's; default: the recipe's (--lr for a random ViT)")
     parser.add_argument("--img-size", type=int, nargs="+", default=[640], help="H [W], multiples of 32")

@@ -142,14 +142,14 @@ def demo_teacher_config(arch=DEMO_DINOV3):
 
 
 def main(argv=None):
-    parser = support.training_parser("teacher.py", "teacher", "ecdet_x", "Fine-tune the task-specialized teacher "
-                                     "(ECDet on a DINOv3 ViT) with train_det.py's options; the network is ECDet-X's "
-                                     "heads on the --arch ViT.", model_option=False)
+    parser = train_det.make_parser("teacher.py", "teacher", "ecdet_x", description="Fine-tune the task-specialized "
+                                   "teacher (ECDet on a DINOv3 ViT) with train_det.py's options; the network is "
+                                   "ECDet-X's heads on the --arch ViT.", model_option=False)
     parser.add_argument("--dinov3", help="a released DINOv3 checkpoint (bare state dict) to start from; default: "
                         "random weights")
     parser.add_argument("--arch", help=f"one of {', '.join(model.DINOV3_HUB)}, or a JSON file of DINOv3 kwargs "
                         f"(with --demo: in place of the demo's {DEMO_DINOV3['embed_dim']}-wide ViT)")
-    args = support.parse_training_args(parser, argv, model.PRESETS)
+    args = train_det.parse_args(argv, parser)
     if not (args.demo or args.arch):
         parser.error("--arch is required (the DINOv3 model of --dinov3)")
     return support.run_script("teacher.py", train, args)

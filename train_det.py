@@ -979,9 +979,13 @@ def demo_config(preset="ecdet_s", preset_config=ECCriterion.preset_config):
     return cfg
 
 
-def parse_args(argv=None):
-    return support.parse_training_args(support.training_parser("train_det.py", "detection", "ecdet_s"), argv,
-                                       model.PRESETS)
+def make_parser(script="train_det.py", name="detection", default_model="ecdet_s", **options):
+    """A stage's command line (support.training_parser), --batch-size defaulting to TRAINING's."""
+    return support.training_parser(script, name, default_model, TRAINING["batch_size"], **options)
+
+
+def parse_args(argv=None, parser=None):
+    return support.parse_training_args(parser or make_parser(), argv, model.PRESETS)
 
 
 def main(argv=None):

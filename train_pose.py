@@ -459,8 +459,7 @@ def demo_config():
 
 
 def parse_args(argv=None):
-    return support.parse_training_args(support.training_parser("train_pose.py", "pose", "ecpose_s"), argv,
-                                       model.PRESETS)
+    return td.parse_args(argv, td.make_parser("train_pose.py", "pose", "ecpose_s"))
 
 
 def main(argv=None):

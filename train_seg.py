@@ -328,8 +328,7 @@ def demo_config():
 
 
 def parse_args(argv=None):
-    return support.parse_training_args(support.training_parser("train_seg.py", "segmentation", "ecseg_s"), argv,
-                                       model.PRESETS)
+    return train_det.parse_args(argv, train_det.make_parser("train_seg.py", "segmentation", "ecseg_s"))
 
 
 def main(argv=None):
